@@ -1,0 +1,54 @@
+# echod: the developer entry points. `make run` and `make test` are the README's two commands.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux
+
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# System packages the build check and the integration tests use (Debian; root only).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root, or apt-get install them)" >&2; exit 1; fi; \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: venv
+	$(BIN)/echod
+
+lint: venv
+	$(BIN)/ruff check echod ctl tests
+	$(BIN)/ruff format --check echod ctl tests
+	$(BIN)/mypy
+
+bpf:
+	$(MAKE) -C bpf
+
+check-bpf: deps
+	$(MAKE) -s -C bpf check
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+integration: venv deps
+	$(BIN)/pytest tests/integration
+
+test: venv deps lint check-bpf
+	$(BIN)/pytest tests
+
+bench: venv
+	$(BIN)/echoctl compare --spawn -c 10 -s 64 -d 5 --repeat 3
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

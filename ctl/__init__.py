@@ -1,0 +1,1 @@
+"""echoctl: control, watch and benchmark an echod daemon."""

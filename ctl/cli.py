@@ -1,0 +1,280 @@
+"""`echoctl`: drive and watch an echod daemon over its control socket."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from echoctl import render
+from echoctl.client import ControlClient, ControlError, DaemonUnreachable, default_control_path
+
+# LSB init-script conventions (docs/protocol.md, "Exit codes").
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_PERMISSION = 4
+
+# Starting and stopping wait for listeners, BPF attach and connection draining.
+MUTATE_TIMEOUT = 60.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Options:
+    """Settings shared by every command; `ctx.obj` of the group (bench/compare read it too)."""
+
+    control: str
+    json: bool
+    timeout: float
+
+
+def json_option(f: F) -> F:
+    """Add `--json` to a command (it is accepted on the group as well)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
+
+
+def _options(ctx: click.Context, as_json: bool) -> Options:
+    opts = ctx.find_object(Options)
+    if opts is None:  # a command invoked without the group, as in some tests
+        opts = Options(default_control_path(), False, 10.0)
+    if as_json:
+        opts.json = True
+    return opts
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, default=str, sort_keys=True))
+
+
+def exit_code(err: ControlError, command: str) -> int:
+    """Map an error to the exit status of `command`."""
+    if err.code == "permission_denied":
+        return EXIT_PERMISSION
+    if err.code in ("invalid_params", "usage"):
+        return EXIT_USAGE
+    if command == "status" and err.code in ("unreachable", "disconnected"):
+        return EXIT_NOT_RUNNING
+    return EXIT_ERROR
+
+
+def _fail(opts: Options, err: ControlError, command: str) -> NoReturn:
+    if opts.json:
+        _emit_json({"error": {"code": err.code, "message": err.message}})
+    elif isinstance(err, DaemonUnreachable):
+        hint = " (is echod running?)" if err.code == "unreachable" else ""
+        click.echo(f"echoctl: {err.message}{hint}", err=True)
+    else:
+        click.echo(f"echoctl: {command}: {err.message} [{err.code}]", err=True)
+    raise click.exceptions.Exit(exit_code(err, command))
+
+
+def _call(
+    opts: Options,
+    command: str,
+    method: str,
+    params: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    try:
+        with ControlClient(opts.control, timeout=timeout or opts.timeout) as client:
+            return client.call(method, params)
+    except ControlError as err:
+        _fail(opts, err, command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--control",
+    envvar="ECHOD_CONTROL",
+    metavar="SOCK",
+    help="Control socket [env ECHOD_CONTROL; default /run/echod/control.sock as root, "
+    "else $XDG_RUNTIME_DIR/echod/control.sock].",
+)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per reply.")
+@json_option
+@click.version_option(package_name="echod", prog_name="echoctl")
+@click.pass_context
+def cli(ctx: click.Context, control: str | None, timeout: float, as_json: bool) -> None:
+    """Control, watch and benchmark an echod daemon."""
+    ctx.obj = Options(control or default_control_path(), as_json, timeout)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show state and mode; exit 0 when serving, 3 when stopped or not running."""
+    opts = _options(ctx, as_json)
+    result = _call(opts, "status", "status")
+    if opts.json:
+        _emit_json(result)
+    else:
+        click.echo(render.render_status(result))
+    if result.get("state") != "serving":
+        raise click.exceptions.Exit(EXIT_NOT_RUNNING)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Show counters, rates, process figures and BPF program run times."""
+    opts = _options(ctx, as_json)
+    result = _call(opts, "stats", "stats")
+    if opts.json:
+        _emit_json(result)
+    else:
+        click.echo(render.render_stats(result))
+
+
+@cli.command()
+@click.option(
+    "--interval",
+    "-i",
+    type=click.FloatRange(0.1, 60.0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between updates.",
+)
+@click.option("--count", "-n", type=click.IntRange(min=1), help="Stop after N updates.")
+@json_option
+@click.pass_context
+def watch(ctx: click.Context, interval: float, count: int | None, as_json: bool) -> None:
+    """Stream live figures (a table on a terminal, JSON lines otherwise)."""
+    opts = _options(ctx, as_json)
+    lines = opts.json or not sys.stdout.isatty()
+    try:
+        with ControlClient(opts.control, timeout=opts.timeout) as client:
+            stream = client.subscribe("watch", {"interval": interval})
+            if lines:
+                _watch_lines(stream, count)
+            else:
+                _watch_live(stream, count, interval)
+    except ControlError as err:
+        _fail(opts, err, "watch")
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch normally ends.
+        pass
+
+
+def _watch_lines(stream: Any, count: int | None) -> None:
+    for n, snapshot in enumerate(stream, 1):
+        click.echo(json.dumps(snapshot, default=str, sort_keys=True))
+        sys.stdout.flush()
+        if count is not None and n >= count:
+            return
+
+
+def _watch_live(stream: Any, count: int | None, interval: float) -> None:
+    from rich.live import Live
+
+    prev: Mapping[str, Any] | None = None
+    live: Live | None = None
+    try:
+        for n, snapshot in enumerate(stream, 1):
+            table = render.watch_table(snapshot, render.rates_between(prev, snapshot), interval)
+            if live is None:
+                live = Live(table, auto_refresh=False)
+                live.start()
+            else:
+                live.update(table, refresh=True)
+            prev = snapshot
+            if count is not None and n >= count:
+                return
+    finally:
+        if live is not None:
+            live.stop()
+
+
+@cli.command()
+@click.option("--mode", type=click.Choice(["auto", "kernel", "user"]), help="Echo mode.")
+@click.option("--port", type=click.IntRange(1, 65535), help="TCP port to listen on.")
+@json_option
+@click.pass_context
+def start(ctx: click.Context, mode: str | None, port: int | None, as_json: bool) -> None:
+    """Start serving (the daemon process keeps running when stopped)."""
+    opts = _options(ctx, as_json)
+    params = {k: v for k, v in (("mode", mode), ("port", port)) if v is not None}
+    _report(opts, _call(opts, "start", "start", params, MUTATE_TIMEOUT))
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def stop(ctx: click.Context, as_json: bool) -> None:
+    """Stop serving: close listeners and connections, detach BPF."""
+    opts = _options(ctx, as_json)
+    _report(opts, _call(opts, "stop", "stop", None, MUTATE_TIMEOUT))
+
+
+@cli.command()
+@click.option("--mode", type=click.Choice(["auto", "kernel", "user"]), help="Echo mode.")
+@json_option
+@click.pass_context
+def restart(ctx: click.Context, mode: str | None, as_json: bool) -> None:
+    """Stop and start again, optionally in another mode."""
+    opts = _options(ctx, as_json)
+    params = {"mode": mode} if mode is not None else {}
+    _report(opts, _call(opts, "restart", "restart", params, MUTATE_TIMEOUT))
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def reload(ctx: click.Context, as_json: bool) -> None:
+    """Re-read the configuration file and apply what can change live."""
+    opts = _options(ctx, as_json)
+    result = _call(opts, "reload", "reload", None, MUTATE_TIMEOUT)
+    if opts.json:
+        _emit_json(result)
+    else:
+        click.echo(render.render_reload(result))
+
+
+def _report(opts: Options, status: Mapping[str, Any]) -> None:
+    if opts.json:
+        _emit_json(status)
+    else:
+        click.echo(render.summary(status))
+
+
+def _register_bench() -> None:
+    try:
+        from echoctl.benchcmd import bench, compare
+    except ModuleNotFoundError as exc:
+        # Only tolerate the module itself being absent, not a broken import inside it.
+        if exc.name != "echoctl.benchcmd":
+            raise
+        return
+    cli.add_command(bench)
+    cli.add_command(compare)
+
+
+_register_bench()
+
+
+def main() -> None:
+    """Console-script entry point: run the CLI and turn usage errors into exit status 2."""
+    argv = sys.argv[1:]
+    try:
+        code = cli.main(args=argv, prog_name="echoctl", standalone_mode=False)
+    except click.UsageError as exc:
+        if "--json" in argv:
+            _emit_json({"error": {"code": "usage", "message": exc.format_message()}})
+        else:
+            exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -1,0 +1,200 @@
+"""Blocking client for echod's control socket (MessagePack-RPC, see docs/protocol.md)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import msgpack
+
+# One definition of the default path, shared with the daemon.
+from echod.config import default_control_path
+
+__all__ = ["ControlClient", "ControlError", "DaemonUnreachable", "default_control_path"]
+
+API_VERSION = 1
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+# Replies are not capped by the server the way requests are; this only bounds a broken peer.
+MAX_REPLY = 16 * 1024 * 1024
+
+
+class ControlError(Exception):
+    """An error reply from the daemon, or a client-side failure with its own `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class DaemonUnreachable(ControlError, OSError):
+    """The control socket could not be connected to (code unreachable or permission_denied).
+
+    It is also an OSError, so callers that poll for a starting daemon can catch just that.
+    """
+
+    def __init__(self, path: str, reason: str, err: int | None = None) -> None:
+        code = "permission_denied" if err in (errno.EACCES, errno.EPERM) else "unreachable"
+        super().__init__(code, f"cannot connect to {path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.errno = err
+
+
+class ControlClient:
+    """One connection to the daemon; connects (and says hello) on first use."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.server: dict[str, Any] = {}
+        self._sock: socket.socket | None = None
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_REPLY)
+        self._msgid = 0
+        self._pending: deque[tuple[str, Any]] = deque()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def connect(self) -> dict[str, Any]:
+        """Connect and call `hello`; return its result (also kept in `self.server`)."""
+        if self._sock is not None:
+            return self.server
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(self.path, exc.strerror or str(exc), exc.errno) from exc
+        self._sock = sock
+        try:
+            hello = self._call("hello", {})
+        except BaseException:
+            self.close()
+            raise
+        if not isinstance(hello, dict) or hello.get("api_version") != API_VERSION:
+            self.close()
+            raise ControlError("protocol", f"unsupported control API: {hello!r}")
+        self.server = hello
+        return hello
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Call `method` and return its result; raise ControlError on an error reply."""
+        self.connect()
+        return self._call(method, params or {})
+
+    def subscribe(
+        self, method: str, params: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Call a streaming method (`watch`) now, and return an iterator of notification params."""
+        self.connect()
+        params = params or {}
+        self._call(method, params)
+        assert self._sock is not None
+        # Notifications arrive once per interval; allow for a slow daemon on top of that.
+        interval = float(params.get("interval", 1.0))
+        self._sock.settimeout(2 * interval + self.timeout)
+        return self._stream()
+
+    def _stream(self) -> Iterator[dict[str, Any]]:
+        while True:
+            _, body = self._next_notification()
+            if isinstance(body, dict):
+                yield body
+
+    def _call(self, method: str, params: dict[str, Any]) -> Any:
+        self._msgid = (self._msgid + 1) % 2**32
+        msgid = self._msgid
+        self._send(msgpack.packb([REQUEST, msgid, method, params]))
+        while True:
+            frame = self._read_frame()
+            if frame[0] == NOTIFICATION:
+                self._pending.append((frame[1], frame[2]))
+                continue
+            _, reply_id, error, result = frame
+            if reply_id is None and error is not None:
+                # The server could not read our stream and is closing it.
+                raise ControlError(str(error.get("code")), str(error.get("message")))
+            if reply_id != msgid:
+                continue
+            if error is not None:
+                raise ControlError(str(error.get("code")), str(error.get("message")))
+            return result
+
+    def _next_notification(self) -> tuple[str, Any]:
+        if self._pending:
+            return self._pending.popleft()
+        while True:
+            frame = self._read_frame()
+            if frame[0] == NOTIFICATION:
+                return frame[1], frame[2]
+            if frame[1] is None and frame[2] is not None:
+                raise ControlError(str(frame[2].get("code")), str(frame[2].get("message")))
+
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except TimeoutError as exc:
+            raise ControlError("timeout", f"no progress writing to {self.path}") from exc
+        except OSError as exc:
+            self.close()
+            raise ControlError("disconnected", f"{self.path}: {exc.strerror or exc}") from exc
+
+    def _read_frame(self) -> list[Any]:
+        while True:
+            try:
+                frame = self._unpacker.unpack()
+            except msgpack.OutOfData:
+                pass
+            except (ValueError, msgpack.UnpackException) as exc:
+                self.close()
+                raise ControlError("protocol", f"undecodable reply: {exc}") from exc
+            else:
+                if not _well_formed(frame):
+                    self.close()
+                    raise ControlError("protocol", f"unexpected frame: {frame!r:.200}")
+                return list(frame)
+            self._fill()
+
+    def _fill(self) -> None:
+        if self._sock is None:
+            raise ControlError("disconnected", f"connection to {self.path} is closed")
+        try:
+            data = self._sock.recv(65536)
+        except TimeoutError as exc:
+            raise ControlError("timeout", f"no reply from {self.path} in time") from exc
+        except OSError as exc:
+            self.close()
+            raise ControlError("disconnected", f"{self.path}: {exc.strerror or exc}") from exc
+        if not data:
+            self.close()
+            raise ControlError("disconnected", f"the daemon closed {self.path}")
+        self._unpacker.feed(data)
+
+
+def _well_formed(frame: Any) -> bool:
+    if not isinstance(frame, list) or not frame:
+        return False
+    if frame[0] == RESPONSE:
+        return len(frame) == 4 and (frame[2] is None or isinstance(frame[2], dict))
+    return frame[0] == NOTIFICATION and len(frame) == 3

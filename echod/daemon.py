@@ -1,0 +1,199 @@
+"""Server lifecycle: startup → serve → shutdown, with signals, control socket and sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import structlog
+
+from echod import config as configmod
+from echod import logs, systemd
+from echod.config import Config
+from echod.control import ControlServer
+from echod.errors import RequestError
+from echod.service import Service
+
+log = structlog.get_logger("echod.daemon")
+
+TICK = 1.0
+LIVE_KEYS = (
+    "max_connections",
+    "max_connections_per_ip",
+    "allow",
+    "log_level",
+    "log_format",
+    "metrics",
+    "shutdown_grace",
+    "kernel_backlog_limit",
+)
+BACKLOG_CHECK = 0.1
+RESTART_KEYS = ("hosts", "port", "mode", "control", "control_group", "admin_group")
+
+
+class Daemon:
+    """Runs one Service and its control socket until SIGINT/SIGTERM."""
+
+    def __init__(self, config: Config, flags: Mapping[str, Any] | None = None) -> None:
+        self.config = config
+        self.flags = dict(flags or {})
+        self.should_exit = asyncio.Event()
+        self.service: Service | None = None
+        self.metrics: Any = None
+
+    @contextlib.contextmanager
+    def signal_handlers(self) -> Iterator[None]:
+        """Install SIGINT/SIGTERM (shutdown) and SIGHUP (reload) for the duration."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_exit_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def _on_exit_signal(self, sig: signal.Signals) -> None:
+        log.info("daemon.signal", signal=sig.name)
+        self.should_exit.set()
+
+    async def run(self) -> int:
+        """Start, serve until asked to stop, shut down; returns the process exit code."""
+        _raise_fd_limit()
+        service = self.service = Service(self.config)
+        service.reload_hook = self.reload
+        control = ControlServer(
+            self.config.control,
+            service,
+            group=self.config.control_group,
+            admin_group=self.config.admin_group,
+        )
+        with self.signal_handlers():
+            try:
+                await service.start()
+                await control.start()
+            except (RequestError, OSError) as exc:
+                message = exc.message if isinstance(exc, RequestError) else str(exc)
+                log.error("daemon.start_failed", error=message)
+                with contextlib.suppress(RequestError):
+                    await service.stop(grace=0.1)
+                await control.close()
+                return 1
+            self._start_metrics()
+            systemd.ready(self.summary())
+            log.info("daemon.ready", pid=service.status()["pid"], control=self.config.control)
+            ticker = asyncio.create_task(self._tick())
+            guard = asyncio.create_task(self._guard_backlogs())
+            try:
+                await self.should_exit.wait()
+            finally:
+                systemd.stopping()
+                for task in (ticker, guard):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                log.info("daemon.shutting_down")
+                if service.state != "stopped":
+                    await service.stop()
+                await control.close()
+                self._stop_metrics()
+        log.info("daemon.exited")
+        return 0
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        assert self.service is not None
+        st = self.service.status()
+        rate = self.service._rates.get("user_messages_per_s", 0) + self.service._rates.get(
+            "kernel_redirected_packets_per_s", 0
+        )
+        return (
+            f"{st['state']}, mode {st['mode']}, {st['connections']} connections, {rate:.0f} msg/s"
+        )
+
+    async def _tick(self) -> None:
+        assert self.service is not None
+        interval = systemd.watchdog_interval()
+        last_watchdog = 0.0
+        while True:
+            self.service.sample_rates()
+            systemd.status(self.summary())
+            now = time.monotonic()
+            if interval is not None and now - last_watchdog >= interval:
+                systemd.watchdog()
+                last_watchdog = now
+            await asyncio.sleep(min(TICK, interval or TICK))
+
+    async def _guard_backlogs(self) -> None:
+        assert self.service is not None
+        while True:
+            await asyncio.sleep(BACKLOG_CHECK)
+            if self.service.kernel is not None:
+                self.service.check_backlogs()
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics:
+            return
+        from echod import metrics
+
+        assert self.service is not None
+        self.metrics = metrics.start_metrics_server(self.config.metrics, self.metrics_snapshot)
+        log.info("metrics.listening", address=self.config.metrics)
+
+    def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What a Prometheus scrape reads (called from the metrics thread)."""
+        assert self.service is not None
+        stats = self.service.stats()
+        return {
+            "mode": self.service.mode,
+            "version": self.service.status()["version"],
+            "connections": stats["connections"],
+            "user": stats["user"],
+            "kernel": stats["kernel"],
+            "bpf_programs": stats["bpf_programs"],
+        }
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file: apply what can change live, report what needs a restart."""
+        assert self.service is not None
+        systemd.reloading()
+        try:
+            new = configmod.resolve(self.flags, self.config.config_file)
+        except configmod.ConfigError as exc:
+            log.error("config.reload_rejected", error=str(exc))
+            systemd.ready(self.summary())
+            raise RequestError("invalid_config", str(exc)) from exc
+        applied = [k for k in LIVE_KEYS if getattr(new, k) != getattr(self.config, k)]
+        needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
+        self.service.apply_live(new)
+        self.config = self.config.replace(**{k: getattr(new, k) for k in LIVE_KEYS})
+        if "log_level" in applied or "log_format" in applied:
+            logs.configure(new.log_level, new.log_format)
+        if "metrics" in applied:
+            self._stop_metrics()
+            self._start_metrics()
+        log.info("config.reloaded", applied=applied, needs_restart=needs_restart)
+        systemd.ready(self.summary())
+        return {"applied": applied, "needs_restart": needs_restart}
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(RequestError):
+            await self.reload()
+
+
+def _raise_fd_limit() -> None:
+    """Each connection holds a socket, and a user-path one a transport dup: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,0 +1,357 @@
+"""ctypes bindings for the few libbpf calls echod uses; the only module that imports ctypes.
+
+Conventions (libbpf 1.x): a negative return is -errno and becomes OSError(errno, strerror,
+call name); a NULL pointer reads errno. Errnos that mean "this kernel cannot do it" become
+NotSupported so callers can branch on the type.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from echod.errors import NotSupported
+
+log = structlog.get_logger("echod.libbpf")
+
+# enum bpf_attach_type (uapi/linux/bpf.h)
+BPF_SK_SKB_STREAM_VERDICT = 5
+# enum bpf_stats_type
+BPF_STATS_RUN_TIME = 0
+# map update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+# Errnos with which the kernel says "not here" rather than "you did it wrong".
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOTSUP}
+
+
+def _candidates() -> list[str]:
+    """Library search order: $ECHOD_LIBBPF, the pylibbpf wheel's extension, libbpf.so.1."""
+    found: list[str] = []
+    env = os.environ.get("ECHOD_LIBBPF")
+    if env:
+        found.append(env)
+    # find_spec on the top-level name does not import the package (which pulls in llvmlite).
+    spec = importlib.util.find_spec("pylibbpf")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        found.extend(str(p) for p in sorted(Path(location).glob("pylibbpf*.so")))
+    found.append(ctypes.util.find_library("bpf") or "libbpf.so.1")
+    return found
+
+
+class _ProgInfo(ctypes.Structure):
+    """Mirrors struct bpf_prog_info (uapi/linux/bpf.h) up to attach_btf_id."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+        ("attach_btf_obj_id", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    """Mirrors the head of struct bpf_map_info (the kernel accepts a shorter info_len)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_LEVELS = ("warning", "info", "debug")
+
+
+class Library:
+    """The loaded libbpf shared object with typed prototypes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.cdll = ctypes.CDLL(path, use_errno=True)
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._messages: list[str] = []
+        self._declare()
+        # Keep a reference: the callback must live as long as libbpf may call it.
+        self._print_cb = _PRINT_FN(self._on_print)
+        self.cdll.libbpf_set_print(self._print_cb)
+
+    def _declare(self) -> None:
+        c = self.cdll
+        vp, cp, i, u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
+        protos: dict[str, tuple[Any, list[Any]]] = {
+            "bpf_object__open_file": (vp, [cp, vp]),
+            "bpf_object__load": (i, [vp]),
+            "bpf_object__close": (None, [vp]),
+            "bpf_object__find_program_by_name": (vp, [vp, cp]),
+            "bpf_object__find_map_fd_by_name": (i, [vp, cp]),
+            "bpf_program__fd": (i, [vp]),
+            "bpf_prog_attach": (i, [i, i, i, u32]),
+            "bpf_prog_detach2": (i, [i, i, i]),
+            "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
+            "bpf_map_lookup_elem": (i, [i, vp, vp]),
+            "bpf_map_delete_elem": (i, [i, vp]),
+            "bpf_map_get_next_key": (i, [i, vp, vp]),
+            "bpf_enable_stats": (i, [i]),
+            "bpf_obj_get_info_by_fd": (i, [i, vp, ctypes.POINTER(u32)]),
+            "libbpf_num_possible_cpus": (i, []),
+            "libbpf_set_print": (vp, [_PRINT_FN]),
+        }
+        for name, (restype, argtypes) in protos.items():
+            fn = getattr(c, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, cp, vp]
+        self._libc.vsnprintf.restype = i
+
+    def _on_print(self, level: int, fmt: bytes, args: int) -> int:
+        buf = ctypes.create_string_buffer(1 << 16)
+        self._libc.vsnprintf(buf, len(buf), fmt, args)
+        text = buf.value.decode(errors="replace").rstrip()
+        self._messages.append(text)
+        del self._messages[:-50]
+        getattr(log, "debug" if level >= 2 else _LEVELS[level])("libbpf", message=text)
+        return 0
+
+    def take_messages(self) -> list[str]:
+        """The libbpf log lines since the last call: the verifier's words for a failed load."""
+        out, self._messages = self._messages, []
+        return out
+
+
+_lib: Library | None = None
+
+
+def library() -> Library:
+    """Load libbpf once, trying each candidate in the documented order."""
+    global _lib
+    if _lib is None:
+        errors = []
+        for path in _candidates():
+            try:
+                _lib = Library(path)
+                break
+            except (OSError, AttributeError) as exc:
+                errors.append(f"{path}: {exc}")
+        else:
+            raise NotSupported(errno.ENOENT, "no usable libbpf: " + "; ".join(errors))
+        log.debug("libbpf.loaded", path=_lib.path)
+    return _lib
+
+
+def _error(rc: int, what: str) -> OSError:
+    code = -rc if rc < 0 else ctypes.get_errno()
+    cls = NotSupported if code in _UNSUPPORTED else OSError
+    return cls(code, os.strerror(code), what)
+
+
+def check(rc: int, what: str) -> int:
+    """Return rc, or raise the OSError (or NotSupported) that a negative rc encodes."""
+    if rc < 0:
+        raise _error(rc, what)
+    return rc
+
+
+def check_ptr(ptr: int | None, what: str) -> int:
+    """Return a non-NULL pointer, or raise from errno."""
+    if not ptr:
+        raise _error(0, what)
+    return ptr
+
+
+class FdHolder:
+    """Owns one file descriptor; close() is idempotent and leaves fd at -1."""
+
+    def __init__(self, fd: int) -> None:
+        """Takes ownership of fd."""
+        self.fd = fd
+
+    def close(self) -> None:
+        """Close the fd once."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> FdHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BpfObject:
+    """An opened (and later loaded) BPF ELF object; close() frees its programs and maps."""
+
+    def __init__(self, path: str) -> None:
+        self.lib = library()
+        self.path = path
+        self._ptr: int | None = check_ptr(
+            self.lib.cdll.bpf_object__open_file(path.encode(), None),
+            f"bpf_object__open_file({path})",
+        )
+
+    @property
+    def ptr(self) -> int:
+        if self._ptr is None:
+            raise ValueError("BPF object is closed")
+        return self._ptr
+
+    def load(self) -> None:
+        """Load every program and create every map (runs the verifier)."""
+        self.lib.take_messages()
+        rc = self.lib.cdll.bpf_object__load(self.ptr)
+        if rc < 0:
+            exc = _error(rc, f"bpf_object__load({self.path})")
+            exc.verifier_log = self.lib.take_messages()  # type: ignore[attr-defined]
+            raise exc
+
+    def program_fd(self, name: str) -> int:
+        """The fd of a loaded program (owned by this object)."""
+        prog = check_ptr(
+            self.lib.cdll.bpf_object__find_program_by_name(self.ptr, name.encode()),
+            f"bpf_object__find_program_by_name({name})",
+        )
+        return check(self.lib.cdll.bpf_program__fd(prog), f"bpf_program__fd({name})")
+
+    def map_fd(self, name: str) -> int:
+        """The fd of a created map (owned by this object)."""
+        return check(
+            self.lib.cdll.bpf_object__find_map_fd_by_name(self.ptr, name.encode()),
+            f"bpf_object__find_map_fd_by_name({name})",
+        )
+
+    def close(self) -> None:
+        """Free the object, closing its program and map fds; idempotent."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            self.lib.cdll.bpf_object__close(ptr)
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Attach a program to a target (a sockmap for sk_skb programs)."""
+    check(library().cdll.bpf_prog_attach(prog_fd, target_fd, attach_type, 0), "bpf_prog_attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Undo prog_attach."""
+    check(library().cdll.bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach2")
+
+
+def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """bpf_map_update_elem with raw key and value bytes."""
+    rc = library().cdll.bpf_map_update_elem(map_fd, key, value, flags)
+    check(rc, "bpf_map_update_elem")
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    """bpf_map_delete_elem; a missing key raises KeyError."""
+    rc = library().cdll.bpf_map_delete_elem(map_fd, key)
+    if rc == -errno.ENOENT:
+        raise KeyError(key)
+    check(rc, "bpf_map_delete_elem")
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes:
+    """bpf_map_lookup_elem into a buffer of value_size bytes; a miss raises KeyError."""
+    buf = ctypes.create_string_buffer(value_size)
+    rc = library().cdll.bpf_map_lookup_elem(map_fd, key, buf)
+    if rc == -errno.ENOENT:
+        raise KeyError(key)
+    check(rc, "bpf_map_lookup_elem")
+    return buf.raw
+
+
+def map_keys(map_fd: int, key_size: int) -> list[bytes]:
+    """Every key of a map, by bpf_map_get_next_key (a snapshot; entries may come and go)."""
+    keys: list[bytes] = []
+    prev: Any = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        rc = library().cdll.bpf_map_get_next_key(map_fd, prev, nxt)
+        if rc == -errno.ENOENT:
+            return keys
+        check(rc, "bpf_map_get_next_key")
+        keys.append(nxt.raw)
+        prev = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the stride of per-CPU map values."""
+    return check(library().cdll.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
+def enable_stats() -> FdHolder:
+    """Turn on run_cnt / run_time_ns accounting for as long as the returned fd stays open."""
+    fd = check(library().cdll.bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+    return FdHolder(fd)
+
+
+def _info(fd: int, struct: type[ctypes.Structure], what: str) -> Any:
+    info = struct()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    check(library().cdll.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
+    return info
+
+
+def prog_info(prog_fd: int) -> dict[str, Any]:
+    """id, name, run_cnt and run_time_ns of a loaded program."""
+    info = _info(prog_fd, _ProgInfo, "bpf_obj_get_info_by_fd(prog)")
+    return {
+        "id": int(info.id),
+        "name": info.name.decode(errors="replace"),
+        "run_cnt": int(info.run_cnt),
+        "run_time_ns": int(info.run_time_ns),
+    }
+
+
+def map_info(map_fd: int) -> dict[str, Any]:
+    """id and name of a map."""
+    info = _info(map_fd, _MapInfo, "bpf_obj_get_info_by_fd(map)")
+    return {"id": int(info.id), "name": info.name.decode(errors="replace")}

@@ -1,0 +1,188 @@
+"""Prometheus exposition of a daemon snapshot, served from a thread off the event loop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from echod.configfile import parse_address
+
+__all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "start_metrics_server"]
+
+Snapshot = Mapping[str, Any]
+SnapshotFn = Callable[[], Snapshot]
+
+MODES = ("kernel", "user")
+REFUSAL_REASONS = ("max_connections", "allow", "per_ip")
+
+
+class SnapshotCollector(Collector):
+    """Turns one snapshot() call per scrape into echod_* metric families."""
+
+    def __init__(self, snapshot: SnapshotFn) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterator[Metric]:
+        # An empty description stops the registry calling snapshot() at registration time,
+        # before the daemon has anything to report.
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        """Take a snapshot and yield every family; called from the HTTP thread."""
+        snap = self._snapshot()
+        yield from _build_info(snap)
+        yield from _mode(snap)
+        yield from _connections(snap.get("connections") or {})
+        yield from _traffic(snap.get("user") or {}, snap.get("kernel"))
+        yield from _bpf_programs(snap.get("bpf_programs") or [])
+
+
+def _build_info(snap: Snapshot) -> Iterator[Metric]:
+    info = InfoMetricFamily("echod_build", "echod build information.")
+    info.add_metric([], {"version": str(snap.get("version", "unknown"))})
+    yield info
+
+
+def _mode(snap: Snapshot) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        "echod_mode", "Effective echo mode: 1 for the mode in use.", labels=["mode"]
+    )
+    for mode in MODES:
+        gauge.add_metric([mode], 1.0 if snap.get("mode") == mode else 0.0)
+    yield gauge
+
+
+def _connections(conns: Mapping[str, Any]) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "echod_connections_accepted",
+        "TCP connections accepted and served.",
+        value=int(conns.get("accepted", 0)),
+    )
+    refused = CounterMetricFamily(
+        "echod_connections_refused",
+        "TCP connections closed at accept, by reason.",
+        labels=["reason"],
+    )
+    by_reason = dict.fromkeys(REFUSAL_REASONS, 0) | dict(conns.get("refused") or {})
+    for reason, count in sorted(by_reason.items()):
+        refused.add_metric([reason], int(count))
+    yield refused
+    yield GaugeMetricFamily(
+        "echod_connections_active", "TCP connections open now.", value=int(conns.get("active", 0))
+    )
+    yield CounterMetricFamily(
+        "echod_connections_closed", "TCP connections closed.", value=int(conns.get("closed", 0))
+    )
+
+
+def _traffic(user: Mapping[str, Any], kernel: Mapping[str, Any] | None) -> Iterator[Metric]:
+    echoed = CounterMetricFamily("echod_bytes", "Bytes echoed, by path.", labels=["path"])
+    messages = CounterMetricFamily(
+        "echod_messages",
+        "Messages echoed, by path (for the kernel: packets redirected).",
+        labels=["path"],
+    )
+    echoed.add_metric(["user"], int(user.get("bytes", 0)))
+    messages.add_metric(["user"], int(user.get("messages", 0)))
+    if kernel is not None:
+        echoed.add_metric(["kernel"], int(kernel.get("redirected_bytes", 0)))
+        messages.add_metric(["kernel"], int(kernel.get("redirected_packets", 0)))
+    yield echoed
+    yield messages
+    if kernel is None:
+        # No BPF object is loaded (user mode): no kernel series rather than fake zeros.
+        return
+    packets = CounterMetricFamily(
+        "echod_kernel_packets",
+        "Packets seen by the sk_skb verdict: redirected (echoed) or passed to user space.",
+        labels=["verdict"],
+    )
+    octets = CounterMetricFamily(
+        "echod_kernel_bytes",
+        "Bytes seen by the sk_skb verdict: redirected (echoed) or passed to user space.",
+        labels=["verdict"],
+    )
+    for verdict in ("redirected", "passed"):
+        packets.add_metric([verdict], int(kernel.get(f"{verdict}_packets", 0)))
+        octets.add_metric([verdict], int(kernel.get(f"{verdict}_bytes", 0)))
+    yield packets
+    yield octets
+
+
+def _bpf_programs(progs: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    runs = CounterMetricFamily(
+        "echod_bpf_program_run_count",
+        "Times each loaded BPF program ran (needs kernel.bpf_stats_enabled=1).",
+        labels=["prog", "id"],
+    )
+    seconds = CounterMetricFamily(
+        "echod_bpf_program_run_time_seconds",
+        "Time spent in each loaded BPF program (needs kernel.bpf_stats_enabled=1).",
+        labels=["prog", "id"],
+    )
+    for prog in progs:
+        labels = [str(prog.get("name", "")), str(prog.get("id", ""))]
+        runs.add_metric(labels, int(prog.get("run_cnt", 0)))
+        seconds.add_metric(labels, int(prog.get("run_time_ns", 0)) / 1e9)
+    yield runs
+    yield seconds
+
+
+def make_registry(snapshot: SnapshotFn, process: bool = True) -> CollectorRegistry:
+    """Return a registry holding the snapshot collector (and process_* figures)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def render(snapshot: SnapshotFn, process: bool = False) -> str:
+    """Return the text exposition for one snapshot (tests and `echoctl stats --prometheus`)."""
+    return generate_latest(make_registry(snapshot, process)).decode()
+
+
+class MetricsServer:
+    """A running /metrics HTTP server; close() stops it."""
+
+    def __init__(self, addr: str, snapshot: SnapshotFn) -> None:
+        host, port = parse_address(addr, min_port=0)
+        # The server runs in its own daemon thread (and a thread per request), so a slow
+        # scraper never stalls the event loop; snapshot() must therefore be thread-safe.
+        self._httpd, self._thread = start_http_server(port, host, make_registry(snapshot))
+        self.host = host
+        self.port: int = self._httpd.server_port
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """Where to scrape."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and release the port; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(addr: str, snapshot: SnapshotFn) -> MetricsServer:
+    """Serve /metrics on addr ("127.0.0.1:9108", "[::1]:9108", or a bare port for 127.0.0.1)."""
+    return MetricsServer(addr, snapshot)

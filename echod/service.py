@@ -1,0 +1,667 @@
+"""The echo service: listeners, the accept loop, the connection table, the mode, start/stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import termios
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import structlog
+
+from echod import __version__
+from echod.config import Config
+from echod.errors import RequestError
+from echod.logs import RateLimited
+from echod.sockmap import KernelEcho
+
+log = structlog.get_logger("echod.service")
+
+# User-space write buffer: stop reading from a peer that does not read once this much is queued.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
+RECV_SIZE = 256 * 1024
+ACCEPT_BATCH = 64
+DRAIN_POLL = 0.002
+DRAIN_TIMEOUT = 10.0
+# struct tcp_info (uapi/linux/tcp.h): tcpi_bytes_acked at 120, tcpi_bytes_received at 128.
+_TCP_INFO_LEN = 136
+_BYTES_ACKED_RECEIVED = struct.Struct("=QQ")
+
+
+def _outq(sock: socket.socket) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    return int.from_bytes(buf, "little", signed=True)
+
+
+class Connection:
+    """One accepted connection. Owns its socket, until a user-path transport takes the fd over."""
+
+    def __init__(self, svc: Service, sock: socket.socket, peer: str) -> None:
+        self.svc = svc
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.in_map = False
+        self.passthru = False
+        self.transport: asyncio.Transport | None = None
+        self.reading = False
+        self.writing = False
+        self.out = bytearray()
+        self.eof = False
+        self.closed = False
+        self.done = asyncio.get_running_loop().create_future()
+
+    @property
+    def path(self) -> str:
+        """Where this connection's bytes are echoed: kernel, or user."""
+        return "kernel" if self.in_map and not self.passthru else "user"
+
+    # -- kernel path: the socket is in the sockhash; user space only watches it -------------
+
+    def watch(self) -> None:
+        """Watch the socket for EOF and for bytes the verdict passed up (echoed here)."""
+        self.reading = True
+        self.svc.loop.add_reader(self.fd, self._on_readable)
+
+    def _unwatch(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.svc.loop.remove_reader(self.fd)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(reason=type(exc).__name__)
+            return
+        if not data:
+            self.eof = True
+            self._unwatch()
+            self.svc.loop.create_task(self.finish())
+            return
+        self.svc.count_user(len(data))
+        self.out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        try:
+            sent = self.sock.send(self.out) if self.out else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.close(reason=type(exc).__name__)
+            return
+        del self.out[:sent]
+        loop = self.svc.loop
+        if self.out:
+            if not self.writing:
+                self.writing = True
+                loop.add_writer(self.fd, self._flush)
+            if len(self.out) >= WRITE_HIGH:
+                self._unwatch()  # flow control: the peer is not reading
+        else:
+            self._unwrite()
+            if not self.reading and not self.eof:
+                self.watch()
+
+    def _unwrite(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.svc.loop.remove_writer(self.fd)
+
+    def backlog(self) -> int:
+        """Bytes received but not yet written back: what sits in the psock and in self.out.
+
+        acked + queued-in-send-buffer counts what was written; bytes_received counts what came
+        in, plus one for a FIN. In kernel mode this is the only view of the psock queue, which
+        the kernel does not bound (a peer that never reads makes it grow without limit).
+        """
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+            acked, received = _BYTES_ACKED_RECEIVED.unpack_from(info, 120)
+            written = acked + _outq(self.sock)
+        except OSError:
+            return 0  # the socket is gone: nothing left to deliver
+        return max(received - (1 if self.eof else 0) - written, 0) + len(self.out)
+
+    def drained(self) -> bool:
+        """Every byte received has been written back to the socket (kernel and user paths)."""
+        return self.backlog() == 0
+
+    async def finish(self, within: float = DRAIN_TIMEOUT) -> None:
+        """Wait until all echo is written (bounded), then remove from the map and close."""
+        deadline = time.monotonic() + within
+        while not self.closed and not self.drained():
+            if time.monotonic() >= deadline:
+                log.warning("conn.drain_timeout", peer=self.peer, pending=len(self.out))
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        self.close(reason="eof" if self.eof else "shutdown")
+
+    # -- user path ----------------------------------------------------------------------------
+
+    async def serve_user(self) -> None:
+        """Hand the socket to a uvloop transport that echoes it."""
+        loop = self.svc.loop
+        self.transport, _ = await loop.connect_accepted_socket(lambda: UserEcho(self), self.sock)
+
+    async def to_kernel(self, kernel: KernelEcho) -> bool:
+        """Move a user-path connection to the kernel: flush, detach the transport, insert."""
+        tr = self.transport
+        if tr is None or self.closed or tr.is_closing():
+            return False
+        tr.pause_reading()
+        for _ in range(int(5.0 / DRAIN_POLL)):
+            if not tr.get_write_buffer_size() or self.closed:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        if self.closed or tr.get_write_buffer_size():
+            tr.resume_reading()
+            return False
+        # uvloop owns the fd now and closes it with the transport: keep a dup to stay connected.
+        self.sock = socket.socket(fileno=os.dup(self.fd))
+        self.fd = self.sock.fileno()
+        self.transport = None
+        tr.abort()
+        try:
+            kernel.add(self.sock)
+        except OSError as exc:
+            log.info("conn.migrate_failed", peer=self.peer, error=str(exc))
+            self.svc.loop.create_task(self.serve_user())
+            return False
+        self.in_map = True
+        self.watch()
+        return True
+
+    def abort(self, reason: str) -> None:
+        """Close with a reset: the pending echo is dropped on purpose."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close(reason=reason)
+
+    def close(self, reason: str = "closed") -> None:
+        """Remove from the map, close the socket and forget the connection; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._unwatch()
+        self._unwrite()
+        if self.in_map and self.svc.kernel is not None:
+            with contextlib.suppress(KeyError, OSError):
+                self.svc.kernel.remove(self.sock)
+        if self.transport is not None:
+            self.transport.abort()  # closes the fd it took over
+            self.transport = None
+        self.sock.close()  # a no-op once a transport has detached it
+        self.svc.forget(self, reason)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class UserEcho(asyncio.Protocol):
+    """The user-space echo: write back what arrives; stop reading while the peer does not read."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.svc = conn.svc
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.svc.count_user(len(data))
+
+    def pause_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        # Falsy: the transport closes once what is buffered has been written.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn.transport is self.transport:
+            self.conn.transport = None
+            self.conn.close(reason="reset" if exc else "eof")
+
+
+class Service:
+    """The echo service: owns listeners, connections and (in kernel mode) the BPF object."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.state = "stopped"
+        self.requested_mode = config.mode
+        self.mode: str | None = None
+        self.fallback_reason: str | None = None
+        self.kernel: KernelEcho | None = None
+        self.listeners: list[socket.socket] = []
+        self.conns: set[Connection] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
+        self.counts: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.started_at = time.monotonic()
+        self.limiter = RateLimited()
+        self._lock = asyncio.Lock()
+        self._rates: dict[str, float] = {}
+        self._last_sample: tuple[float, dict[str, int]] | None = None
+        self.reload_hook: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
+        """Open the listeners and enter the requested mode; returns the status."""
+        async with self._lock:
+            if self.state != "stopped":
+                raise RequestError("bad_state", f"already {self.state}")
+            if port is not None:
+                self.config = self.config.replace(port=port)
+            self.requested_mode = mode or self.requested_mode
+            self.state = "starting"
+            try:
+                self._enter_mode(self.requested_mode)
+                self._listen()
+            except BaseException:
+                self._close_listeners()
+                self._maybe_unload(force=True)
+                self.state = "stopped"
+                self.mode = None
+                raise
+            self.state = "serving"
+            log.info(
+                "service.serving",
+                mode=self.mode,
+                listen=self.listen_addresses(),
+                fallback_reason=self.fallback_reason,
+            )
+            return self.status()
+
+    def _enter_mode(self, requested: str) -> None:
+        self.fallback_reason = None
+        if requested == "user":
+            self.mode = "user"
+            return
+        try:
+            self._load_kernel()
+            self.mode = "kernel"
+        except OSError as exc:
+            reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+            if requested == "kernel":
+                raise RequestError(
+                    "kernel_unavailable", f"kernel mode unavailable: {reason}"
+                ) from exc
+            self.fallback_reason = reason
+            self.mode = "user"
+            log.warning("service.fallback_to_user", reason=reason)
+
+    def _load_kernel(self) -> None:
+        if self.kernel is None:
+            self.kernel = KernelEcho(self.config.bpf_object).__enter__()
+
+    def _maybe_unload(self, force: bool = False) -> None:
+        """Unload the BPF object when nothing uses it any more."""
+        if self.kernel is None:
+            return
+        if force or (self.mode != "kernel" and not any(c.in_map for c in self.conns)):
+            self.kernel.close()
+            self.kernel = None
+
+    def _listen(self) -> None:
+        for host in self.config.hosts:
+            infos = socket.getaddrinfo(
+                host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, stype, proto, _, addr = infos[0]
+            sock = socket.socket(family, stype, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind(addr)
+                sock.listen(4096)
+                sock.setblocking(False)
+            except OSError as exc:
+                sock.close()
+                raise OSError(
+                    exc.errno, f"cannot listen on {host} port {self.config.port}: {exc.strerror}"
+                ) from exc
+            self.listeners.append(sock)
+            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+
+    async def stop(self, grace: float | None = None) -> dict[str, Any]:
+        """Stop accepting, close every connection within the grace period, unload BPF."""
+        async with self._lock:
+            if self.state == "stopped":
+                raise RequestError("bad_state", "already stopped")
+            await self._stop(self.config.shutdown_grace if grace is None else grace)
+            return self.status()
+
+    async def _stop(self, grace: float) -> None:
+        self.state = "stopping"
+        log.info("service.stopping", connections=len(self.conns), grace_s=grace)
+        self._close_listeners()
+        conns = list(self.conns)
+        for conn in conns:
+            if conn.in_map:
+                conn._unwatch()
+                self.loop.create_task(conn.finish(within=grace))
+            elif conn.transport is not None:
+                conn.transport.close()  # flushes what is buffered, then connection_lost
+            else:
+                conn.close(reason="shutdown")
+        if conns:
+            await asyncio.wait([c.done for c in conns], timeout=grace + 0.5)
+        for conn in list(self.conns):
+            conn.close(reason="shutdown_timeout")
+        self.mode = None
+        self._maybe_unload(force=True)
+        self.state = "stopped"
+        log.info("service.stopped")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration file; the daemon installs the hook."""
+        if self.reload_hook is None:
+            raise RequestError("invalid_config", "this daemon was started without reload support")
+        return await self.reload_hook()
+
+    def apply_live(self, config: Config) -> None:
+        """Take the settings that can change while serving."""
+        from echod.daemon import LIVE_KEYS
+
+        self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
+        self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+        """Switch mode live: connections migrate, none is closed, no byte is lost."""
+        async with self._lock:
+            if self.state != "serving":
+                raise RequestError("bad_state", f"cannot restart while {self.state}")
+            target = mode or self.requested_mode
+            old = self.mode
+            self.requested_mode = target
+            previous_reason = self.fallback_reason
+            try:
+                self._enter_mode(target)
+            except RequestError:
+                self.mode, self.fallback_reason = old, previous_reason
+                raise
+            moved = 0
+            if self.mode == "kernel" and old != "kernel":
+                moved = await self._migrate_to_kernel()
+            elif self.mode == "user" and old == "kernel":
+                moved = self._migrate_to_user()
+                self._maybe_unload()
+            log.info(
+                "service.mode_switched",
+                old=old,
+                new=self.mode,
+                migrated=moved,
+                fallback_reason=self.fallback_reason,
+            )
+            return self.status()
+
+    async def _migrate_to_kernel(self) -> int:
+        assert self.kernel is not None
+        moved = 0
+        for conn in list(self.conns):
+            if conn.transport is not None and await conn.to_kernel(self.kernel):
+                moved += 1
+        return moved
+
+    def _migrate_to_user(self) -> int:
+        assert self.kernel is not None
+        moved = 0
+        for conn in self.conns:
+            if conn.in_map and not conn.passthru and not conn.closed:
+                self.kernel.pass_through(conn.sock)
+                conn.passthru = True
+                moved += 1
+        return moved
+
+    # -- accept ---------------------------------------------------------------------------------
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log_limited("accept.failed", error=str(exc))
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(listener)
+                return
+            self._admit(sock, addr[0])
+
+    def _pause_accept(self, listener: socket.socket) -> None:
+        """Out of fds: stop accepting for a moment instead of spinning on the error."""
+        fd = listener.fileno()
+        self.loop.remove_reader(fd)
+
+        def resume() -> None:
+            if listener in self.listeners:
+                self.loop.add_reader(fd, self._on_accept, listener)
+
+        self.loop.call_later(0.1, resume)
+
+    def _refuse(self, sock: socket.socket, peer: str, reason: str) -> None:
+        self.refused[reason] += 1
+        self._log_limited("conn.refused", peer=peer, reason=reason)
+        sock.close()
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        cfg = self.config
+        if self.allow and not self._allowed(peer):
+            return self._refuse(sock, peer, "allow")
+        if len(self.conns) >= cfg.max_connections:
+            return self._refuse(sock, peer, "max_connections")
+        if cfg.max_connections_per_ip and self.per_ip[peer] >= cfg.max_connections_per_ip:
+            return self._refuse(sock, peer, "per_ip")
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, peer)
+        self.conns.add(conn)
+        self.per_ip[peer] += 1
+        self.counts["accepted"] += 1
+        if self.mode == "kernel" and self.kernel is not None:
+            try:
+                self.kernel.add(sock)
+                conn.in_map = True
+                conn.watch()
+                return
+            except OSError as exc:
+                # EOPNOTSUPP: the peer already sent FIN or RST, so the socket left ESTABLISHED.
+                self.counts["insert_failed"] += 1
+                self._log_limited("conn.insert_failed", peer=peer, error=exc.strerror)
+        self.loop.create_task(self._serve_user(conn))
+
+    async def _serve_user(self, conn: Connection) -> None:
+        try:
+            await conn.serve_user()
+        except OSError as exc:
+            self._log_limited("conn.user_failed", peer=conn.peer, error=str(exc))
+            conn.close(reason="error")
+
+    def _allowed(self, peer: str) -> bool:
+        addr = ipaddress.ip_address(peer.split("%", 1)[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.allow)
+
+    def forget(self, conn: Connection, reason: str) -> None:
+        """Called once by Connection.close()."""
+        if conn in self.conns:
+            self.conns.remove(conn)
+            self.counts["closed"] += 1
+            self.per_ip[conn.peer] -= 1
+            if self.per_ip[conn.peer] <= 0:
+                del self.per_ip[conn.peer]
+            log.debug("conn.closed", peer=conn.peer, reason=reason)
+            if self.mode != "kernel" and self.state == "serving":
+                self._maybe_unload()
+
+    def check_backlogs(self) -> None:
+        """Reset kernel-path connections whose unread echo exceeds the limit (see backlog())."""
+        limit = self.config.kernel_backlog_limit
+        for conn in list(self.conns):
+            if conn.in_map and not conn.closed and not conn.eof:
+                pending = conn.backlog()
+                if pending > limit:
+                    self.counts["aborted_backlog"] += 1
+                    self._log_limited(
+                        "conn.backlog_exceeded", peer=conn.peer, pending=pending, limit=limit
+                    )
+                    conn.abort(reason="backlog")
+
+    def count_user(self, nbytes: int) -> None:
+        """Account bytes echoed in user space."""
+        self.counts["user_bytes"] += nbytes
+        self.counts["user_messages"] += 1
+
+    def _log_limited(self, event: str, **fields: Any) -> None:
+        ok, suppressed = self.limiter.allow(event)
+        if ok:
+            log.warning(event, suppressed=suppressed, **fields) if suppressed else log.warning(
+                event, **fields
+            )
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def listen_addresses(self) -> list[str]:
+        """Bound addresses as host:port ([v6]:port)."""
+        out = []
+        for sock in self.listeners:
+            host, port = sock.getsockname()[:2]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """State, modes, listen addresses, connections, BPF attach state."""
+        bpf: dict[str, Any] = {"attached": self.kernel is not None, "programs": [], "maps": []}
+        if self.kernel is not None:
+            ids = self.kernel.ids()
+            bpf["programs"] = [{"id": ids["prog_id"], "name": "echo_verdict", "type": "sk_skb"}]
+            bpf["maps"] = ids["map_ids"]
+            bpf["stats_enabled"] = self.kernel.stats_enabled
+        paths = Counter(c.path for c in self.conns)
+        return {
+            "state": self.state,
+            "mode": self.mode,
+            "requested_mode": self.requested_mode,
+            "fallback_reason": self.fallback_reason,
+            "listen": self.listen_addresses(),
+            "port": self.config.port,
+            "connections": len(self.conns),
+            "connections_by_path": {"kernel": paths["kernel"], "user": paths["user"]},
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "bpf": bpf,
+        }
+
+    def counters(self) -> dict[str, int]:
+        """Flat monotonic counters (for rates)."""
+        out = {
+            "accepted": self.counts["accepted"],
+            "user_bytes": self.counts["user_bytes"],
+            "user_messages": self.counts["user_messages"],
+        }
+        if self.kernel is not None:
+            out.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
+        return out
+
+    def sample_rates(self) -> None:
+        """Take a sample; rates are per second over the interval since the previous one."""
+        now = time.monotonic()
+        current = self.counters()
+        if self._last_sample is not None:
+            then, prev = self._last_sample
+            dt = max(now - then, 1e-6)
+            self._rates = {
+                f"{k}_per_s": round(max(v - prev.get(k, 0), 0) / dt, 1) for k, v in current.items()
+            }
+        self._last_sample = (now, current)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, rates, kernel counters and per-program BPF figures."""
+        kernel = self.kernel.counters() if self.kernel is not None else None
+        return {
+            "connections": {
+                "accepted": self.counts["accepted"],
+                "refused": {r: self.refused[r] for r in ("max_connections", "per_ip", "allow")},
+                "active": len(self.conns),
+                "closed": self.counts["closed"],
+                "insert_failed": self.counts["insert_failed"],
+                "aborted_backlog": self.counts["aborted_backlog"],
+            },
+            "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
+            "kernel": kernel,
+            "kernel_sockets": self.kernel.sockets() if self.kernel is not None else 0,
+            "rates": dict(self._rates),
+            "process": process_figures(),
+            "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
+        }
+
+
+def process_figures() -> dict[str, Any]:
+    """The daemon's own figures from psutil."""
+    import psutil
+
+    proc = psutil.Process()
+    with proc.oneshot():
+        cpu = proc.cpu_times()
+        ctx = proc.num_ctx_switches()
+        mem = proc.memory_full_info() if hasattr(proc, "memory_full_info") else proc.memory_info()
+        faults = _page_faults()
+        return {
+            "cpu_percent": proc.cpu_percent(interval=None),
+            "cpu_user_s": cpu.user,
+            "cpu_system_s": cpu.system,
+            "rss_bytes": mem.rss,
+            "ctx_voluntary": ctx.voluntary,
+            "ctx_involuntary": ctx.involuntary,
+            "page_faults_minor": faults[0],
+            "page_faults_major": faults[1],
+            "open_fds": proc.num_fds(),
+            "threads": proc.num_threads(),
+        }
+
+
+def _page_faults() -> tuple[int, int]:
+    # /proc/self/stat fields 10 (minflt) and 12 (majflt); the command name may hold spaces.
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[9])

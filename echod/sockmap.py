@@ -1,0 +1,166 @@
+"""Kernel echo: load bpf/echo.bpf.c, attach its verdict to the sockhash, add and remove sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from echod import libbpf
+
+log = structlog.get_logger("echod.sockmap")
+
+SO_COOKIE = 57  # asm-generic/socket.h; the socket module does not export it
+PROGRAM = "echo_verdict"
+SOCKETS_MAP = "echo_sockets"
+COUNTERS_MAP = "echo_counters"
+SETTINGS_MAP = "echo_settings"
+PASSTHRU_MAP = "echo_passthru"
+SETTING_PASSTHRU = 0  # ECHO_SETTING_PASSTHRU in bpf/echo.h
+
+# struct echo_counters (bpf/echo.h): redirected_packets, redirected_bytes, passed_packets,
+# passed_bytes, each __u64.
+COUNTER_FIELDS = ("redirected_packets", "redirected_bytes", "passed_packets", "passed_bytes")
+_COUNTERS = struct.Struct("=4Q")
+
+
+def default_object() -> Path:
+    """The compiled object that ships inside the echod package."""
+    return Path(str(resources.files("echod") / "bpf" / "echo.bpf.o"))
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's cookie for sock: the sockhash key."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+class KernelEcho:
+    """Open → load → attach as a context manager; exit undoes exactly the steps that were done."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = str(path or default_object())
+        self._stack = contextlib.ExitStack()
+        self._obj: libbpf.BpfObject | None = None
+        self.prog_fd = self.sockets_fd = self.counters_fd = self.settings_fd = -1
+        self.passthru_fd = -1
+        self._passthru: set[int] = set()
+        self.stats_enabled = False
+        self._ncpus = 1
+
+    def __enter__(self) -> KernelEcho:
+        try:
+            self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(2, "BPF object not found", self.path)
+        obj = libbpf.BpfObject(self.path)
+        self._obj = obj
+        self._stack.callback(obj.close)
+        obj.load()
+        self.prog_fd = obj.program_fd(PROGRAM)
+        self.sockets_fd = obj.map_fd(SOCKETS_MAP)
+        self.counters_fd = obj.map_fd(COUNTERS_MAP)
+        self.settings_fd = obj.map_fd(SETTINGS_MAP)
+        self.passthru_fd = obj.map_fd(PASSTHRU_MAP)
+        self._ncpus = libbpf.possible_cpus()
+        libbpf.prog_attach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
+        self._stack.callback(self._detach)
+        try:
+            # Run-time accounting is a diagnostic: lacking it must not cost kernel mode.
+            self._stack.enter_context(libbpf.enable_stats())
+            self.stats_enabled = True
+        except OSError as exc:
+            log.warning("bpf.stats_unavailable", error=str(exc))
+        log.info("bpf.attached", object=self.path, **self.ids())
+
+    def _detach(self) -> None:
+        libbpf.prog_detach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach, stop stats, free programs and maps; idempotent."""
+        if self._obj is not None:
+            self._stack.close()
+            self._obj = None
+            self.prog_fd = self.sockets_fd = self.counters_fd = self.settings_fd = -1
+            self.passthru_fd = -1
+            self._passthru.clear()
+            log.info("bpf.detached")
+
+    def add(self, sock: socket.socket) -> None:
+        """Insert sock into the sockhash, then kick it so data queued before the insert is echoed.
+
+        The verdict only sees skbs that arrive after the psock exists. Setting SO_RCVLOWAT
+        runs tcp_data_ready(), which is now the psock's hook, over what is already queued.
+        Raises OSError(EOPNOTSUPP) when the peer has already gone (the socket left ESTABLISHED).
+        """
+        key = struct.pack("=Q", socket_cookie(sock))
+        libbpf.map_update(
+            self.sockets_fd, key, struct.pack("=Q", sock.fileno()), libbpf.BPF_NOEXIST
+        )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def remove(self, sock: socket.socket) -> None:
+        """Delete sock from the sockhash (and from pass-through); KeyError when it is not there.
+
+        Removing frees the socket's psock with whatever is queued in it: call this only once
+        everything received has been written (see service.Connection.drained).
+        """
+        cookie = socket_cookie(sock)
+        if cookie in self._passthru:
+            self._passthru.discard(cookie)
+            libbpf.map_delete(self.passthru_fd, struct.pack("=Q", cookie))
+            self._set_passthru_flag()
+        libbpf.map_delete(self.sockets_fd, struct.pack("=Q", cookie))
+
+    def pass_through(self, sock: socket.socket) -> None:
+        """From now on hand sock's data to user space, in order behind what is already queued."""
+        cookie = socket_cookie(sock)
+        libbpf.map_update(self.passthru_fd, struct.pack("=Q", cookie), b"\x01")
+        self._passthru.add(cookie)
+        self._set_passthru_flag()
+
+    def _set_passthru_flag(self) -> None:
+        key = struct.pack("=I", SETTING_PASSTHRU)
+        libbpf.map_update(self.settings_fd, key, struct.pack("=I", int(bool(self._passthru))))
+
+    def counters(self) -> dict[str, int]:
+        """The per-CPU counters summed over every possible CPU."""
+        raw = libbpf.map_lookup(
+            self.counters_fd, struct.pack("=I", 0), _COUNTERS.size * self._ncpus
+        )
+        totals = [0] * len(COUNTER_FIELDS)
+        for values in _COUNTERS.iter_unpack(raw):
+            totals = [t + v for t, v in zip(totals, values, strict=True)]
+        return dict(zip(COUNTER_FIELDS, totals, strict=True))
+
+    def sockets(self) -> int:
+        """How many sockets are in the sockhash now."""
+        return len(libbpf.map_keys(self.sockets_fd, 8))
+
+    def programs(self) -> list[dict[str, Any]]:
+        """Per-program figures: id, name, run_cnt, run_time_ns, ns_per_run."""
+        info = libbpf.prog_info(self.prog_fd)
+        info["type"] = "sk_skb"
+        info["ns_per_run"] = info["run_time_ns"] / info["run_cnt"] if info["run_cnt"] else None
+        return [info]
+
+    def ids(self) -> dict[str, Any]:
+        """Kernel ids of our program and maps (what `bpftool prog show` lists)."""
+        fds = (self.sockets_fd, self.counters_fd, self.settings_fd, self.passthru_fd)
+        return {
+            "prog_id": libbpf.prog_info(self.prog_fd)["id"],
+            "map_ids": [libbpf.map_info(fd)["id"] for fd in fds],
+        }

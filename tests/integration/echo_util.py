@@ -1,0 +1,79 @@
+"""Client-side helpers for the echo tests: every byte sent is checked when it comes back."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import threading
+import time
+
+TIMEOUT = 10.0
+
+
+def connect(host: str, port: int, timeout: float = TIMEOUT) -> socket.socket:
+    """A connected client socket with a timeout."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Read exactly n bytes, or fail on EOF/timeout."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def roundtrip(sock: socket.socket, payload: bytes) -> None:
+    """Send payload (from a thread, so large ones cannot deadlock) and check the echo."""
+    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+    sender.start()
+    got = recv_exact(sock, len(payload))
+    sender.join(TIMEOUT)
+    assert got == payload, "echo differs from what was sent"
+
+
+def expect_eof(sock: socket.socket) -> None:
+    """The daemon closes its side once it has echoed everything."""
+    assert sock.recv(1) == b""
+
+
+def burst_connect(host: str, port: int, n: int, size: int = 64, timeout: float = TIMEOUT) -> int:
+    """Open n connections that each send at once after connect; return how many got the echo."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, tuple[bytes, bytearray]] = {}
+    for _ in range(n):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.connect((host, port))
+        payload = os.urandom(size)
+        sock.sendall(payload)  # in the same instant as the connect
+        sock.setblocking(False)
+        pending[sock] = (payload, bytearray())
+        sel.register(sock, selectors.EVENT_READ)
+    ok = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while pending and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                payload, got = pending[sock]
+                chunk = sock.recv(65536)
+                got += chunk
+                if len(got) >= len(payload) or not chunk:
+                    assert bytes(got) == payload, "echo differs (or EOF before the echo)"
+                    ok += 1
+                    sel.unregister(sock)
+                    sock.close()
+                    del pending[sock]
+    finally:
+        for sock in pending:
+            sock.close()
+        sel.close()
+    return ok

@@ -1,0 +1,204 @@
+"""`echoctl` as a user runs it (the installed console script) against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Echod
+from tests.integration.echo_util import connect, roundtrip
+
+Factory = Callable[..., Echod]
+ECHOCTL = str(Path(sys.executable).parent / "echoctl")
+
+
+def echoctl(
+    d: Echod | str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run echoctl --control <socket> ARGS (stdout is a pipe, so never a TTY)."""
+    path = d if isinstance(d, str) else d.control
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}
+    return subprocess.run(
+        [ECHOCTL, "--control", path, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
+
+
+def ok_json(r: subprocess.CompletedProcess[str]) -> dict:
+    assert r.returncode == 0, r
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("mode", ["kernel", "user"])
+def test_status_both_output_modes(echod_factory: Factory, mode: str) -> None:
+    d = echod_factory(mode=mode)
+    r = echoctl(d, "status")
+    assert r.returncode == 0, r
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["state", "serving"]
+    assert lines[1].split()[:2] == ["mode", mode]
+    # Labels and values are aligned in two columns.
+    assert len({line.index(line.split()[1]) for line in lines if len(line.split()) > 1}) == 1
+    for args in (["--json", "status"], ["status", "--json"]):
+        st = ok_json(echoctl(d, *args))
+        assert st["mode"] == mode
+        assert st["state"] == "serving"
+
+
+def test_stats(echod_factory: Factory) -> None:
+    d = echod_factory(mode="kernel")
+    with connect(d.host, d.port) as sock:
+        for _ in range(20):
+            roundtrip(sock, b"x" * 64)
+    r = echoctl(d, "stats")
+    assert r.returncode == 0, r
+    assert "rss" in r.stdout
+    assert "MiB" in r.stdout
+    assert "echo_verdict" in r.stdout
+    stats = ok_json(echoctl(d, "stats", "--json"))
+    assert stats["connections"]["accepted"] >= 1
+    assert stats["kernel"]["redirected_bytes"] + stats["user"]["bytes"] >= 20 * 64
+
+
+def test_stop_start_restart_reload(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    r = echoctl(d, "stop")
+    assert (r.returncode, r.stdout.strip()) == (0, "echod stopped")
+    r = echoctl(d, "status")
+    assert r.returncode == 3
+    assert "stopped" in r.stdout
+    assert ok_json_rc(echoctl(d, "--json", "status"), 3)["state"] == "stopped"
+    r = echoctl(d, "stop")
+    assert r.returncode == 1
+    assert "bad_state" in r.stderr
+    err = ok_json_rc(echoctl(d, "stop", "--json"), 1)
+    assert err["error"]["code"] == "bad_state"
+    r = echoctl(d, "start", "--mode", "user", "--port", str(d.port))
+    assert r.returncode == 0, r
+    assert r.stdout.strip() == f"echod serving in user mode on 127.0.0.1:{d.port}, [::1]:{d.port}"
+    r = echoctl(d, "restart")
+    assert r.returncode == 0, r
+    assert ok_json(echoctl(d, "restart", "--mode", "user", "--json"))["state"] == "serving"
+    assert ok_json(echoctl(d, "--json", "stop"))["state"] == "stopped"
+    assert ok_json(echoctl(d, "start", "--json"))["state"] == "serving"
+    r = echoctl(d, "reload")
+    assert (r.returncode, r.stdout.strip()) == (0, "configuration unchanged")
+    assert ok_json(echoctl(d, "reload", "--json")) == {"applied": [], "needs_restart": []}
+    with connect(d.host, d.port) as sock:
+        roundtrip(sock, os.urandom(1000))
+
+
+def ok_json_rc(r: subprocess.CompletedProcess[str], rc: int) -> dict:
+    assert r.returncode == rc, r
+    return json.loads(r.stdout)
+
+
+def test_watch_json_lines(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    t0 = time.monotonic()
+    r = echoctl(d, "watch", "--interval", "0.1", "--count", "5")
+    assert r.returncode == 0, r
+    assert time.monotonic() - t0 < 10
+    snaps = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(snaps) == 5
+    assert all(s["status"]["state"] == "serving" for s in snaps)
+    r = echoctl(d, "--json", "watch", "-n", "1")
+    assert len(r.stdout.splitlines()) == 1
+    # The stream ended with the process; the daemon has no watcher left.
+    deadline = time.monotonic() + 10
+    while d.status()["control"]["watchers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_watch_flushes_each_line(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    with subprocess.Popen(
+        [ECHOCTL, "--control", d.control, "watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            first = json.loads(proc.stdout.readline())
+            second = json.loads(proc.stdout.readline())
+            assert second["time"] > first["time"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_watch_live_table_on_a_tty(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    r = subprocess.run(
+        ["script", "-qec", f"{ECHOCTL} --control {d.control} watch -i 0.1 -n 3", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    assert r.returncode == 0, r
+    for label in (
+        "mode",
+        "connections",
+        "requests",
+        "throughput",
+        "kernel / user",
+        "cpu",
+        "rss",
+        "per verdict",
+    ):
+        assert label in r.stdout
+    assert "req/s" in r.stdout
+    assert "MiB" in r.stdout
+
+
+def test_unreachable(tmp_path: Path) -> None:
+    path = str(tmp_path / "nothing.sock")
+    r = echoctl(path, "status")
+    assert r.returncode == 3
+    assert r.stderr.strip() == (
+        f"echoctl: cannot connect to {path}: No such file or directory (is echod running?)"
+    )
+    assert "Traceback" not in r.stderr
+    for cmd in ("stats", "stop", "start", "restart", "reload", "watch"):
+        r = echoctl(path, cmd)
+        assert r.returncode == 1, cmd
+        assert path in r.stderr
+    err = ok_json_rc(echoctl(path, "--json", "status"), 3)
+    assert err["error"]["code"] == "unreachable"
+
+
+def test_control_from_environment(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}
+    r = subprocess.run(
+        [ECHOCTL, "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**base, "ECHOD_CONTROL": d.control},
+    )
+    assert json.loads(r.stdout)["state"] == "serving"
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    path = str(tmp_path / "nothing.sock")
+    assert echoctl(path, "start", "--mode", "turbo").returncode == 2
+    assert echoctl(path, "start", "--port", "0").returncode == 2
+    assert echoctl(path, "watch", "--interval", "0").returncode == 2
+    assert echoctl(path, "nosuchcommand").returncode == 2
+    r = echoctl(path, "--json", "start", "--port", "x")
+    assert r.returncode == 2
+    assert json.loads(r.stdout)["error"]["code"] == "usage"
+    assert echoctl(path, "--help").returncode == 0

@@ -1,0 +1,234 @@
+"""Echo behaviour of a real daemon in both modes, mirroring the kernel's sockmap selftests."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.conftest import Echod
+from tests.integration.echo_util import (
+    burst_connect,
+    connect,
+    expect_eof,
+    recv_exact,
+    roundtrip,
+)
+
+SIZES = [1, 64, 1024, 16 * 1024, 64 * 1024, 1024 * 1024]
+HOSTS = ["127.0.0.1", "::1"]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll pred until true, or fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("size", SIZES)
+def test_byte_exact_echo(daemon: Echod, host: str, size: int) -> None:
+    with connect(host, daemon.port) as sock:
+        roundtrip(sock, os.urandom(size))
+        sock.shutdown(socket.SHUT_WR)
+        expect_eof(sock)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_many_messages_per_connection(daemon: Echod, host: str) -> None:
+    rng = random.Random(7)
+    with connect(host, daemon.port) as sock:
+        for _ in range(300):
+            roundtrip(sock, os.urandom(rng.choice([1, 7, 64, 100, 1500, 4096, 20000])))
+
+
+def test_echo_path_matches_mode(daemon: Echod) -> None:
+    mode = daemon.status()["mode"]
+    before = daemon.stats()
+    with connect("127.0.0.1", daemon.port) as sock:
+        roundtrip(sock, os.urandom(100_000))
+    after = daemon.stats()
+    user = after["user"]["bytes"] - before["user"]["bytes"]
+    if mode == "kernel":
+        assert user == 0, "kernel mode echoed in user space"
+        assert after["kernel"]["redirected_bytes"] - before["kernel"]["redirected_bytes"] >= 100_000
+    else:
+        assert user == 100_000
+        assert after["kernel"] is None
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_send_immediately_after_connect(daemon: Echod, host: str) -> None:
+    assert burst_connect(host, daemon.port, 250) == 250
+
+
+def test_data_queued_before_accept(daemon: Echod) -> None:
+    """Freeze the daemon so bytes sit in the receive queue before the accept and the insert."""
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        socks = [connect("127.0.0.1", daemon.port) for _ in range(20)]
+        payloads = [os.urandom(3000) for _ in socks]
+        for sock, payload in zip(socks, payloads, strict=True):
+            sock.sendall(payload)
+        time.sleep(0.1)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    for sock, payload in zip(socks, payloads, strict=True):
+        assert recv_exact(sock, len(payload)) == payload
+        roundtrip(sock, os.urandom(500))  # and the connection keeps echoing afterwards
+        sock.close()
+
+
+@pytest.mark.parametrize("how", ["close", "shut_wr"])
+def test_peer_close_frees_connection(daemon: Echod, how: str) -> None:
+    baseline = daemon.stats()
+    socks = [connect("127.0.0.1", daemon.port) for _ in range(10)]
+    for sock in socks:
+        roundtrip(sock, os.urandom(2048))
+    wait_for(lambda: daemon.status()["connections"] == 10, what="10 connections")
+    if daemon.status()["mode"] == "kernel":
+        assert daemon.stats()["kernel_sockets"] == 10
+    for sock in socks:
+        if how == "shut_wr":
+            payload = os.urandom(50_000)
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_exact(sock, len(payload)) == payload
+            expect_eof(sock)
+        sock.close()
+    wait_for(lambda: daemon.status()["connections"] == 0, what="connections to close")
+    stats = daemon.stats()
+    assert stats["kernel_sockets"] == 0
+    assert stats["connections"]["closed"] - baseline["connections"]["closed"] == 10
+    wait_for(
+        lambda: daemon.stats()["process"]["open_fds"] <= baseline["process"]["open_fds"],
+        what="fds to return to the baseline",
+    )
+
+
+def _frozen(d: Echod) -> None:
+    os.kill(d.proc.pid, signal.SIGSTOP)
+
+
+def _thaw(d: Echod) -> None:
+    os.kill(d.proc.pid, signal.SIGCONT)
+
+
+def test_peer_half_closed_before_insert(daemon: Echod) -> None:
+    """Sent and SHUT_WR before the daemon inserts it: served in user space, echo then EOF."""
+    before = daemon.stats()
+    _frozen(daemon)
+    try:
+        sock = connect("127.0.0.1", daemon.port)
+        payload = os.urandom(10_000)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+    finally:
+        _thaw(daemon)
+    assert recv_exact(sock, len(payload)) == payload
+    expect_eof(sock)
+    sock.close()
+    after = daemon.stats()
+    if daemon.status()["mode"] == "kernel":
+        assert after["connections"]["insert_failed"] > before["connections"]["insert_failed"]
+
+
+@pytest.mark.parametrize("how", ["reset", "probe"])
+def test_peer_gone_before_insert(daemon: Echod, how: str) -> None:
+    """Reset, or connect-and-close at once (a readiness probe): no crash, accept loop goes on."""
+    baseline = daemon.stats()["process"]["open_fds"]
+    _frozen(daemon)
+    try:
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", daemon.port))
+            if how == "reset":
+                sock.sendall(b"gone")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        time.sleep(0.1)
+    finally:
+        _thaw(daemon)
+    with connect("127.0.0.1", daemon.port) as sock:
+        roundtrip(sock, os.urandom(4096))
+    assert daemon.proc.poll() is None
+    wait_for(lambda: daemon.status()["connections"] == 0, what="connections to close")
+    wait_for(lambda: daemon.stats()["process"]["open_fds"] <= baseline, what="fds back to baseline")
+
+
+def flood_without_reading(
+    host: str, port: int, limit: int, seconds: float = 5.0
+) -> tuple[int, str]:
+    """Send without ever reading until pushed back, reset, or `limit` bytes; (sent, outcome)."""
+    hog = connect(host, port)
+    hog.setblocking(False)
+    chunk = os.urandom(65536)
+    sent, outcome = 0, "unbounded"
+    deadline = time.monotonic() + seconds
+    try:
+        while sent < limit:
+            try:
+                sent += hog.send(chunk)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    outcome = "pushed_back"
+                    break
+                time.sleep(0.01)
+            except (ConnectionResetError, BrokenPipeError):
+                outcome = "reset"
+                break
+    finally:
+        hog.close()
+    return sent, outcome
+
+
+def test_peer_that_never_reads(daemon: Echod) -> None:
+    """A sender that never reads is pushed back (user) or reset at the backlog limit (kernel).
+
+    The kernel's psock queue is not bounded by any socket buffer, so kernel mode watches each
+    connection's unwritten echo and resets it past kernel_backlog_limit (32 MiB by default).
+    """
+    rss_before = daemon.stats()["process"]["rss_bytes"]
+    aborted_before = daemon.stats()["connections"]["aborted_backlog"]
+    with connect("127.0.0.1", daemon.port) as other:
+        sent, outcome = flood_without_reading("127.0.0.1", daemon.port, 256 * 1024 * 1024)
+        for _ in range(20):
+            roundtrip(other, os.urandom(1000))
+    stats = daemon.stats()
+    assert stats["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
+    if daemon.status()["mode"] == "kernel":
+        assert outcome == "reset", (sent, outcome)
+        assert stats["connections"]["aborted_backlog"] == aborted_before + 1
+        assert sent < 200 * 1024 * 1024
+        assert "conn.backlog_exceeded" in daemon.log()
+    else:
+        assert outcome == "pushed_back", (sent, outcome)
+        assert sent < 32 * 1024 * 1024
+
+
+def test_max_connections_refuses_and_counts(echod_factory: Callable[..., Echod]) -> None:
+    d = echod_factory(mode="user", args=["--max-connections", "5"])
+    kept = [connect("127.0.0.1", d.port) for _ in range(5)]
+    for sock in kept:
+        roundtrip(sock, b"ok")
+    for _ in range(3):
+        with connect("127.0.0.1", d.port) as extra:
+            try:
+                assert extra.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    stats = d.stats()
+    assert stats["connections"]["refused"]["max_connections"] == 3
+    for sock in kept:
+        roundtrip(sock, b"still served")
+        sock.close()
+    assert "conn.refused" in d.log()

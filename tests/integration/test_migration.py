@@ -1,0 +1,131 @@
+"""Live mode switches (`restart --mode`) with traffic in flight: no byte lost, none doubled."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from tests.integration.conftest import Echod, require_bpf
+from tests.integration.echo_util import connect, recv_exact
+
+DURATION = 6.0
+
+
+class PingPong(threading.Thread):
+    """Ping-pong random messages until stopped; records any mismatch."""
+
+    def __init__(self, port: int, size: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.size = port, size
+        self.stop_at = time.monotonic() + DURATION * 3
+        self.halt = threading.Event()
+        self.rounds = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with connect("127.0.0.1", self.port) as sock:
+                while not self.halt.is_set() and time.monotonic() < self.stop_at:
+                    payload = os.urandom(self.size)
+                    sock.sendall(payload)
+                    if recv_exact(sock, len(payload)) != payload:
+                        raise AssertionError(f"mismatch after {self.rounds} rounds")
+                    self.rounds += 1
+        except BaseException as exc:
+            self.error = exc
+
+
+class Streamer(threading.Thread):
+    """Keeps many messages in flight (a pipelined stream) and checks the echoed stream."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.halt = threading.Event()
+        self.sent = bytearray()
+        self.received = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with connect("127.0.0.1", self.port) as sock:
+                reader = threading.Thread(target=self._read, args=(sock,), daemon=True)
+                reader.start()
+                deadline = time.monotonic() + DURATION * 3
+                while not self.halt.is_set() and time.monotonic() < deadline:
+                    chunk = os.urandom(8192)
+                    self.sent += chunk
+                    sock.sendall(chunk)
+                    time.sleep(0.0005)
+                sock.shutdown(1)
+                reader.join(20)
+                if self.received != len(self.sent):
+                    raise AssertionError(f"received {self.received} of {len(self.sent)} bytes")
+        except BaseException as exc:
+            self.error = exc
+
+    def _read(self, sock: object) -> None:
+        import socket
+
+        assert isinstance(sock, socket.socket)
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return
+            expected = bytes(self.sent[self.received : self.received + len(chunk)])
+            if chunk != expected:
+                self.error = AssertionError(f"stream differs at byte {self.received}")
+                return
+            self.received += len(chunk)
+
+
+def test_restart_switches_modes_under_traffic(echod_factory: Callable[..., Echod]) -> None:
+    require_bpf()
+    d = echod_factory(mode="user")
+    clients: list[PingPong | Streamer] = [PingPong(d.port, s) for s in (1, 64, 1500, 30000)]
+    clients.append(Streamer(d.port))
+    for c in clients:
+        c.start()
+    time.sleep(0.5)
+    sequence = ["kernel", "user", "kernel", "user", "kernel"]
+    seen = []
+    for mode in sequence:
+        st = d.call("restart", {"mode": mode})
+        assert st["mode"] == mode
+        assert st["connections"] == len(clients), "a connection was dropped by the switch"
+        seen.append(st["connections_by_path"])
+        time.sleep(DURATION / len(sequence))
+    for c in clients:
+        c.halt.set()
+    for c in clients:
+        c.join(30)
+        assert not c.is_alive(), "client hung"
+        assert c.error is None, repr(c.error)
+    assert all(c.rounds > 10 for c in clients if isinstance(c, PingPong))
+    # user -> kernel moves connections into the map; kernel -> user passes them through to
+    # user space, and they stay there until they close.
+    assert seen[0] == {"kernel": len(clients), "user": 0}
+    assert seen[1] == {"kernel": 0, "user": len(clients)}
+    assert seen[2] == {"kernel": 0, "user": len(clients)}
+    stats = d.stats()
+    assert stats["user"]["bytes"] > 0
+    assert stats["kernel"]["redirected_bytes"] > 0
+
+
+def test_restart_to_user_unloads_bpf_when_connections_close(
+    echod_factory: Callable[..., Echod],
+) -> None:
+    d = echod_factory(mode="kernel")
+    with connect("127.0.0.1", d.port) as sock:
+        sock.sendall(b"abc")
+        assert recv_exact(sock, 3) == b"abc"
+        st = d.call("restart", {"mode": "user"})
+        assert st["bpf"]["attached"], "BPF unloaded under a passing-through connection"
+        sock.sendall(b"defg")
+        assert recv_exact(sock, 4) == b"defg"
+    deadline = time.monotonic() + 10
+    while d.status()["bpf"]["attached"]:
+        assert time.monotonic() < deadline, "BPF still loaded after the last connection closed"
+        time.sleep(0.05)

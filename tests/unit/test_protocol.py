@@ -1,0 +1,437 @@
+"""Control protocol: golden frames, parameter validation, and a server over a real Unix socket.
+
+The server here drives a small in-test fake target; tests/integration uses the real daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import uvloop
+
+from echoctl.client import ControlClient, ControlError, DaemonUnreachable
+from echod import control
+from echod.control import ControlServer, PeerCred, is_admin, validate_params
+from echod.errors import RequestError
+
+
+def test_request_golden_bytes() -> None:
+    assert control.encode_request(1, "status") == bytes.fromhex(
+        "940001a6737461747573 80".replace(" ", "")
+    )
+    assert control.encode_request(2, "start", {"mode": "user"}) == (
+        b"\x94\x00\x02\xa5start\x81\xa4mode\xa4user"
+    )
+
+
+def test_response_golden_bytes() -> None:
+    assert control.encode_response(1, None, {"state": "serving"}) == (
+        b"\x94\x01\x01\xc0\x81\xa5state\xa7serving"
+    )
+    err = control.error_body("bad_state", "already serving")
+    assert control.encode_response(7, err, None) == (
+        b"\x94\x01\x07\x82\xa4code\xa9bad_state\xa7message\xafalready serving\xc0"
+    )
+    assert control.encode_response(None, control.error_body("x", "y"), None) == (
+        b"\x94\x01\xc0\x82\xa4code\xa1x\xa7message\xa1y\xc0"
+    )
+
+
+def test_notification_golden_bytes() -> None:
+    assert control.encode_notification("stats", {"time": 1}) == b"\x93\x02\xa5stats\x81\xa4time\x01"
+
+
+def test_client_request_bytes_match_server_encoding() -> None:
+    # The client packs its own frames (it must not import the daemon); both must agree.
+    assert msgpack.packb([0, 5, "watch", {"interval": 0.5}]) == control.encode_request(
+        5, "watch", {"interval": 0.5}
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "expected"),
+    [
+        ("status", {}, {}),
+        ("status", [], {}),
+        ("status", None, {}),
+        ("start", {}, {"mode": None, "port": None}),
+        ("start", {"mode": "kernel", "port": 8888}, {"mode": "kernel", "port": 8888}),
+        ("restart", {"mode": "auto"}, {"mode": "auto"}),
+        ("watch", {}, {"interval": 1.0}),
+        ("watch", {"interval": 2}, {"interval": 2.0}),
+        ("watch", {"interval": 0.1}, {"interval": 0.1}),
+        ("watch", {"interval": 60.0}, {"interval": 60.0}),
+    ],
+)
+def test_valid_params(method: str, params: Any, expected: dict[str, Any]) -> None:
+    assert validate_params(method, params) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "code"),
+    [
+        ("nope", {}, "unknown_method"),
+        ("status", [1], "invalid_params"),
+        ("status", "x", "invalid_params"),
+        ("status", {"verbose": True}, "invalid_params"),
+        ("start", {"mode": "turbo"}, "invalid_params"),
+        ("start", {"mode": 1}, "invalid_params"),
+        ("start", {"port": 0}, "invalid_params"),
+        ("start", {"port": 65536}, "invalid_params"),
+        ("start", {"port": "80"}, "invalid_params"),
+        ("start", {"port": True}, "invalid_params"),
+        ("start", {"port": 80.0}, "invalid_params"),
+        ("restart", {"port": 80}, "invalid_params"),
+        ("watch", {"interval": 0.05}, "invalid_params"),
+        ("watch", {"interval": 61}, "invalid_params"),
+        ("watch", {"interval": "1"}, "invalid_params"),
+        ("watch", {"interval": float("nan")}, "invalid_params"),
+        ("watch", {"interval": False}, "invalid_params"),
+        ("stop", {"now": 1}, "invalid_params"),
+    ],
+)
+def test_invalid_params(method: str, params: Any, code: str) -> None:
+    with pytest.raises(RequestError) as info:
+        validate_params(method, params)
+    assert info.value.code == code
+    assert info.value.code in control.ERROR_CODES
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        5,
+        "x",
+        [],
+        [0, 1, "status"],
+        [1, 1, "status", {}],
+        [0, -1, "status", {}],
+        [0, 1, 7, {}],
+        [0, "1", "status", {}],
+        [0, True, "status", {}],
+    ],
+)
+def test_parse_request_rejects(frame: Any) -> None:
+    with pytest.raises(RequestError) as info:
+        control.parse_request(frame)
+    assert info.value.code == "invalid_request"
+
+
+def test_is_admin() -> None:
+    def peer(uid: int, gid: int, groups: tuple[int, ...] = ()) -> PeerCred:
+        return PeerCred(pid=1, uid=uid, gid=gid, groups=frozenset(groups))
+
+    assert is_admin(peer(0, 0), own_uid=1000, admin_gid=None)
+    assert is_admin(peer(1000, 1000), own_uid=1000, admin_gid=None)
+    assert not is_admin(peer(65534, 65534), own_uid=0, admin_gid=None)
+    assert is_admin(peer(65534, 65534, (4242,)), own_uid=0, admin_gid=4242)
+    assert is_admin(peer(65534, 4242), own_uid=0, admin_gid=4242)
+    assert not is_admin(peer(65534, 65534, (1, 2)), own_uid=0, admin_gid=4242)
+
+
+def test_read_groups_of_self() -> None:
+    groups = control.read_groups(os.getpid(), os.getuid())
+    assert groups == frozenset(os.getgroups())
+    # A uid mismatch (a reused pid) yields nothing rather than someone else's groups.
+    assert control.read_groups(os.getpid(), os.getuid() + 1) == frozenset()
+
+
+class FakeTarget:
+    """Just enough of the service for the control server to drive."""
+
+    def __init__(self) -> None:
+        self.state = "serving"
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "mode": "user" if self.state == "serving" else None}
+
+    def stats(self) -> dict[str, Any]:
+        return {"connections": {"active": 0}, "user": {"bytes": 0, "messages": 0}}
+
+    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
+        self.calls.append(("start", {"mode": mode, "port": port}))
+        if self.state == "serving":
+            raise RequestError("bad_state", "already serving")
+        self.state = "serving"
+        return self.status()
+
+    async def stop(self) -> dict[str, Any]:
+        self.calls.append(("stop", {}))
+        self.state = "stopped"
+        return self.status()
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+        self.calls.append(("restart", {"mode": mode}))
+        return self.status()
+
+    async def reload(self) -> dict[str, Any]:
+        raise ValueError("boom")
+
+
+class Running:
+    """A ControlServer on a uvloop in a background thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.target = FakeTarget()
+        self.loop = uvloop.new_event_loop()
+        self.server = ControlServer(self.path, self.target)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self.server.start())
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def counts(self) -> tuple[int, int]:
+        async def get() -> tuple[int, int]:
+            return self.server.active_clients, self.server.active_watchers
+
+        return self.run(get())
+
+    def stop(self) -> None:
+        self.run(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[Running]:
+    running = Running(tmp_path / "run" / "control.sock")
+    try:
+        yield running
+    finally:
+        running.stop()
+    assert not os.path.exists(running.path)
+
+
+def _wait_for(pred: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_socket_file_mode(srv: Running) -> None:
+    st = os.stat(srv.path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+
+
+def test_hello_and_calls(srv: Running) -> None:
+    with ControlClient(srv.path) as c:
+        hello = c.connect()
+        assert hello["api_version"] == 1
+        assert set(hello["methods"]) == set(control.METHODS)
+        assert hello["pid"] == os.getpid()
+        assert hello["peer"]["uid"] == os.geteuid()
+        assert hello["peer"]["admin"] is True
+        status = c.call("status")
+        assert status["state"] == "serving"
+        assert status["control"] == {"clients": 1, "watchers": 0}
+        with pytest.raises(ControlError) as info:
+            c.call("start", {"mode": "user"})
+        assert info.value.code == "bad_state"
+        assert c.call("stop")["state"] == "stopped"
+        assert c.call("start", {"mode": "kernel", "port": 9}) == {
+            "state": "serving",
+            "mode": "user",
+        }
+        with pytest.raises(ControlError) as info:
+            c.call("reload")
+        assert info.value.code == "internal"
+        # The connection survives every error above.
+        assert c.call("stats")["user"]["bytes"] == 0
+    assert srv.target.calls[2] == ("start", {"mode": "kernel", "port": 9})
+
+
+def test_error_replies_keep_connection(srv: Running) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        unpacker = msgpack.Unpacker(raw=False)
+        frames = [
+            [0, 1, "nope", {}],
+            [0, 2, "start", {"port": "x"}],
+            [0, 3, "watch", {"interval": 0}],
+            7,
+            [9, 9, 9],
+            [0, 4, "status", []],
+        ]
+        s.sendall(b"".join(msgpack.packb(f) for f in frames))
+        replies = []
+        while len(replies) < len(frames):
+            unpacker.feed(s.recv(65536))
+            replies.extend(unpacker)
+    codes = [r[2] and r[2]["code"] for r in replies]
+    assert codes == [
+        "unknown_method",
+        "invalid_params",
+        "invalid_params",
+        "invalid_request",
+        "invalid_request",
+        None,
+    ]
+    assert [r[1] for r in replies] == [1, 2, 3, None, None, 4]
+
+
+def _drain_until_closed(s: socket.socket) -> list[Any]:
+    unpacker = msgpack.Unpacker(raw=False)
+    while data := s.recv(65536):
+        unpacker.feed(data)
+    return list(unpacker)
+
+
+def test_undecodable_bytes_get_error_then_close(srv: Running) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        s.sendall(b"\xc1garbage")  # 0xc1 is never valid MessagePack
+        replies = _drain_until_closed(s)
+    assert replies == [
+        [1, None, {"code": "invalid_request", "message": replies[0][2]["message"]}, None]
+    ]
+    with ControlClient(srv.path) as c:
+        assert c.call("status")["state"] == "serving"
+
+
+def test_oversize_frame(srv: Running) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        big = msgpack.packb([0, 1, "status", {"pad": "x" * (4 * control.MAX_FRAME)}])
+        try:
+            s.sendall(big)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close before it has read everything
+        replies = _drain_until_closed(s)
+    assert replies[0][2]["code"] == "frame_too_large"
+
+
+def test_frame_just_over_cap_is_refused_but_connection_stays(srv: Running) -> None:
+    # Fits the unpacker's buffer (cap + one read) yet is over the cap: refused by its size.
+    frame = msgpack.packb([0, 1, "status", {"pad": "x" * control.MAX_FRAME}])
+    assert control.MAX_FRAME < len(frame) < control.MAX_FRAME + 100
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        s.sendall(frame + msgpack.packb([0, 2, "status", {}]))
+        unpacker = msgpack.Unpacker(raw=False)
+        replies: list[Any] = []
+        while len(replies) < 2:
+            unpacker.feed(s.recv(65536))
+            replies.extend(unpacker)
+    assert [r[1] for r in replies] == [1, 2]
+    assert replies[0][2]["code"] == "frame_too_large"
+    assert replies[1][2] is None
+
+
+def test_partial_frame_times_out(srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "PARTIAL_FRAME_TIMEOUT", 0.3)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        s.sendall(control.encode_request(1, "status")[:3])
+        replies = _drain_until_closed(s)
+    assert replies[0][2]["code"] == "invalid_request"
+    assert "timed out" in replies[0][2]["message"]
+
+
+def test_stalled_client_does_not_block_others(srv: Running) -> None:
+    with socket.socket(socket.AF_UNIX) as stalled:
+        stalled.connect(srv.path)
+        stalled.sendall(b"\x94\x00")  # half a request, then nothing
+        with ControlClient(srv.path, timeout=2) as c:
+            assert c.call("status")["state"] == "serving"
+
+
+def test_watch_stream_and_cleanup(srv: Running) -> None:
+    with ControlClient(srv.path) as c:
+        t0 = time.monotonic()
+        stream = c.subscribe("watch", {"interval": 0.1})
+        first = next(stream)
+        assert time.monotonic() - t0 < 0.5  # the current state comes at once
+        assert set(first) == {"time", "status", "stats"}
+        assert first["status"]["control"]["watchers"] == 1
+        snaps = [next(stream) for _ in range(3)]
+        assert all(b["time"] > a["time"] for a, b in zip([first, *snaps], snaps, strict=False))
+        assert srv.counts() == (1, 1)
+    _wait_for(lambda: srv.counts() == (0, 0))
+
+
+def test_second_watch_on_same_connection_is_refused(srv: Running) -> None:
+    with ControlClient(srv.path) as c:
+        c.subscribe("watch", {"interval": 1})
+        with pytest.raises(ControlError) as info:
+            c.call("watch", {})
+        assert info.value.code == "bad_state"
+        # Other requests still work while the stream runs.
+        assert c.call("status")["state"] == "serving"
+
+
+def test_close_ends_watchers(tmp_path: Path) -> None:
+    running = Running(tmp_path / "c.sock")
+    c = ControlClient(running.path)
+    stream = c.subscribe("watch", {"interval": 0.1})
+    next(stream)
+    running.stop()
+    codes = []
+    for _ in range(100):
+        try:
+            next(stream)
+        except ControlError as exc:
+            codes.append(exc.code)
+            break
+    assert codes == ["disconnected"]
+    c.close()
+    assert not os.path.exists(running.path)
+
+
+def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nothing listens
+    running = Running(path)
+    try:
+        with ControlClient(running.path) as c:
+            assert c.call("status")["state"] == "serving"
+    finally:
+        running.stop()
+
+
+def test_refuses_to_start_over_a_live_daemon(srv: Running) -> None:
+    other = ControlServer(srv.path, FakeTarget())
+    with pytest.raises(OSError, match="another daemon answers"):
+        srv.run(other.start())
+    # The live daemon's socket is untouched.
+    with ControlClient(srv.path) as c:
+        assert c.call("status")["state"] == "serving"
+
+
+def test_refuses_non_socket_path(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    path.write_text("not a socket")
+    server = ControlServer(str(path), FakeTarget())
+    with pytest.raises(OSError, match="not a socket"):
+        uvloop.run(server.start())
+    assert path.read_text() == "not a socket"
+
+
+def test_unreachable(tmp_path: Path) -> None:
+    with pytest.raises(DaemonUnreachable) as info:
+        ControlClient(str(tmp_path / "none.sock")).call("status")
+    assert info.value.code == "unreachable"
+    assert str(tmp_path / "none.sock") in info.value.message
