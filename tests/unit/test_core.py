@@ -1,0 +1,119 @@
+"""Unit tests for the pieces that need no privileges: config precedence, libbpf errors, logs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from echod import libbpf
+from echod.config import Config, ConfigError, resolve
+from echod.errors import NotSupported
+from echod.logs import RateLimited
+from echod.sockmap import _COUNTERS, COUNTER_FIELDS, SETTING_PASSTHRU, default_object
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "echod.toml"
+    cfg_file.write_text('port = 7000\nmode = "user"\nmax_connections = 50\n')
+    env = {"ECHOD_PORT": "7100", "ECHOD_MAX_CONNECTIONS": "60"}
+    cfg = resolve({"port": 7200, "mode": None}, str(cfg_file), env)
+    assert cfg.port == 7200  # flag beats env and file
+    assert cfg.max_connections == 60  # env beats file
+    assert cfg.mode == "user"  # file beats default; an unset flag does not count
+    assert cfg.log_level == Config().log_level  # default
+    assert cfg.config_file == str(cfg_file)
+
+
+def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("echod.config.DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    cfg = resolve({}, None, {})
+    assert cfg.hosts == ["127.0.0.1", "::1"]
+    assert cfg.port == 8888
+    assert cfg.mode == "auto"
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve({}, str(tmp_path / "nope.toml"), {})
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"mode": "turbo"}, "mode"),
+        ({"port": 0}, "port"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"kernel_backlog_limit": 10}, "kernel_backlog_limit"),
+        ({"log_level": "loud"}, "log_level"),
+    ],
+)
+def test_bad_values_name_the_setting(flags: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        resolve(flags, None, {})
+
+
+def test_negative_rc_becomes_oserror_with_call_name() -> None:
+    with pytest.raises(OSError, match="bpf_thing") as info:
+        libbpf.check(-errno.EBADF, "bpf_thing")
+    assert info.value.errno == errno.EBADF
+    assert type(info.value) is OSError
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM])
+def test_unsupported_errnos_become_not_supported(code: int) -> None:
+    with pytest.raises(NotSupported):
+        libbpf.check(-code, "bpf_prog_load")
+
+
+def test_check_passes_non_negative() -> None:
+    assert libbpf.check(7, "x") == 7
+
+
+def test_fd_holder_close_is_idempotent() -> None:
+    r, w = os.pipe()
+    holder = libbpf.FdHolder(r)
+    holder.close()
+    assert holder.fd == -1
+    holder.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(r)
+    os.close(w)
+
+
+def test_library_search_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECHOD_LIBBPF", "/opt/custom/libbpf.so")
+    found = libbpf._candidates()
+    assert found[0] == "/opt/custom/libbpf.so"
+    assert any("pylibbpf" in p for p in found[1:-1]), found
+    assert "bpf" in found[-1]
+
+
+def test_counters_struct_mirrors_header() -> None:
+    header = (ROOT / "bpf" / "echo.h").read_text()
+    body = re.search(r"struct echo_counters \{(.*?)\};", header, re.S)
+    assert body is not None
+    fields = re.findall(r"__u64 (\w+);", body.group(1))
+    assert tuple(fields) == COUNTER_FIELDS
+    assert _COUNTERS.size == 8 * len(fields)
+    assert f"#define ECHO_SETTING_PASSTHRU {SETTING_PASSTHRU}" in header
+
+
+def test_packaged_object_exists() -> None:
+    assert default_object().is_file()
+    assert default_object().read_bytes()[:4] == b"\x7fELF"
+
+
+def test_rate_limiter_counts_suppressed() -> None:
+    rl = RateLimited(burst=2, period=1.0)
+    assert rl.allow("e", now=0.0) == (True, 0)
+    assert rl.allow("e", now=0.1) == (True, 0)
+    assert rl.allow("e", now=0.2) == (False, 0)
+    assert rl.allow("e", now=0.3) == (False, 0)
+    assert rl.allow("other", now=0.3) == (True, 0)
+    assert rl.allow("e", now=1.5) == (True, 2)
