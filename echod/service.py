@@ -492,6 +492,8 @@ class Service:
             return self._refuse(sock, peer, "per_ip")
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Urgent bytes stay in the stream, as the kernel path echoes them, so both modes agree.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         conn = Connection(self, sock, peer)
         self.conns.add(conn)
         self.per_ip[peer] += 1
