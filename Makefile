@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux
+APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
+	systemd systemd-container
 
 .PHONY: venv deps run test unit integration lint bpf check-bpf bench clean
 
@@ -49,6 +50,8 @@ test: venv deps lint check-bpf
 
 bench: venv
 	$(BIN)/echoctl compare --spawn -c 10 -s 64 -d 5 --repeat 3
+
+include mk/ops.mk
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -229,6 +229,10 @@ def _answers(path: str) -> bool:
     return True
 
 
+LINGER_TIMEOUT = 1.0
+LINGER_BYTES = 4 * 1024 * 1024
+
+
 class _Conn:
     """One client connection: its stream, credentials and optional watch task."""
 
@@ -444,6 +448,15 @@ class ControlServer:
         conn.bad_requests += 1
         log.info("control.dropped", code=code, uid=conn.peer.uid, pid=conn.peer.pid)
         await conn.send(encode_response(None, error_body(code, message), None))
+        # Closing with unread input makes the kernel reset the peer, which can then lose the
+        # error reply: half-close, and discard what is still arriving for a bounded while.
+        if conn.writer.can_write_eof():
+            conn.writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                discarded = 0
+                while discarded < LINGER_BYTES and (data := await conn.reader.read(READ_CHUNK)):
+                    discarded += len(data)
 
     async def _handle(self, conn: _Conn, frame: Any, size: int) -> None:
         msgid: int | None = None

@@ -12,8 +12,8 @@ from typing import Any
 
 import structlog
 
+from echod import __version__, logs, systemd
 from echod import config as configmod
-from echod import logs, systemd
 from echod.config import Config
 from echod.control import ControlServer
 from echod.errors import RequestError
@@ -45,6 +45,7 @@ class Daemon:
         self.should_exit = asyncio.Event()
         self.service: Service | None = None
         self.metrics: Any = None
+        self._snapshot: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def signal_handlers(self) -> Iterator[None]:
@@ -123,6 +124,7 @@ class Daemon:
         last_watchdog = 0.0
         while True:
             self.service.sample_rates()
+            self._snapshot = self._take_snapshot()
             systemd.status(self.summary())
             now = time.monotonic()
             if interval is not None and now - last_watchdog >= interval:
@@ -143,6 +145,7 @@ class Daemon:
         from echod import metrics
 
         assert self.service is not None
+        self._snapshot = self._take_snapshot()
         self.metrics = metrics.start_metrics_server(self.config.metrics, self.metrics_snapshot)
         log.info("metrics.listening", address=self.config.metrics)
 
@@ -152,12 +155,19 @@ class Daemon:
             self.metrics = None
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """What a Prometheus scrape reads (called from the metrics thread)."""
+        """What a Prometheus scrape reads, from the metrics thread: the last tick's figures.
+
+        The loop takes the snapshot (connections and maps are only touched from the loop), so a
+        scrape never waits for the loop and never races it.
+        """
+        return self._snapshot
+
+    def _take_snapshot(self) -> dict[str, Any]:
         assert self.service is not None
         stats = self.service.stats()
         return {
             "mode": self.service.mode,
-            "version": self.service.status()["version"],
+            "version": __version__,
             "connections": stats["connections"],
             "user": stats["user"],
             "kernel": stats["kernel"],

@@ -1,0 +1,106 @@
+# echod: operations targets, included by the top Makefile (which defines PY, VENV, BIN).
+#
+#   make install     (root) self-contained venv in /opt/echod, /usr/local/bin links, user echod,
+#                    /etc/echod/echod.toml (only if absent), the systemd unit
+#   make uninstall   (root) removes exactly what install recorded in its manifest
+#   make check-unit  systemd-analyze verify + offline security score of systemd/echod.service
+#
+# install writes one "KIND PATH [SHA256]" line per thing it created to $(ECHOD_MANIFEST);
+# uninstall undoes them in reverse. Things that existed before install (a user, a config
+# file) are never recorded, so never removed; a config file edited since install is kept.
+
+ECHOD_OPT      ?= /opt/echod
+ECHOD_ETC      ?= /etc/echod
+ECHOD_BINDIR   ?= /usr/local/bin
+ECHOD_UNITDIR  ?= /etc/systemd/system
+ECHOD_USER     ?= echod
+ECHOD_MANIFEST := $(ECHOD_OPT)/.install-manifest
+# The highest `systemd-analyze security` exposure check-unit accepts, x10 (25 = 2.5).
+ECHOD_MAX_EXPOSURE ?= 25
+
+.PHONY: install uninstall check-unit
+
+install:
+	@test "$$(id -u)" = 0 || { echo "make install: run as root" >&2; exit 1; }
+	@set -eu; \
+	m=$(ECHOD_MANIFEST); \
+	record() { grep -qxF "$$*" "$$m" 2>/dev/null || echo "$$*" >> "$$m"; }; \
+	if [ ! -d $(ECHOD_OPT) ]; then \
+		mkdir -p $(ECHOD_OPT); : > "$$m"; record dir $(ECHOD_OPT); \
+	elif [ ! -f "$$m" ]; then \
+		echo "make install: $(ECHOD_OPT) exists but has no install manifest; not touching it" >&2; \
+		exit 1; \
+	fi; \
+	echo "venv: $(ECHOD_OPT)"; \
+	$(PY) -m venv $(ECHOD_OPT); \
+	$(ECHOD_OPT)/bin/pip install --quiet .; \
+	install -D -m 0644 docs/operations.md $(ECHOD_OPT)/share/doc/echod/operations.md; \
+	for tool in echod echoctl; do \
+		if [ -e $(ECHOD_BINDIR)/$$tool ] && [ ! -L $(ECHOD_BINDIR)/$$tool ]; then \
+			echo "make install: $(ECHOD_BINDIR)/$$tool exists and is not our link" >&2; exit 1; \
+		fi; \
+		ln -sfn $(ECHOD_OPT)/bin/$$tool $(ECHOD_BINDIR)/$$tool; \
+		record link $(ECHOD_BINDIR)/$$tool; \
+	done; \
+	if ! getent group $(ECHOD_USER) >/dev/null; then \
+		groupadd --system $(ECHOD_USER); record group $(ECHOD_USER); \
+	fi; \
+	if ! getent passwd $(ECHOD_USER) >/dev/null; then \
+		useradd --system --gid $(ECHOD_USER) --no-create-home --home-dir / \
+			--shell /usr/sbin/nologin --comment "echod TCP echo daemon" $(ECHOD_USER); \
+		record user $(ECHOD_USER); \
+	fi; \
+	if [ ! -d $(ECHOD_ETC) ]; then \
+		install -d -m 0755 $(ECHOD_ETC); record dir $(ECHOD_ETC); \
+	fi; \
+	if [ -e $(ECHOD_ETC)/echod.toml ]; then \
+		echo "config: keeping the existing $(ECHOD_ETC)/echod.toml"; \
+	else \
+		install -m 0644 systemd/echod.toml $(ECHOD_ETC)/echod.toml; \
+		record conf $(ECHOD_ETC)/echod.toml $$(sha256sum < $(ECHOD_ETC)/echod.toml | cut -d' ' -f1); \
+		echo "config: $(ECHOD_ETC)/echod.toml"; \
+	fi; \
+	install -m 0644 systemd/echod.service $(ECHOD_UNITDIR)/echod.service; \
+	record file $(ECHOD_UNITDIR)/echod.service; \
+	echo "unit: $(ECHOD_UNITDIR)/echod.service"; \
+	if [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload; \
+		echo "next: systemctl enable --now echod   (or: systemctl restart echod)"; \
+	else \
+		echo "systemd is not running here: skipped systemctl daemon-reload"; \
+	fi
+
+uninstall:
+	@test "$$(id -u)" = 0 || { echo "make uninstall: run as root" >&2; exit 1; }
+	@set -eu; \
+	m=$(ECHOD_MANIFEST); \
+	if [ ! -f "$$m" ]; then echo "make uninstall: no $$m; nothing to do" >&2; exit 0; fi; \
+	if [ -d /run/systemd/system ] && systemctl list-unit-files echod.service >/dev/null 2>&1; then \
+		systemctl disable --now echod.service 2>/dev/null || true; \
+	fi; \
+	tac "$$m" | while read -r kind path sum; do \
+		case $$kind in \
+		link|file) rm -f "$$path"; echo "removed $$path";; \
+		conf) \
+			if [ -f "$$path" ] && [ "$$(sha256sum < "$$path" | cut -d' ' -f1)" = "$$sum" ]; then \
+				rm -f "$$path"; echo "removed $$path"; \
+			elif [ -e "$$path" ]; then echo "kept $$path (edited since install)"; fi;; \
+		user) userdel "$$path" && echo "removed user $$path";; \
+		group) if getent group "$$path" >/dev/null; then groupdel "$$path"; fi; \
+			echo "removed group $$path";; \
+		dir) \
+			if [ "$$path" = "$(ECHOD_OPT)" ]; then rm -rf "$$path"; echo "removed $$path"; \
+			else rmdir "$$path" 2>/dev/null && echo "removed $$path" || echo "kept $$path (not empty)"; fi;; \
+		*) echo "make uninstall: unknown manifest line: $$kind $$path" >&2;; \
+		esac; \
+	done; \
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# verify needs ExecStart= to exist: check a copy that points at a binary that surely does.
+check-unit:
+	@set -eu; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	sed 's|^ExecStart=[^ ]*|ExecStart=/bin/true|' systemd/echod.service > "$$tmp/echod.service"; \
+	systemd-analyze verify "$$tmp/echod.service"; \
+	systemd-analyze security --offline=true --threshold=$(ECHOD_MAX_EXPOSURE) \
+		systemd/echod.service | tail -n 1
