@@ -60,6 +60,21 @@ static __always_inline int pass(__u32 len)
 	return SK_PASS;
 }
 
+/* A miss: the socket is leaving the map. User space finds these bytes and echoes them. */
+static __always_inline int missed(__u32 len)
+{
+	__u32 zero = 0;
+	struct echo_counters *c = bpf_map_lookup_elem(&echo_counters, &zero);
+
+	if (c) {
+		c->passed_packets++;
+		c->passed_bytes += len;
+		c->missed_packets++;
+		c->missed_bytes += len;
+	}
+	return SK_PASS;
+}
+
 static __always_inline int redirected(__u32 len)
 {
 	__u32 zero = 0;
@@ -85,7 +100,7 @@ int echo_verdict(struct __sk_buff *skb)
 		return pass(len);
 	/* A miss (the socket is being removed) lets the skb through to user space, which echoes it. */
 	if (bpf_sk_redirect_hash(skb, &echo_sockets, &cookie, 0) != SK_PASS)
-		return pass(len);
+		return missed(len);
 	return redirected(len);
 }
 

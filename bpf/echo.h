@@ -14,8 +14,10 @@
 struct echo_counters {
 	__u64 redirected_packets; /* skbs sent back out of the socket they came from */
 	__u64 redirected_bytes;
-	__u64 passed_packets;     /* skbs that fell through to user space */
+	__u64 passed_packets;     /* skbs that fell through to user space (both reasons below) */
 	__u64 passed_bytes;
+	__u64 missed_packets;     /* of those, skbs whose redirect missed (not a pass-through socket) */
+	__u64 missed_bytes;
 };
 
 #endif

@@ -85,6 +85,7 @@ class Daemon:
                 with contextlib.suppress(RequestError):
                     await service.stop(grace=0.1)
                 await control.close()
+                service.close()
                 return 1
             self._start_metrics()
             systemd.ready(self.summary())
@@ -104,6 +105,7 @@ class Daemon:
                     await service.stop()
                 await control.close()
                 self._stop_metrics()
+                service.close()
         log.info("daemon.exited")
         return 0
 
@@ -136,8 +138,7 @@ class Daemon:
         assert self.service is not None
         while True:
             await asyncio.sleep(BACKLOG_CHECK)
-            if self.service.kernel is not None:
-                self.service.check_backlogs()
+            self.service.check_kernel_paths()
 
     def _start_metrics(self) -> None:
         if not self.config.metrics:

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import ipaddress
 import os
+import select
 import socket
 import struct
 import termios
@@ -44,6 +45,54 @@ def _outq(sock: socket.socket) -> int:
     return int.from_bytes(buf, "little", signed=True)
 
 
+class HangupWatcher:
+    """An epoll set of kernel-path sockets registered for EPOLLRDHUP only (HUP/ERR implied).
+
+    The loop watches the set's own fd, so the daemon wakes for a hang-up or an error, never
+    for the per-skb wake-ups of the psock.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.conns: dict[int, Connection] = {}
+        loop.add_reader(self.epoll.fileno(), self._on_ready)
+
+    def add(self, conn: Connection) -> None:
+        """Watch conn for hang-up."""
+        if conn.fd not in self.conns:
+            self.epoll.register(conn.fd, select.EPOLLRDHUP)
+            self.conns[conn.fd] = conn
+
+    def has(self, conn: Connection) -> bool:
+        """Whether conn is watched here."""
+        return self.conns.get(conn.fd) is conn
+
+    def discard(self, conn: Connection) -> None:
+        """Stop watching conn (before its fd is closed)."""
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(conn.fd)
+
+    def _on_ready(self) -> None:
+        for fd, _ in self.epoll.poll(0, 256):
+            conn = self.conns.get(fd)
+            if conn is not None:
+                conn.read_available()
+
+    def watched(self) -> list[Connection]:
+        """A snapshot of the watched connections."""
+        return list(self.conns.values())
+
+    def close(self) -> None:
+        """Release the epoll fd; idempotent."""
+        if not self.epoll.closed:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
+        self.conns.clear()
+
+
 class Connection:
     """One accepted connection. Owns its socket, until a user-path transport takes the fd over."""
 
@@ -70,31 +119,57 @@ class Connection:
     # -- kernel path: the socket is in the sockhash; user space only watches it -------------
 
     def watch(self) -> None:
-        """Watch the socket for EOF and for bytes the verdict passed up (echoed here)."""
-        self.reading = True
-        self.svc.loop.add_reader(self.fd, self._on_readable)
+        """Watch for EOF and errors and, on a pass-through socket, for input to echo here.
+
+        A kernel-path socket is not watched for input: the psock wakes its readers after every
+        skb it redirects, so an EPOLLIN watch would wake the daemon once per echoed message.
+        Bytes that miss the redirect are found by the 100 ms guard (check_kernel_paths).
+        """
+        if self.passthru:
+            self.reading = True
+            self.svc.loop.add_reader(self.fd, self.read_available)
+        else:
+            self.svc.hangups.add(self)
 
     def _unwatch(self) -> None:
         if self.reading:
             self.reading = False
             self.svc.loop.remove_reader(self.fd)
+        self.svc.hangups.discard(self)
 
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(reason=type(exc).__name__)
-            return
-        if not data:
-            self.eof = True
-            self._unwatch()
-            self.svc.loop.create_task(self.finish())
-            return
-        self.svc.count_user(len(data))
-        self.out += data
-        self._flush()
+    @property
+    def watched(self) -> bool:
+        """Whether some watch is registered for this socket."""
+        return self.reading or self.svc.hangups.has(self)
+
+    def read_available(self) -> None:
+        """Echo what user space can read now; on EOF, finish the connection."""
+        for _ in range(64):  # bounded, so one busy socket cannot starve the loop
+            if self.closed or len(self.out) >= WRITE_HIGH:
+                return
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(reason=type(exc).__name__)
+                return
+            if not data:
+                self.eof = True
+                self._unwatch()
+                self.svc.loop.create_task(self.finish())
+                return
+            self.svc.count_user(len(data))
+            self.out += data
+            self._flush()
+
+    def pass_through(self, kernel: KernelEcho) -> None:
+        """Kernel → user: the verdict now hands this socket's bytes up, in order."""
+        kernel.pass_through(self.sock)
+        self._unwatch()
+        self.passthru = True
+        if not self.eof:
+            self.watch()
 
     def _flush(self) -> None:
         if self.closed:
@@ -116,7 +191,7 @@ class Connection:
                 self._unwatch()  # flow control: the peer is not reading
         else:
             self._unwrite()
-            if not self.reading and not self.eof:
+            if not self.watched and not self.eof:
                 self.watch()
 
     def _unwrite(self) -> None:
@@ -268,6 +343,7 @@ class Service:
         self.refused: Counter[str] = Counter()
         self.started_at = time.monotonic()
         self.limiter = RateLimited()
+        self.hangups = HangupWatcher(self.loop)
         self._lock = asyncio.Lock()
         self._rates: dict[str, float] = {}
         self._last_sample: tuple[float, dict[str, int]] | None = None
@@ -446,8 +522,7 @@ class Service:
         moved = 0
         for conn in self.conns:
             if conn.in_map and not conn.passthru and not conn.closed:
-                self.kernel.pass_through(conn.sock)
-                conn.passthru = True
+                conn.pass_through(self.kernel)
                 moved += 1
         return moved
 
@@ -535,18 +610,29 @@ class Service:
             if self.mode != "kernel" and self.state == "serving":
                 self._maybe_unload()
 
-    def check_backlogs(self) -> None:
-        """Reset kernel-path connections whose unread echo exceeds the limit (see backlog())."""
+    def close(self) -> None:
+        """Release what the service holds for its whole life (call once stopped)."""
+        self.hangups.close()
+
+    def check_kernel_paths(self) -> None:
+        """The 100 ms guard over kernel-path sockets, which are not watched for input.
+
+        A socket with unwritten echo is read: on a healthy psock the read finds nothing (the
+        recvmsg of a verdict socket only returns what the verdict passed up), while bytes that
+        missed the redirect, or a socket that left the map, are echoed here. A socket whose
+        unwritten echo exceeds kernel_backlog_limit is reset (see Connection.backlog()).
+        """
         limit = self.config.kernel_backlog_limit
-        for conn in list(self.conns):
-            if conn.in_map and not conn.closed and not conn.eof:
-                pending = conn.backlog()
-                if pending > limit:
-                    self.counts["aborted_backlog"] += 1
-                    self._log_limited(
-                        "conn.backlog_exceeded", peer=conn.peer, pending=pending, limit=limit
-                    )
-                    conn.abort(reason="backlog")
+        for conn in self.hangups.watched():
+            pending = conn.backlog()
+            if pending > limit:
+                self.counts["aborted_backlog"] += 1
+                self._log_limited(
+                    "conn.backlog_exceeded", peer=conn.peer, pending=pending, limit=limit
+                )
+                conn.abort(reason="backlog")
+            elif pending:
+                conn.read_available()
 
     def count_user(self, nbytes: int) -> None:
         """Account bytes echoed in user space."""

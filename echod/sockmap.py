@@ -23,10 +23,16 @@ SETTINGS_MAP = "echo_settings"
 PASSTHRU_MAP = "echo_passthru"
 SETTING_PASSTHRU = 0  # ECHO_SETTING_PASSTHRU in bpf/echo.h
 
-# struct echo_counters (bpf/echo.h): redirected_packets, redirected_bytes, passed_packets,
-# passed_bytes, each __u64.
-COUNTER_FIELDS = ("redirected_packets", "redirected_bytes", "passed_packets", "passed_bytes")
-_COUNTERS = struct.Struct("=4Q")
+# struct echo_counters (bpf/echo.h), each field a __u64.
+COUNTER_FIELDS = (
+    "redirected_packets",
+    "redirected_bytes",
+    "passed_packets",
+    "passed_bytes",
+    "missed_packets",
+    "missed_bytes",
+)
+_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")
 
 
 def default_object() -> Path:

@@ -141,6 +141,7 @@ def spawn(
     args: list[str] | None = None,
     wait: bool = True,
     prefix: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Echod:
     """Start echod; with wait, until its control socket answers `status`."""
     port = free_port()
@@ -165,7 +166,7 @@ def spawn(
         "debug",
         *(args or []),
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}, **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL

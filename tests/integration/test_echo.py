@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -232,3 +234,38 @@ def test_max_connections_refuses_and_counts(echod_factory: Callable[..., Echod])
         roundtrip(sock, b"still served")
         sock.close()
     assert "conn.refused" in d.log()
+
+
+def _sockhash_id(d: Echod) -> int:
+    for map_id in d.status()["bpf"]["maps"]:
+        out = subprocess.run(
+            ["bpftool", "-j", "map", "show", "id", str(map_id)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        if json.loads(out.stdout)["name"] == "echo_sockets":
+            return int(map_id)
+    raise AssertionError("no echo_sockets map")
+
+
+def test_socket_removed_from_map_behind_our_back(echod_factory: Callable[..., Echod]) -> None:
+    """Bytes that no longer meet the verdict (the socket left the map) are echoed in user space."""
+    d = echod_factory(mode="kernel")
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, b"in the kernel")
+        map_id = _sockhash_id(d)
+        dump = subprocess.run(
+            ["bpftool", "-j", "map", "dump", "id", str(map_id)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for entry in json.loads(dump.stdout):
+            subprocess.run(
+                ["bpftool", "map", "delete", "id", str(map_id), "key", *entry["key"]], check=True
+            )
+        payload = os.urandom(5000)
+        roundtrip(sock, payload)
+        roundtrip(sock, b"and on")
+    assert d.stats()["user"]["bytes"] >= len(payload)

@@ -1,0 +1,936 @@
+"""Load generator engine: worker processes that drive echo connections and measure them.
+
+Each worker process owns a share of the connections and drives them from one thread:
+ping-pong sends one message on every connection, then reads every echo (one request in
+flight per connection, several per worker); stream keeps both directions of every
+connection full through epoll. Workers fold latencies into a log-linear histogram and
+send their figures to the parent, which merges them into one report.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import multiprocessing as mp
+import os
+import queue
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from echoctl.histogram import Histogram
+from echoctl.sysstat import cpu_count, machine_cpu, own_cpu
+
+PATTERNS = ("pingpong", "stream")
+PAYLOADS_PER_CONN = 4  # rotated each round; a power of two so rotation is a mask
+MAX_RUN_S = 3600.0  # a run by rounds still stops after this long
+FOLD_AT = 8192  # latencies kept in a plain list before they are folded into the histogram
+CHECK_NS = 100_000_000  # how often the hot loop looks at the clock-driven duties
+PROGRESS_NS = 1_000_000_000
+STREAM_READ = 256 * 1024
+STREAM_WINDOW = 1 << 20  # at most this many bytes in flight per stream connection
+STREAM_WINDOW_MSGS = 512  # and at most this many messages: each small send is its own skb
+STREAM_BURST = 64  # sends per writable event, so that reading is never starved
+PACED_PER_WORKER = 25_000  # requests/s one paced worker is given by default
+SPIN_NS = 150_000  # the scheduler spins for the last 150 µs: sleep() here wakes ~100 µs late
+
+
+class BenchError(Exception):
+    """The run could not be done (server unreachable, workers failed); the message is one line."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: the target, the load shape and its bounds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8888
+    connections: int = 10
+    rounds: int = 10_000
+    size: int = 64
+    qps: float = 0.0
+    duration: float | None = None
+    warmup: float = 0.0
+    workers: int = 0  # 0: one per CPU, never more than connections
+    pattern: str = "pingpong"
+    timeout: float = 5.0
+    progress: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError when the configuration makes no sense."""
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}")
+        if self.connections < 1 or self.rounds < 1 or self.size < 1:
+            raise ValueError("connections, rounds and size must be at least 1")
+        if self.qps < 0 or self.warmup < 0 or self.workers < 0 or self.timeout <= 0:
+            raise ValueError("qps, warmup and workers must be >= 0 and timeout > 0")
+        if self.duration is not None and not 0 < self.duration <= MAX_RUN_S:
+            raise ValueError(f"duration must be in (0, {MAX_RUN_S:g}] seconds")
+        if self.qps and self.pattern == "stream":
+            raise ValueError("--qps applies to ping-pong only; stream keeps the pipe full")
+
+    def rounds_limit(self) -> int:
+        """Return the rounds per connection; a run by duration is bounded by time only."""
+        return self.rounds if self.duration is None else 1 << 62
+
+    def worker_count(self) -> int:
+        """Return how many worker processes this run uses."""
+        wanted = self.workers or cpu_count()
+        if self.qps and not self.workers:
+            # Paced workers sleep and spin to hit send times; two of them spinning on a small
+            # machine delay each other's sends, so use no more workers than the rate needs.
+            wanted = min(wanted, -(-int(self.qps) // PACED_PER_WORKER))
+        return max(1, min(wanted, self.connections))
+
+
+class RateSchedule:
+    """Fixed send schedule: request n is due at start + n/rate, whatever happened before.
+
+    Latency measured from `intended(n)` rather than from the actual send includes the time a
+    request waited behind a slow one (coordinated-omission correction, as in wrk2). The clock
+    and sleep are injectable so tests can drive the schedule with a fake clock.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], int] = time.monotonic_ns,
+        sleep: Callable[[float], None] = time.sleep,
+        spin_ns: int = SPIN_NS,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = rate
+        self.clock = clock
+        self.sleep = sleep
+        self.spin_ns = spin_ns
+        self.start_ns = 0
+        self._period_ns = 1e9 / rate
+
+    def start(self, start_ns: int | None = None) -> None:
+        """Anchor request 0 at `start_ns` (default: now)."""
+        self.start_ns = self.clock() if start_ns is None else start_ns
+
+    def intended(self, n: int) -> int:
+        """Return the time (ns) request `n` should be sent."""
+        return self.start_ns + int(n * self._period_ns)
+
+    def due(self, now_ns: int) -> int:
+        """Return how many requests are due by `now_ns` (the count of n with intended(n) <= now)."""
+        if now_ns < self.start_ns:
+            return 0
+        n = int((now_ns - self.start_ns) / self._period_ns) + 1
+        # Float rounding may put the boundary one off; intended() is the reference.
+        while n > 0 and self.intended(n - 1) > now_ns:
+            n -= 1
+        while self.intended(n) <= now_ns:
+            n += 1
+        return n
+
+    def wait_until(self, when_ns: int) -> int:
+        """Sleep, then spin briefly, until `when_ns`; return the clock reading at wake-up."""
+        now = self.clock()
+        gap = when_ns - now
+        if gap > self.spin_ns:
+            self.sleep((gap - self.spin_ns) / 1e9)
+            now = self.clock()
+        while now < when_ns:
+            now = self.clock()
+        return now
+
+
+def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
+    """Resolve host:port to (family, sockaddr), refusing anything but loopback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BenchError(f"cannot resolve {host!r}: {exc.strerror}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    addr = ipaddress.ip_address(sockaddr[0])
+    if not addr.is_loopback:
+        # The load generator is for this host only: it must never flood a real network.
+        raise ValueError(f"{host} ({addr}) is not a loopback address; bench targets loopback only")
+    return family, sockaddr
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+class _ShortRead(Exception):
+    """The peer closed the connection in the middle of an echo."""
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    mismatches: int = 0
+    short_reads: int = 0
+    resets: int = 0
+    timeouts: int = 0
+    other_errors: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+
+
+def _connect(
+    family: int, sockaddr: tuple[Any, ...], timeout: float, blocking: bool
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sockaddr)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if blocking:
+            # No Python-level timeout: CPython would poll() before every send and recv. The
+            # kernel's SO_RCVTIMEO/SO_SNDTIMEO bound each call instead, at no extra syscall;
+            # an expired one surfaces as BlockingIOError.
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+        else:
+            sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Worker:
+    """One worker process's connections, counters and histograms."""
+
+    def __init__(self, cfg: BenchConfig, index: int, nconns: int, rate: float, out: Any) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.nconns = nconns
+        self.rate = rate
+        self.out = out
+        self.socks: list[socket.socket] = []
+        self.counters = _Counters()
+        self.hist = Histogram()
+        self.raw_hist = Histogram()
+        self.connect_hist = Histogram()
+        self.start_ns = 0
+        self.measure_ns = 0
+        self.end_ns = 0
+        self.measuring = False
+        self.stopped_ns = 0
+        self.next_progress = 0
+        self.stop_flag: Any = None
+        self.cpu_start = own_cpu()
+
+    # -- setup
+
+    def connect_all(self, family: int, sockaddr: tuple[Any, ...]) -> None:
+        """Open this worker's connections, timing each connect."""
+        blocking = self.cfg.pattern == "pingpong"
+        times = []
+        for _ in range(self.nconns):
+            t0 = time.monotonic_ns()
+            self.socks.append(_connect(family, sockaddr, self.cfg.timeout, blocking))
+            times.append(time.monotonic_ns() - t0)
+        self.connect_hist.record_many(times)
+
+    def close_all(self) -> None:
+        """Close every connection."""
+        for sock in self.socks:
+            sock.close()
+        self.socks.clear()
+
+    # -- shared bookkeeping
+
+    def begin(self, start_ns: int, stop_flag: Any) -> None:
+        """Set the common clock anchors; the run measures from start + warmup."""
+        self.start_ns = start_ns
+        self.measure_ns = start_ns + int(self.cfg.warmup * 1e9)
+        length = self.cfg.duration if self.cfg.duration is not None else MAX_RUN_S
+        self.end_ns = self.measure_ns + int(length * 1e9)
+        self.measuring = self.cfg.warmup == 0
+        self.next_progress = self.measure_ns + PROGRESS_NS
+        self.stop_flag = stop_flag
+        self.cpu_start = own_cpu()
+
+    def start_measuring(self) -> None:
+        """Drop what the warm-up collected."""
+        self.counters = _Counters()
+        self.hist.reset()
+        self.raw_hist.reset()
+        self.measuring = True
+        self.cpu_start = own_cpu()
+
+    def duties(self, now: int, lat: list[int], raw: list[int] | None) -> bool:
+        """Do the clock-driven chores; return False when the run must end."""
+        if not self.measuring:
+            lat.clear()
+            if raw is not None:
+                raw.clear()
+            if now >= self.measure_ns:
+                self.start_measuring()
+            return not self.stop_flag.value
+        self.fold(lat, raw)
+        if self.cfg.progress and now >= self.next_progress:
+            self.next_progress += PROGRESS_NS
+            self.out.put(("progress", self.index, self.counters.requests, self.hist.to_sparse()))
+        return now < self.end_ns and not self.stop_flag.value
+
+    def fold(self, lat: list[int], raw: list[int] | None) -> None:
+        """Move collected latencies into the histograms."""
+        if not self.measuring:
+            lat.clear()
+            return
+        self.counters.requests += len(lat)
+        self.hist.record_many(lat)
+        lat.clear()
+        if raw is not None:
+            self.raw_hist.record_many(raw)
+            raw.clear()
+
+    def result(self, elapsed_ns: int) -> dict[str, Any]:
+        """Return this worker's figures for the parent."""
+        cpu = own_cpu().minus(self.cpu_start)
+        return {
+            **asdict(self.counters),
+            "elapsed_ns": elapsed_ns,
+            "hist": self.hist.to_sparse(),
+            "raw_hist": self.raw_hist.to_sparse() if self.rate else None,
+            "cpu_user_s": cpu.user_s,
+            "cpu_system_s": cpu.system_s,
+        }
+
+    def count_failure(self, exc: BaseException) -> None:
+        """Classify a failed connection; it is dropped, never retried silently."""
+        if not self.measuring:
+            return
+        c = self.counters
+        if isinstance(exc, _ShortRead):
+            c.short_reads += 1
+        elif isinstance(exc, BlockingIOError | TimeoutError):
+            c.timeouts += 1
+        elif isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+            c.resets += 1
+        else:
+            c.other_errors += 1
+
+    # -- ping-pong
+
+    def payloads(self) -> list[list[bytes]]:
+        """Return payload[round % N][connection]: fresh random bytes for each connection."""
+        return [[os.urandom(self.cfg.size) for _ in self.socks] for _ in range(PAYLOADS_PER_CONN)]
+
+    def finish_recv(self, sock: socket.socket, buf: bytearray, got: int, expect: bytes) -> None:
+        """Complete a short first read, then compare; raises on EOF or socket errors."""
+        size = len(expect)
+        view = memoryview(buf)
+        while got < size:
+            if got < 0:
+                got = 0
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise _ShortRead()
+            got += n
+        if buf != expect and self.measuring:
+            self.counters.mismatches += 1
+
+    def careful_recv(self, i: int, buf: bytearray, expect: bytes, dead: set[int]) -> int | None:
+        """Receive one echo on connection i outside the hot loop; return the time or None."""
+        try:
+            self.finish_recv(self.socks[i], buf, 0, expect)
+        except (OSError, _ShortRead) as exc:
+            self.count_failure(exc)
+            dead.add(i)
+            return None
+        return time.monotonic_ns()
+
+    def drop(self, dead: set[int]) -> None:
+        """Close and forget the connections that failed."""
+        for i in sorted(dead, reverse=True):
+            self.socks.pop(i).close()
+
+    def run_pingpong(self) -> None:
+        """Ping-pong at full speed: a round sends on every connection, then reads every echo."""
+        size = self.cfg.size
+        rounds = self.cfg.rounds_limit()
+        now = time.monotonic_ns
+        buf = bytearray(size)
+        lat: list[int] = []
+        mask = PAYLOADS_PER_CONN - 1
+        r = 0
+        while self.socks and r < rounds:
+            socks = self.socks
+            sends = [s.send for s in socks]
+            recvs = [s.recv_into for s in socks]
+            table = self.payloads()
+            idx = range(len(socks))
+            t_send = [0] * len(socks)
+            check_at = now()
+            dead: set[int] = set()
+            while r < rounds:
+                cur = table[r & mask]
+                r += 1
+                i = 0
+                try:
+                    for i in idx:
+                        t_send[i] = now()
+                        sends[i](cur[i])
+                except OSError as exc:
+                    self.count_failure(exc)
+                    dead.add(i)
+                    for j in range(i):
+                        t = self.careful_recv(j, buf, cur[j], dead)
+                        if t is not None:
+                            lat.append(t - t_send[j])
+                    break
+                try:
+                    for i in idx:
+                        n = recvs[i](buf)
+                        if n != size or buf != cur[i]:
+                            self.finish_recv(socks[i], buf, n, cur[i])
+                        lat.append(now() - t_send[i])
+                except (OSError, _ShortRead) as exc:
+                    self.count_failure(exc)
+                    dead.add(i)
+                    for j in range(i + 1, len(socks)):
+                        t = self.careful_recv(j, buf, cur[j], dead)
+                        if t is not None:
+                            lat.append(t - t_send[j])
+                    break
+                if len(lat) >= FOLD_AT:
+                    self.fold(lat, None)
+                t = now()
+                if t >= check_at:
+                    check_at = t + CHECK_NS
+                    if not self.duties(t, lat, None):
+                        r = rounds
+            if dead:
+                self.drop(dead)
+                self.fold(lat, None)
+                if not self.duties(now(), lat, None):
+                    break
+        self.stopped_ns = now()
+        self.fold(lat, None)
+
+    def run_paced(self) -> None:
+        """Ping-pong on a fixed schedule (-q): sends what is due, up to one per connection."""
+        sched = RateSchedule(self.rate)
+        sched.start(self.start_ns)
+        size = self.cfg.size
+        now = time.monotonic_ns
+        buf = bytearray(size)
+        lat: list[int] = []
+        raw: list[int] = []
+        table = self.payloads()
+        limit = self.cfg.rounds_limit() * len(self.socks)
+        n = 0
+        check_at = 0
+        while self.socks and n < limit:
+            t = now()
+            if t >= check_at:
+                check_at = t + CHECK_NS
+                if not self.duties(t, lat, raw):
+                    break
+            k = len(self.socks)
+            due = min(sched.due(t) - n, k, limit - n)
+            if due <= 0:
+                sched.wait_until(min(sched.intended(n), check_at))
+                continue
+            base = n % k
+            batch = [(base + j) % k for j in range(due)]
+            cur = table[(n // k) % PAYLOADS_PER_CONN]
+            sent: list[tuple[int, int, int]] = []
+            dead: set[int] = set()
+            for j, c in enumerate(batch):
+                t_send = now()
+                try:
+                    self.socks[c].send(cur[c])
+                except OSError as exc:
+                    self.count_failure(exc)
+                    dead.add(c)
+                    continue
+                sent.append((c, sched.intended(n + j), t_send))
+            for c, intended, t_send in sent:
+                done = self.careful_recv(c, buf, cur[c], dead)
+                if done is not None:
+                    lat.append(done - intended)
+                    raw.append(done - t_send)
+            n += due
+            if len(lat) >= FOLD_AT:
+                self.fold(lat, raw)
+            if dead:
+                self.drop(dead)
+        self.stopped_ns = now()
+        self.fold(lat, raw)
+
+    # -- stream
+
+    def run_stream(self) -> None:
+        """Keep every connection's pipe full both ways; verify every byte that comes back."""
+        size = self.cfg.size
+        period = size * -(-16384 // size)  # pattern length, a whole number of messages
+        window = max(min(STREAM_WINDOW, STREAM_WINDOW_MSGS * size), 4 * size)
+        sample_every = max(1, 4096 // size)
+        ep = select.epoll()
+        streams: dict[int, _Stream] = {}
+        for sock in self.socks:
+            st = _Stream(sock, os.urandom(period), size)
+            streams[sock.fileno()] = st
+            ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        rbuf = bytearray(STREAM_READ)
+        lat: list[int] = []
+        now = time.monotonic_ns
+        check_at = 0
+        running = True
+        try:
+            while running and streams:
+                t = now()
+                if t >= check_at:
+                    check_at = t + CHECK_NS
+                    was = self.measuring
+                    running = self.duties(t, lat, None)
+                    if self.measuring and not was:
+                        for st in streams.values():
+                            st.mark_sent = st.sent
+                            st.mark_received = st.received
+                    self.expire(streams, ep, t)
+                for fd, ev in ep.poll(0.05):
+                    if fd not in streams:
+                        continue
+                    st = streams[fd]
+                    try:
+                        if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                            self.stream_read(st, rbuf, lat)
+                        if ev & select.EPOLLOUT:
+                            st.fill(window, sample_every, now)
+                        want = select.EPOLLIN | (
+                            select.EPOLLOUT if st.sent - st.received < window else 0
+                        )
+                        if want != st.events:
+                            st.events = want
+                            ep.modify(fd, want)
+                    except (OSError, _ShortRead) as exc:
+                        self.count_failure(exc)
+                        ep.unregister(fd)
+                        self.close_stream(streams.pop(fd))
+            self.stopped_ns = now()
+            self.drain(streams, ep, rbuf)
+        finally:
+            ep.close()
+        self.fold(lat, None)
+        self.counters.requests = self.counters.bytes_received // size
+        self.close_all()
+
+    def stream_read(self, st: _Stream, rbuf: bytearray, lat: list[int]) -> None:
+        """Read what is there (a few chunks at most, for fairness) and verify it."""
+        for _ in range(4):
+            try:
+                n = st.sock.recv_into(rbuf)
+            except BlockingIOError:
+                return
+            if n == 0:
+                raise _ShortRead()
+            if not st.verify(rbuf, n) and self.measuring:
+                self.counters.mismatches += 1
+            st.received += n
+            st.last_progress = t = time.monotonic_ns()
+            samples = st.samples
+            while samples and samples[0][0] <= st.received:
+                lat.append(t - samples.popleft()[1])
+
+    def expire(self, streams: dict[int, _Stream], ep: Any, now: int) -> None:
+        """Count a timeout for a connection whose echo made no progress for --timeout."""
+        limit = int(self.cfg.timeout * 1e9)
+        for fd, st in list(streams.items()):
+            if st.sent > st.received and now - st.last_progress > limit:
+                self.count_failure(TimeoutError())
+                ep.unregister(fd)
+                self.close_stream(streams.pop(fd))
+
+    def close_stream(self, st: _Stream) -> None:
+        """Close a failed stream connection and keep its byte counts."""
+        st.sock.close()
+        self.socks.remove(st.sock)
+        self.add_bytes(st)
+
+    def add_bytes(self, st: _Stream) -> None:
+        """Fold a connection's measured byte counts into the counters."""
+        if self.measuring:
+            self.counters.bytes_sent += st.sent - st.mark_sent
+            self.counters.bytes_received += st.received - st.mark_received
+            st.mark_sent, st.mark_received = st.sent, st.received
+
+    def drain(self, streams: dict[int, _Stream], ep: Any, rbuf: bytearray) -> None:
+        """Stop sending, count the measured bytes, then read back what is in flight (bounded)."""
+        for st in streams.values():
+            self.add_bytes(st)
+        deadline = time.monotonic_ns() + int(min(self.cfg.timeout, 2.0) * 1e9)
+        pending = {fd for fd, st in streams.items() if st.received < st.sent}
+        for fd in pending:
+            ep.modify(fd, select.EPOLLIN)
+        ignored: list[int] = []
+        while pending and time.monotonic_ns() < deadline:
+            for fd, _ in ep.poll(0.05):
+                st = streams[fd]
+                try:
+                    self.stream_read(st, rbuf, ignored)
+                except (OSError, _ShortRead):
+                    pending.discard(fd)
+                    continue
+                if st.received >= st.sent:
+                    pending.discard(fd)
+            ignored.clear()
+        # Bytes verified while draining were sent in the measured window: mismatches count.
+
+
+class _Stream:
+    """One stream connection: what was sent, what came back, and the pattern to check against."""
+
+    def __init__(self, sock: socket.socket, pattern: bytes, size: int) -> None:
+        self.sock = sock
+        self.period = len(pattern)
+        self.double = memoryview(pattern + pattern)
+        self.size = size
+        self.chunks = [self.double[o : o + size] for o in range(0, self.period, size)]
+        self.next_chunk = 0
+        self.pending: memoryview | None = None
+        self.sent = 0
+        self.received = 0
+        self.mark_sent = 0
+        self.mark_received = 0
+        self.events = select.EPOLLIN | select.EPOLLOUT
+        self.samples: collections.deque[tuple[int, int]] = collections.deque()
+        self.last_progress = time.monotonic_ns()
+        self.messages = 0
+
+    def fill(self, window: int, sample_every: int, now: Callable[[], int]) -> None:
+        """Send a burst of whole messages, stopping early when the window or buffer is full."""
+        send = self.sock.send
+        for _ in range(STREAM_BURST):
+            if self.sent - self.received >= window:
+                return
+            view = self.pending
+            if view is None:
+                view = self.chunks[self.next_chunk]
+                self.next_chunk = (self.next_chunk + 1) % len(self.chunks)
+            try:
+                n = send(view)
+            except BlockingIOError:
+                self.pending = view
+                return
+            self.sent += n
+            if n < len(view):
+                self.pending = view[n:]
+                return
+            self.pending = None
+            self.messages += 1
+            if self.messages % sample_every == 0:
+                self.samples.append((self.sent, now()))
+
+    def verify(self, rbuf: bytearray, n: int) -> bool:
+        """Compare the n bytes just read with the pattern at the current stream position."""
+        ok = True
+        done = 0
+        off = self.received % self.period
+        while done < n:
+            m = min(n - done, self.period)
+            # bytearray slice vs memoryview is a memcmp; memoryview == memoryview is per item.
+            if rbuf[done : done + m] != self.double[off : off + m]:
+                ok = False
+            done += m
+            off = (off + m) % self.period
+        return ok
+
+
+def _worker_main(
+    cfg: BenchConfig,
+    index: int,
+    nconns: int,
+    rate: float,
+    family: int,
+    sockaddr: tuple[Any, ...],
+    out: Any,
+    go: Any,
+    start_ns: Any,
+    stop_flag: Any,
+) -> None:
+    """Entry point of a worker process: connect, report ready, run, report figures."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and sets stop_flag
+    worker = _Worker(cfg, index, nconns, rate, out)
+    try:
+        worker.connect_all(family, sockaddr)
+    except OSError as exc:
+        worker.close_all()
+        out.put(("error", index, f"cannot connect to {cfg.host}:{cfg.port}: {exc.strerror or exc}"))
+        return
+    out.put(("ready", index, worker.connect_hist.to_sparse()))
+    if not go.wait(cfg.timeout + 30) or stop_flag.value:
+        worker.close_all()
+        return
+    worker.begin(start_ns.value, stop_flag)
+    wait = worker.start_ns - time.monotonic_ns()
+    if wait > 0:
+        time.sleep(wait / 1e9)
+    try:
+        if cfg.pattern == "stream":
+            worker.run_stream()
+        elif rate:
+            worker.run_paced()
+        else:
+            worker.run_pingpong()
+    except Exception as exc:  # report, don't die silently: the parent turns it into BenchError
+        out.put(("error", index, f"worker {index} failed: {exc!r}"))
+        worker.close_all()
+        return
+    elapsed = (worker.stopped_ns or time.monotonic_ns()) - worker.measure_ns
+    worker.close_all()
+    out.put(("done", index, worker.result(max(elapsed, 1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+
+ProgressFn = Callable[[dict[str, float]], None]
+ServerProbe = Callable[[], dict[str, Any]]
+
+
+@dataclass
+class _Collected:
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    connect: Histogram = field(default_factory=Histogram)
+    progress_hists: dict[int, dict[str, Any]] = field(default_factory=dict)
+    progress_requests: dict[int, int] = field(default_factory=dict)
+
+
+def split(total: int, parts: int) -> list[int]:
+    """Split `total` connections into `parts` near-equal shares."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_bench(
+    cfg: BenchConfig,
+    progress: ProgressFn | None = None,
+    server_probe: ServerProbe | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark and return the report (the `--json` object)."""
+    cfg.validate()
+    family, sockaddr = resolve(cfg.host, cfg.port)
+    nworkers = cfg.worker_count()
+    shares = split(cfg.connections, nworkers)
+    # fork, not spawn: spawn re-imports the caller's __main__, which breaks for `python -c` and
+    # for scripts without a main guard. Workers touch nothing that another thread could hold.
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    go = ctx.Event()
+    start_ns = ctx.RawValue("q", 0)
+    stop_flag = ctx.RawValue("b", 0)
+    procs = []
+    for i, share in enumerate(shares):
+        rate = cfg.qps * share / cfg.connections if cfg.qps else 0.0
+        args = (cfg, i, share, rate, family, sockaddr, out, go, start_ns, stop_flag)
+        procs.append(ctx.Process(target=_worker_main, args=args, daemon=True, name=f"bench-{i}"))
+    for p in procs:
+        p.start()
+    got = _Collected()
+    try:
+        _await_ready(cfg, out, procs, got)
+        server_before = server_probe() if server_probe else None
+        start_ns.value = time.monotonic_ns() + 20_000_000
+        measure_ns = start_ns.value + int(cfg.warmup * 1e9)
+        go.set()
+        _sleep_until(measure_ns)
+        machine_before = machine_cpu()
+        if server_probe and cfg.warmup:
+            server_before = server_probe()
+        _await_done(cfg, out, procs, got, progress, measure_ns)
+        machine_after = machine_cpu()
+        server_after = server_probe() if server_probe else None
+    except BaseException:
+        stop_flag.value = 1
+        go.set()
+        _reap(procs)
+        raise
+    _reap(procs)
+    report = _report(cfg, got, nworkers)
+    report["cpu"]["machine"] = {
+        **machine_after.minus(machine_before).report(),
+        "cpus": cpu_count(),
+    }
+    if server_probe:
+        report["server"] = server_delta(server_before, server_after)
+    return report
+
+
+def _sleep_until(when_ns: int) -> None:
+    gap = when_ns - time.monotonic_ns()
+    if gap > 0:
+        time.sleep(gap / 1e9)
+
+
+def _reap(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+
+
+def _await_ready(cfg: BenchConfig, out: Any, procs: list[Any], got: _Collected) -> None:
+    ready = 0
+    deadline = time.monotonic() + cfg.timeout * max(1, cfg.connections // 100) + 30
+    while ready < len(procs):
+        kind, index, payload = _get(out, deadline, procs)
+        if kind == "error":
+            raise BenchError(payload)
+        if kind == "ready":
+            got.connect.merge_sparse(payload)
+            ready += 1
+
+
+def _await_done(
+    cfg: BenchConfig,
+    out: Any,
+    procs: list[Any],
+    got: _Collected,
+    progress: ProgressFn | None,
+    measure_ns: int,
+) -> None:
+    length = cfg.duration if cfg.duration is not None else MAX_RUN_S
+    deadline = time.monotonic() + cfg.warmup + length + cfg.timeout + 30
+    while len(got.results) < len(procs):
+        kind, index, *payload = _get(out, deadline, procs)
+        if kind == "error":
+            raise BenchError(payload[0])
+        if kind == "done":
+            got.results[index] = payload[0]
+        elif kind == "progress" and progress is not None:
+            got.progress_requests[index] = payload[0]
+            got.progress_hists[index] = payload[1]
+            if index == 0 or len(got.progress_hists) == len(procs):
+                progress(_progress_line(got, measure_ns))
+
+
+def _progress_line(got: _Collected, measure_ns: int) -> dict[str, float]:
+    hist = Histogram()
+    for sparse in got.progress_hists.values():
+        hist.merge_sparse(sparse)
+    elapsed = max(1e-9, (time.monotonic_ns() - measure_ns) / 1e9)
+    requests = sum(got.progress_requests.values())
+    return {
+        "elapsed_s": elapsed,
+        "requests": requests,
+        "qps": requests / elapsed,
+        "p99_us": hist.percentile(99.0) / 1000,
+    }
+
+
+def _get(out: Any, deadline: float, procs: list[Any]) -> tuple[Any, ...]:
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError("bench workers did not finish in time")
+        try:
+            return tuple(out.get(timeout=min(left, 1.0)))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                message = f"bench worker {dead[0].name} died (exit {dead[0].exitcode})"
+                raise BenchError(message) from None
+
+
+def _report(cfg: BenchConfig, got: _Collected, nworkers: int) -> dict[str, Any]:
+    results = list(got.results.values())
+    hist, raw = Histogram(), Histogram()
+    totals = {k: sum(r[k] for r in results) for k in asdict(_Counters())}
+    for r in results:
+        hist.merge_sparse(r["hist"])
+        if r["raw_hist"]:
+            raw.merge_sparse(r["raw_hist"])
+    duration = max(r["elapsed_ns"] for r in results) / 1e9
+    errors = totals["short_reads"] + totals["resets"] + totals["timeouts"] + totals["other_errors"]
+    cpu_user = sum(r["cpu_user_s"] for r in results)
+    cpu_sys = sum(r["cpu_system_s"] for r in results)
+    requests = totals["requests"]
+    report: dict[str, Any] = {
+        "qps": round(requests / duration, 1),
+        "requests": requests,
+        "errors": errors,
+        "mismatches": totals["mismatches"],
+        "short_reads": totals["short_reads"],
+        "resets": totals["resets"],
+        "timeouts": totals["timeouts"],
+        "other_errors": totals["other_errors"],
+        "latency_us": hist.summary(),
+        "connect_us": got.connect.summary(),
+        "bytes_sent": totals["bytes_sent"],
+        "bytes_received": totals["bytes_received"],
+        "duration_s": round(duration, 3),
+        "connections": cfg.connections,
+        "size": cfg.size,
+        "pattern": cfg.pattern,
+        "workers": nworkers,
+        "warmup_s": cfg.warmup,
+        "cpu": {
+            "client": {
+                "user_s": round(cpu_user, 3),
+                "system_s": round(cpu_sys, 3),
+                "total_s": round(cpu_user + cpu_sys, 3),
+            }
+        },
+    }
+    if cfg.pattern == "pingpong":
+        report["bytes_sent"] = report["bytes_received"] = requests * cfg.size
+    if cfg.qps:
+        report["target_qps"] = cfg.qps
+        report["latency_raw_us"] = raw.summary()
+    if cfg.pattern == "stream":
+        report["mb_per_s_sent"] = round(totals["bytes_sent"] / duration / 1e6, 2)
+        report["mb_per_s_received"] = round(totals["bytes_received"] / duration / 1e6, 2)
+    return report
+
+
+def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the daemon's mode and its CPU and context-switch deltas between two probes."""
+    if not before or not after or "error" in before or "error" in after:
+        return {"error": (after or before or {}).get("error", "no server figures")}
+    out: dict[str, Any] = {
+        "mode": after.get("mode"),
+        "requested_mode": after.get("requested_mode"),
+        "pid": after.get("pid"),
+    }
+    if before.get("pid") != after.get("pid"):
+        out["error"] = "the daemon restarted during the run"
+        return out
+    p0, p1 = before.get("process", {}), after.get("process", {})
+    for key in ("cpu_user_s", "cpu_system_s", "ctx_voluntary", "ctx_involuntary"):
+        if key in p0 and key in p1:
+            delta = p1[key] - p0[key]
+            out[key] = round(delta, 3) if isinstance(delta, float) else delta
+    return out
+
+
+def control_probe(path: str, timeout: float = 5.0) -> ServerProbe:
+    """Return a probe that reads `status` and `stats` from the daemon's control socket."""
+
+    def probe() -> dict[str, Any]:
+        try:
+            from echoctl.client import ControlClient
+        except ImportError:
+            return {"error": "echoctl.client is not available"}
+        try:
+            with ControlClient(path, timeout=timeout) as client:
+                status = client.call("status")
+                stats = client.call("stats")
+        except Exception as exc:  # ControlError or OSError: report it; the bench still counts
+            return {"error": f"control socket {path}: {exc}"}
+        process = stats.get("process", {}) if isinstance(stats, dict) else {}
+        return {**status, "process": process}
+
+    return probe

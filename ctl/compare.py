@@ -1,0 +1,480 @@
+"""Compare echod's modes: the same load against each mode in turn, medians over repeats.
+
+Replaces the old benchmark.sh. Modes alternate (A B A B ...) so slow drift of a shared machine
+lands on every mode alike; each figure reported is the median of the repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from echoctl.bench import BenchConfig, BenchError, control_probe, run_bench
+from echoctl.sysstat import cpu_count
+
+MODES = ("user", "kernel")
+SPAWN_TIMEOUT = 30.0
+SWITCH_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+
+Say = Callable[[str], None]
+
+
+class CompareError(Exception):
+    """The comparison could not be done; the message is one line."""
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare: modes, repeats, the load, and an optional size sweep."""
+
+    bench: BenchConfig
+    modes: tuple[str, ...] = MODES
+    repeat: int = 3
+    sizes: tuple[int, ...] = ()
+    sweep_duration: float = 2.0
+    control: str | None = None
+    spawn: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError when the configuration makes no sense."""
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be a list of {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError("each mode may appear once")
+        if self.repeat < 1:
+            raise ValueError("repeat must be at least 1")
+        if any(s < 1 for s in self.sizes):
+            raise ValueError("sizes must be at least 1 byte")
+        if not self.spawn and not self.control:
+            raise ValueError("give --control SOCK (or ECHOD_CONTROL), or --spawn")
+        self.bench.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon: spawn a private one, switch its mode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on `host` a moment ago."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Spawned:
+    """A private echod started for this comparison."""
+
+    host: str
+    port: int
+    control: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def echod_binary() -> Path:
+    """Return the echod next to the running interpreter (the same venv as echoctl)."""
+    return Path(sys.executable).parent / "echod"
+
+
+@contextlib.contextmanager
+def spawn_daemon(mode: str, say: Say) -> Iterator[Spawned]:
+    """Start a private echod on a free loopback port with a temporary control socket."""
+    binary = echod_binary()
+    if not binary.exists():
+        raise CompareError(f"{binary} not found: install the project (make venv) first")
+    with tempfile.TemporaryDirectory(prefix="echoctl-compare-") as tmp:
+        control = os.path.join(tmp, "control.sock")
+        log = Path(tmp) / "echod.log"
+        port = free_port()
+        cmd = [str(binary), "--mode", mode, "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--control", control]
+        say(f"starting {' '.join(cmd)}")
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        daemon = Spawned("127.0.0.1", port, control, proc, log)
+        try:
+            _wait_serving(daemon)
+            yield daemon
+        finally:
+            _stop(proc)
+
+
+def _log_tail(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _wait_serving(daemon: Spawned) -> None:
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    last = ""
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise CompareError(
+                f"echod exited with {daemon.proc.returncode}: {_log_tail(daemon.log)}"
+            )
+        if os.path.exists(daemon.control):
+            try:
+                status = control_call(daemon.control, "status", timeout=5.0)
+            except CompareError as exc:
+                last = str(exc)
+            else:
+                if status.get("state") == "serving":
+                    return
+                last = f"state {status.get('state')}"
+        time.sleep(0.1)
+    raise CompareError(f"echod did not start serving within {SPAWN_TIMEOUT:g} s ({last})")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+
+
+def control_call(
+    path: str, method: str, params: dict[str, Any] | None = None, timeout: float = 10.0
+) -> Any:
+    """Call one control method; every failure becomes a one-line CompareError."""
+    try:
+        from echoctl.client import ControlClient
+    except ImportError as exc:
+        raise CompareError(f"echoctl.client is not available: {exc}") from exc
+    try:
+        with ControlClient(path, timeout=timeout) as client:
+            return client.call(method, params)
+    except Exception as exc:  # ControlError, OSError
+        raise CompareError(f"control {method} on {path}: {exc}") from exc
+
+
+def switch_mode(control: str, mode: str) -> dict[str, Any]:
+    """Restart the daemon into `mode`, then check that `status` shows it as the effective mode."""
+    control_call(control, "restart", {"mode": mode}, timeout=SWITCH_TIMEOUT)
+    deadline = time.monotonic() + SWITCH_TIMEOUT
+    while True:
+        status: dict[str, Any] = control_call(control, "status")
+        if status.get("state") == "serving":
+            if status.get("mode") != mode:
+                reason = status.get("fallback_reason") or "no reason given"
+                raise CompareError(
+                    f"asked for {mode} mode, daemon runs {status.get('mode')}: {reason}"
+                )
+            return status
+        if time.monotonic() > deadline:
+            raise CompareError(f"daemon not serving after restart: state {status.get('state')}")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class _Plan:
+    total: int
+    done: int = 0
+    say: Say = field(default=lambda _: None)
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {what}")
+
+
+def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
+    """Run the whole comparison and return its result (the `--json` object)."""
+    cfg.validate()
+    if cfg.spawn:
+        with spawn_daemon(cfg.modes[0], say) as daemon:
+            bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
+            return _run(replace(cfg, bench=bench), daemon.control, say)
+    assert cfg.control is not None
+    return _run(cfg, cfg.control, say)
+
+
+def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
+    per_run = 1 + 2 * len(cfg.sizes)
+    plan = _Plan(cfg.repeat * len(cfg.modes) * per_run, say=say)
+    probe = control_probe(control)
+    runs: list[dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
+    for rep in range(cfg.repeat):
+        for mode in cfg.modes:
+            switch_mode(control, mode)
+            b = cfg.bench
+            plan.step(f"{mode}: {b.connections} conn x {b.size} B, {_length(b)}, repeat {rep + 1}")
+            report = _bench(b, probe, mode)
+            runs.append({"mode": mode, "repeat": rep + 1, "report": report})
+            for size in cfg.sizes:
+                sweep.append(_sweep_point(cfg, mode, rep, size, probe, plan))
+    return {
+        "modes": list(cfg.modes),
+        "repeat": cfg.repeat,
+        "load": {
+            "connections": cfg.bench.connections,
+            "size": cfg.bench.size,
+            "duration_s": cfg.bench.duration,
+            "rounds": None if cfg.bench.duration else cfg.bench.rounds,
+            "qps": cfg.bench.qps,
+            "pattern": cfg.bench.pattern,
+        },
+        "machine": {"kernel": platform.release(), "cpus": cpu_count()},
+        "summary": {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in cfg.modes},
+        "change_pct": change_pct(cfg.modes, runs),
+        "runs": runs,
+        "sweep": sweep_summary(cfg, sweep) if cfg.sizes else None,
+    }
+
+
+def _length(b: BenchConfig) -> str:
+    return f"{b.duration:g} s" if b.duration else f"{b.rounds} rounds"
+
+
+def _bench(b: BenchConfig, probe: Callable[[], dict[str, Any]], mode: str) -> dict[str, Any]:
+    try:
+        report = run_bench(b, server_probe=probe)
+    except BenchError as exc:
+        raise CompareError(f"{mode} mode: {exc}") from exc
+    server_mode = report.get("server", {}).get("mode")
+    if server_mode not in (None, mode):
+        raise CompareError(f"the daemon left {mode} mode during the run ({server_mode})")
+    return report
+
+
+def _sweep_point(
+    cfg: CompareConfig,
+    mode: str,
+    rep: int,
+    size: int,
+    probe: Callable[[], dict[str, Any]],
+    plan: _Plan,
+) -> dict[str, Any]:
+    one = replace(
+        cfg.bench,
+        connections=1,
+        workers=1,
+        size=size,
+        qps=0.0,
+        duration=cfg.sweep_duration,
+        warmup=0.0,
+        progress=False,
+    )
+    plan.step(f"{mode}: sweep {size} B ping-pong, repeat {rep + 1}")
+    ping = _bench(replace(one, pattern="pingpong"), probe, mode)
+    plan.step(f"{mode}: sweep {size} B stream, repeat {rep + 1}")
+    stream = _bench(replace(one, pattern="stream"), probe, mode)
+    return {"mode": mode, "repeat": rep + 1, "size": size, "pingpong": ping, "stream": stream}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def cpu_per_1k(report: dict[str, Any]) -> dict[str, float | None]:
+    """Return CPU milliseconds per 1,000 requests: the daemon, softirq, the whole machine."""
+    requests = report.get("requests") or 0
+    if not requests:
+        return {"daemon": None, "softirq": None, "machine": None}
+    scale = 1e6 / requests  # seconds per request * 1000 requests * 1000 ms
+    server = report.get("server") or {}
+    daemon = None
+    if "cpu_user_s" in server and "cpu_system_s" in server:
+        daemon = (server["cpu_user_s"] + server["cpu_system_s"]) * scale
+    machine = report["cpu"]["machine"]
+    return {
+        "daemon": daemon,
+        "softirq": machine.get("softirq", 0.0) * scale,
+        "machine": machine.get("busy", 0.0) * scale,
+    }
+
+
+ROWS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
+    ("qps", "QPS", lambda r: r["qps"]),
+    ("avg_us", "latency avg (µs)", lambda r: r["latency_us"]["avg"]),
+    ("p50_us", "latency p50 (µs)", lambda r: r["latency_us"]["p50"]),
+    ("p99_us", "latency p99 (µs)", lambda r: r["latency_us"]["p99"]),
+    ("cpu_daemon_ms", "CPU/1k req, daemon (ms)", lambda r: cpu_per_1k(r)["daemon"]),
+    ("cpu_softirq_ms", "CPU/1k req, softirq (ms)", lambda r: cpu_per_1k(r)["softirq"]),
+    ("cpu_machine_ms", "CPU/1k req, machine (ms)", lambda r: cpu_per_1k(r)["machine"]),
+)
+
+
+def summarize(reports: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Return the median of each table row over the repeats of one mode."""
+    out = {key: _median([get(r) for r in reports]) for key, _, get in ROWS}
+    out["errors"] = sum(r["errors"] for r in reports)
+    out["mismatches"] = sum(r["mismatches"] for r in reports)
+    return out
+
+
+def change_pct(modes: tuple[str, ...], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return, for each mode after the first, the % change of each row against the first mode."""
+    summary = {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in modes}
+    base = summary[modes[0]]
+    out: dict[str, dict[str, Any]] = {}
+    for mode in modes[1:]:
+        out[mode] = {}
+        for key, _, _ in ROWS:
+            a, b = base.get(key), summary[mode].get(key)
+            out[mode][key] = round(100.0 * (b - a) / a, 1) if a and b is not None else None
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def sweep_summary(cfg: CompareConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return per mode and size: ping-pong p50/avg latency and stream MB/s (median, min, max)."""
+    table: dict[str, dict[str, Any]] = {}
+    for mode in cfg.modes:
+        table[mode] = {}
+        for size in cfg.sizes:
+            mine = [p for p in points if p["mode"] == mode and p["size"] == size]
+            table[mode][str(size)] = {
+                "p50_us": _spread([p["pingpong"]["latency_us"]["p50"] for p in mine]),
+                "avg_us": _spread([p["pingpong"]["latency_us"]["avg"] for p in mine]),
+                "mb_per_s": _spread([p["stream"]["mb_per_s_received"] for p in mine]),
+                "errors": sum(p["pingpong"]["errors"] + p["stream"]["errors"] for p in mine),
+                "mismatches": sum(
+                    p["pingpong"]["mismatches"] + p["stream"]["mismatches"] for p in mine
+                ),
+            }
+    return {"sizes": list(cfg.sizes), "duration_s": cfg.sweep_duration, "modes": table}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: float | None, key: str) -> str:
+    if value is None:
+        return "-"
+    if key == "qps":
+        return f"{value:,.0f}"
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """Return the mode comparison as an aligned text table."""
+    modes = result["modes"]
+    header = ["", *modes] + [f"{m} vs {modes[0]}" for m in modes[1:]]
+    rows = [header]
+    for key, label, _ in ROWS:
+        row = [label] + [_fmt(result["summary"][m][key], key) for m in modes]
+        row += [_pct(result["change_pct"][m][key]) for m in modes[1:]]
+        rows.append(row)
+    rows.append(
+        ["errors / mismatches"]
+        + [
+            f"{result['summary'][m]['errors']} / {result['summary'][m]['mismatches']}"
+            for m in modes
+        ]
+        + [""] * (len(modes) - 1)
+    )
+    load = result["load"]
+    length = f"{load['duration_s']:g} s" if load["duration_s"] else f"{load['rounds']} rounds"
+    title = (
+        f"{load['connections']} connections x {load['size']} B {load['pattern']}, {length} per "
+        f"run, median of {result['repeat']} (modes alternated)"
+    )
+    return title + "\n" + _align(rows)
+
+
+def render_sweep(result: dict[str, Any]) -> str:
+    """Return the size sweep (1 connection) as an aligned text table."""
+    sweep = result["sweep"]
+    modes = result["modes"]
+    header = ["size (B)"]
+    header += [f"p50 µs {m}" for m in modes] + [f"MB/s {m}" for m in modes]
+    rows = [header]
+    for size in sweep["sizes"]:
+        cells = [sweep["modes"][m][str(size)] for m in modes]
+        row = [str(size)]
+        row += [f"{c['p50_us']['median']:,.1f}" for c in cells]
+        row += [f"{c['mb_per_s']['median']:,.1f}" for c in cells]
+        rows.append(row)
+    title = (
+        f"size sweep, 1 connection, {sweep['duration_s']:g} s per point: ping-pong p50 latency "
+        f"and stream bandwidth (received), median of {result['repeat']}"
+    )
+    return title + "\n" + _align(rows)
+
+
+def _align(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Draw latency and bandwidth against message size, one line per mode, with min-max bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    sweep = result["sweep"]
+    sizes = sweep["sizes"]
+    fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in result["modes"]:
+        cells = [sweep["modes"][mode][str(s)] for s in sizes]
+        for ax, key in ((ax_lat, "p50_us"), (ax_bw, "mb_per_s")):
+            med = [c[key]["median"] for c in cells]
+            low = [c[key]["median"] - c[key]["min"] for c in cells]
+            high = [c[key]["max"] - c[key]["median"] for c in cells]
+            ax.errorbar(sizes, med, yerr=[low, high], marker="o", capsize=3, label=mode)
+    for ax in (ax_lat, ax_bw):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("message size (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax_lat.set_ylabel("ping-pong p50 latency (µs)")
+    ax_lat.set_title("latency, 1 connection")
+    ax_bw.set_ylabel("stream bandwidth received (MB/s)")
+    ax_bw.set_title("bandwidth, 1 connection")
+    machine = result["machine"]
+    fig.suptitle(
+        f"echod modes, Linux {machine['kernel']}, {machine['cpus']} CPUs; "
+        f"bars: min-max of {result['repeat']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,208 @@
+"""Operations against a real daemon: sd_notify, reload, allow list, per-IP limit, /metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import BIN, Echod, free_port, spawn
+from tests.integration.echo_util import connect, roundtrip
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    yield sock, path
+    sock.close()
+
+
+def read_until(sock: socket.socket, needle: str, timeout: float = 10.0) -> list[str]:
+    """Datagrams until one contains needle."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = sock.recv(4096).decode()
+        seen.append(msg)
+        if needle in msg:
+            return seen
+    raise AssertionError(f"{needle!r} never arrived; saw {seen}")
+
+
+def test_sd_notify_lifecycle(
+    echod_factory: Callable[..., Echod], notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    d = echod_factory(mode="kernel", env=env)
+    ready = read_until(sock, "READY=1")
+    assert any("STATUS=" in m and "mode kernel" in m for m in ready), ready
+    read_until(sock, "WATCHDOG=1")
+    read_until(sock, "STATUS=")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    reloading = read_until(sock, "RELOADING=1")
+    assert "MONOTONIC_USEC=" in reloading[-1]
+    read_until(sock, "READY=1")
+    d.proc.send_signal(signal.SIGTERM)
+    read_until(sock, "STOPPING=1")
+    assert d.proc.wait(20) == 0
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_reload_applies_live_settings_and_reports_restart_ones(
+    echod_factory: Callable[..., Echod], tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "echod.toml", "max_connections = 100\n")
+    d = echod_factory(mode="user", args=["--config", str(cfg)])
+    write_config(
+        cfg, 'max_connections = 2\nallow = ["127.0.0.0/8"]\nport = 1\n[control]\ngroup = "adm"\n'
+    )
+    result = d.call("reload")
+    assert set(result["applied"]) == {"max_connections", "allow"}
+    # The port flag still overrides the file, so only the control group needs a restart.
+    assert result["needs_restart"] == ["control_group"]
+    assert "config.reloaded" in d.log()
+    kept = [connect("127.0.0.1", d.port) for _ in range(2)]
+    for sock in kept:
+        roundtrip(sock, b"x")
+    with connect("127.0.0.1", d.port) as extra:
+        assert extra.recv(1) in (b"",)
+    assert d.stats()["connections"]["refused"]["max_connections"] == 1
+    for sock in kept:
+        sock.close()
+    assert d.status()["port"] == d.port, "a restart-only setting was applied live"
+
+
+def test_reload_refuses_a_bad_file_and_keeps_running_config(
+    echod_factory: Callable[..., Echod], tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "echod.toml", "max_connections = 100\n")
+    d = echod_factory(mode="user", args=["--config", str(cfg)])
+    write_config(cfg, "max_connections = 100\nallow = ['10.0.0.0/33']\n")
+    proc = subprocess.run(
+        [str(BIN / "echoctl"), "--control", d.control, "reload"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "allow" in proc.stderr + proc.stdout
+    assert ":2:" in proc.stderr + proc.stdout  # the file line is named
+    # SIGHUP with the same bad file: logged, and the daemon serves on with the old settings.
+    os.kill(d.proc.pid, signal.SIGHUP)
+    time.sleep(0.3)
+    assert "config.reload_rejected" in d.log()
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, b"still serving")
+
+
+def test_bad_config_at_startup_names_key_and_line(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "echod.toml", 'port = 8888\nmode = "warp"\n')
+    proc = subprocess.run(
+        [str(BIN / "echod"), "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert "mode" in proc.stderr
+    assert f"{cfg}:2" in proc.stderr
+    cfg = write_config(tmp_path / "echod.toml", "no_such_key = 1\n")
+    proc = subprocess.run(
+        [str(BIN / "echod"), "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert "no_such_key" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["kernel", "user"])
+def test_allow_list_over_ipv4_and_ipv6(
+    echod_factory: Callable[..., Echod], tmp_path: Path, mode: str
+) -> None:
+    cfg = write_config(tmp_path / "echod.toml", 'allow = ["127.0.0.0/8"]\n')
+    d = echod_factory(mode=mode, args=["--config", str(cfg)])
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, b"v4 allowed")
+    for _ in range(3):
+        with connect("::1", d.port) as sock:
+            assert sock.recv(1) == b"", "an address outside the allow list was served"
+    assert d.stats()["connections"]["refused"]["allow"] == 3
+    write_config(cfg, 'allow = ["::1/128"]\n')
+    d.call("reload")
+    with connect("::1", d.port) as sock:
+        roundtrip(sock, b"v6 allowed now")
+    with connect("127.0.0.1", d.port) as sock:
+        assert sock.recv(1) == b""
+    assert d.stats()["connections"]["refused"]["allow"] == 4
+    assert d.log().count("conn.refused") >= 1
+
+
+def test_max_connections_per_ip(echod_factory: Callable[..., Echod], tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "echod.toml", "max_connections_per_ip = 2\n")
+    d = echod_factory(mode="user", args=["--config", str(cfg)])
+    a, b = connect("127.0.0.1", d.port), connect("127.0.0.1", d.port)
+    roundtrip(a, b"a")
+    roundtrip(b, b"b")
+    with connect("127.0.0.1", d.port) as c:
+        assert c.recv(1) == b""
+    # Another loopback source address is another peer.
+    with socket.create_connection(("127.0.0.1", d.port), 10, ("127.0.0.2", 0)) as other_ip:
+        roundtrip(other_ip, b"c")
+    assert d.stats()["connections"]["refused"]["per_ip"] == 1
+    a.close()
+    b.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+@pytest.mark.parametrize("mode", ["kernel", "user"])
+def test_metrics_move_with_traffic(echod_factory: Callable[..., Echod], mode: str) -> None:
+    port = free_port()
+    d = echod_factory(mode=mode, args=["--metrics", f"127.0.0.1:{port}"])
+    before = scrape(port)
+    assert before[f"echod_mode{{mode={mode}}}"] == 1
+    with connect("127.0.0.1", d.port) as sock:
+        for _ in range(10):
+            roundtrip(sock, os.urandom(1000))
+    time.sleep(1.5)  # the scrape reads the snapshot the daemon takes every second
+    after = scrape(port)
+    assert (
+        after["echod_connections_accepted_total{}"]
+        >= before["echod_connections_accepted_total{}"] + 1
+    )
+    path = "kernel" if mode == "kernel" else "user"
+    key = f"echod_bytes_total{{path={path}}}"
+    assert after[key] - before.get(key, 0) >= 10_000
+    assert any(k.startswith("echod_build_info") for k in after)
+
+
+def test_metrics_off_by_default(echod_factory: Callable[..., Echod]) -> None:
+    d = echod_factory(mode="user")
+    assert "metrics.listening" not in d.log()
+
+
+def test_unprivileged_port_needs_no_extra_capability(tmp_path: Path) -> None:
+    """Sanity: the daemon's listen error names the address when binding is refused."""
+    d = spawn(tmp_path, "user", ["--host", "192.0.2.1"], wait=False)
+    assert d.proc.wait(20) == 1
+    assert "cannot listen on 192.0.2.1" in d.log()
