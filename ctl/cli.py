@@ -11,6 +11,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from echoctl import render
+from echoctl.benchcmd import bench, compare
 from echoctl.client import ControlClient, ControlError, DaemonUnreachable, default_control_path
 
 # LSB init-script conventions (docs/protocol.md, "Exit codes").
@@ -219,7 +220,7 @@ def stop(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def restart(ctx: click.Context, mode: str | None, as_json: bool) -> None:
-    """Stop and start again, optionally in another mode."""
+    """Switch mode live: connections migrate, none is closed."""
     opts = _options(ctx, as_json)
     params = {"mode": mode} if mode is not None else {}
     _report(opts, _call(opts, "restart", "restart", params, MUTATE_TIMEOUT))
@@ -245,19 +246,8 @@ def _report(opts: Options, status: Mapping[str, Any]) -> None:
         click.echo(render.summary(status))
 
 
-def _register_bench() -> None:
-    try:
-        from echoctl.benchcmd import bench, compare
-    except ModuleNotFoundError as exc:
-        # Only tolerate the module itself being absent, not a broken import inside it.
-        if exc.name != "echoctl.benchcmd":
-            raise
-        return
-    cli.add_command(bench)
-    cli.add_command(compare)
-
-
-_register_bench()
+cli.add_command(bench)
+cli.add_command(compare)
 
 
 def main() -> None:

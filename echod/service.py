@@ -390,7 +390,7 @@ class Service:
             reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
             if requested == "kernel":
                 raise RequestError(
-                    "kernel_unavailable", f"kernel mode unavailable: {reason}"
+                    "not_supported", f"kernel mode unavailable: {reason}"
                 ) from exc
             self.fallback_reason = reason
             self.mode = "user"

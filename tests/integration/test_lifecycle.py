@@ -231,3 +231,23 @@ def test_shutdown_waits_for_inflight_echo(echod_factory: Callable[..., Echod]) -
     sock.close()
     assert bytes(got) == payload
     assert d.proc.wait(20) == 0
+
+
+def test_restart_to_kernel_without_bpf_is_refused_and_keeps_serving(
+    echod_factory: Callable[..., Echod], tmp_path: Path
+) -> None:
+    d = echod_factory(mode="user", args=["--bpf-object", str(tmp_path / "absent.bpf.o")])
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, b"before")
+        proc = subprocess.run(
+            [str(BIN / "echoctl"), "--control", d.control, "--json", "restart", "--mode", "kernel"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 1
+        assert '"not_supported"' in proc.stdout + proc.stderr
+        roundtrip(sock, b"after")
+    st = d.status()
+    assert st["mode"] == "user"
+    assert st["state"] == "serving"
