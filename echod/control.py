@@ -279,10 +279,7 @@ class ControlServer:
             "status": self._status,
             "stats": self._stats,
             "watch": self._watch,
-            "start": self._start,
-            "stop": self._stop,
-            "restart": self._restart,
-            "reload": self._reload,
+            **{method: self._mutator(method) for method in MUTATING_METHODS},
         }
 
     @property
@@ -547,22 +544,12 @@ class ControlServer:
             log.exception("control.watch_failed", uid=conn.peer.uid, pid=conn.peer.pid)
             conn.writer.close()
 
-    async def _start(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        log.info("control.start", uid=conn.peer.uid, pid=conn.peer.pid, **kwargs)
-        async with self._mutate_lock:
-            return await self.target.start(**kwargs)
+    def _mutator(self, method: str) -> Callable[[_Conn, dict[str, Any]], Awaitable[Any]]:
+        """The handler of a mutating method: logged with the caller, run one at a time."""
 
-    async def _stop(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        log.info("control.stop", uid=conn.peer.uid, pid=conn.peer.pid)
-        async with self._mutate_lock:
-            return await self.target.stop()
+        async def handler(conn: _Conn, kwargs: dict[str, Any]) -> Any:
+            log.info(f"control.{method}", uid=conn.peer.uid, pid=conn.peer.pid, **kwargs)
+            async with self._mutate_lock:
+                return await getattr(self.target, method)(**kwargs)
 
-    async def _restart(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        log.info("control.restart", uid=conn.peer.uid, pid=conn.peer.pid, **kwargs)
-        async with self._mutate_lock:
-            return await self.target.restart(**kwargs)
-
-    async def _reload(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        log.info("control.reload", uid=conn.peer.uid, pid=conn.peer.pid)
-        async with self._mutate_lock:
-            return await self.target.reload()
+        return handler

@@ -389,9 +389,7 @@ class Service:
         except OSError as exc:
             reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
             if requested == "kernel":
-                raise RequestError(
-                    "not_supported", f"kernel mode unavailable: {reason}"
-                ) from exc
+                raise RequestError("not_supported", f"kernel mode unavailable: {reason}") from exc
             self.fallback_reason = reason
             self.mode = "user"
             log.warning("service.fallback_to_user", reason=reason)
