@@ -388,6 +388,8 @@ class Service:
             self.mode = "kernel"
         except OSError as exc:
             reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                reason += " (kernel mode needs root, or CAP_BPF and CAP_NET_ADMIN)"
             if requested == "kernel":
                 raise RequestError("not_supported", f"kernel mode unavailable: {reason}") from exc
             self.fallback_reason = reason
@@ -586,7 +588,7 @@ class Service:
     async def _serve_user(self, conn: Connection) -> None:
         try:
             await conn.serve_user()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: closed by a stop meanwhile
             self._log_limited("conn.user_failed", peer=conn.peer, error=str(exc))
             conn.close(reason="error")
 
