@@ -78,9 +78,9 @@ class Daemon:
         with self.signal_handlers():
             try:
                 await service.start()
-                await control.start()
+                await self._start_control(control)
             except (RequestError, OSError) as exc:
-                message = exc.message if isinstance(exc, RequestError) else str(exc)
+                message = exc.message if isinstance(exc, RequestError) else describe(exc)
                 log.error("daemon.start_failed", error=message)
                 with contextlib.suppress(RequestError):
                     await service.stop(grace=0.1)
@@ -108,6 +108,13 @@ class Daemon:
                 service.close()
         log.info("daemon.exited")
         return 0
+
+    async def _start_control(self, control: ControlServer) -> None:
+        try:
+            await control.start()
+        except OSError as exc:
+            text = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"control socket {self.config.control}: {text}") from exc
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
@@ -201,6 +208,14 @@ class Daemon:
     async def _reload_quietly(self) -> None:
         with contextlib.suppress(RequestError):
             await self.reload()
+
+
+def describe(exc: OSError) -> str:
+    """An OSError as one line without the "[Errno N]" prefix, naming its file if it has one."""
+    text = exc.strerror or str(exc)
+    if exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text
 
 
 def _raise_fd_limit() -> None:

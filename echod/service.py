@@ -425,8 +425,12 @@ class Service:
                 sock.setblocking(False)
             except OSError as exc:
                 sock.close()
+                hint = ""
+                if exc.errno == errno.EACCES and self.config.port < 1024:
+                    hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)"
                 raise OSError(
-                    exc.errno, f"cannot listen on {host} port {self.config.port}: {exc.strerror}"
+                    exc.errno,
+                    f"cannot listen on {host} port {self.config.port}: {exc.strerror}{hint}",
                 ) from exc
             self.listeners.append(sock)
             self.loop.add_reader(sock.fileno(), self._on_accept, sock)
