@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ EXIT_PERMISSION = 4
 
 # Starting and stopping wait for listeners, BPF attach and connection draining.
 MUTATE_TIMEOUT = 60.0
+# A day: nobody waits longer for a reply, and socket timeouts overflow past about 9.2e9 s.
+MAX_TIMEOUT = 86400.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,6 +52,19 @@ def _options(ctx: click.Context, as_json: bool) -> Options:
     if as_json:
         opts.json = True
     return opts
+
+
+class Seconds(click.FloatRange):
+    """A FloatRange of seconds that also refuses NaN, which passes every bound check."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Convert and range-check `value`, then refuse NaN."""
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds.", param, ctx)
+        return seconds
 
 
 def _emit_json(obj: Any) -> None:
@@ -98,7 +115,13 @@ def _call(
     help="Control socket [env ECHOD_CONTROL; default /run/echod/control.sock as root, "
     "else $XDG_RUNTIME_DIR/echod/control.sock].",
 )
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per reply.")
+@click.option(
+    "--timeout",
+    type=Seconds(min=0, min_open=True, max=MAX_TIMEOUT),
+    default=10.0,
+    show_default=True,
+    help="Seconds per reply.",
+)
 @json_option
 @click.version_option(package_name="echod", prog_name="echoctl")
 @click.pass_context
@@ -139,7 +162,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @click.option(
     "--interval",
     "-i",
-    type=click.FloatRange(0.1, 60.0),
+    type=Seconds(0.1, 60.0),
     default=1.0,
     show_default=True,
     help="Seconds between updates.",
@@ -163,6 +186,18 @@ def watch(ctx: click.Context, interval: float, count: int | None, as_json: bool)
     except KeyboardInterrupt:
         # Ctrl-C is how a watch normally ends.
         pass
+    except BrokenPipeError:
+        # The reader went away (`echoctl watch | head -1`): as normal an end as Ctrl-C.
+        _discard_stdout()
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _watch_lines(stream: Any, count: int | None) -> None:

@@ -168,7 +168,7 @@ class ControlClient:
                 pass
             except (ValueError, msgpack.UnpackException) as exc:
                 self.close()
-                raise ControlError("protocol", f"undecodable reply: {exc}") from exc
+                raise ControlError("protocol", f"undecodable reply: {_describe(exc)}") from exc
             else:
                 if not _well_formed(frame):
                     self.close()
@@ -189,7 +189,20 @@ class ControlClient:
         if not data:
             self.close()
             raise ControlError("disconnected", f"the daemon closed {self.path}")
-        self._unpacker.feed(data)
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull as exc:
+            # The rest of the stream cannot be framed any more: give up on the connection.
+            self.close()
+            raise ControlError(
+                "protocol", f"reply from {self.path} exceeds {MAX_REPLY} bytes"
+            ) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    # msgpack's exceptions often have no message: the class name is then all there is.
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _well_formed(frame: Any) -> bool:

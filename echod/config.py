@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = 5.0
     kernel_backlog_limit: int = 32 * 1024 * 1024
+    kernel_backlog_total: int = 256 * 1024 * 1024
     bpf_object: str | None = None
     config_file: str | None = None
 
@@ -68,6 +70,17 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"log_format: {cfg.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     if cfg.kernel_backlog_limit < 65536:
         raise ConfigError(f"kernel_backlog_limit: {cfg.kernel_backlog_limit} is below 65536")
+    if cfg.kernel_backlog_total < cfg.kernel_backlog_limit:
+        raise ConfigError(
+            f"kernel_backlog_total: {cfg.kernel_backlog_total} is below kernel_backlog_limit"
+        )
+    for key in ("control_group", "admin_group"):
+        group = getattr(cfg, key)
+        if group is not None and not group.isdigit():
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ConfigError(f"{key}: no such group {group!r}") from None
     if cfg.shutdown_grace <= 0:
         raise ConfigError(f"shutdown_grace: {cfg.shutdown_grace} must be positive")
     return cfg

@@ -226,6 +226,9 @@ _SCHEMA: dict[tuple[str, str], _Key] = {
     ("", "kernel_backlog_limit"): _Key(
         "kernel_backlog_limit", "ECHOD_KERNEL_BACKLOG_LIMIT", lambda v: _int(v, 65536), _env_int
     ),
+    ("", "kernel_backlog_total"): _Key(
+        "kernel_backlog_total", "ECHOD_KERNEL_BACKLOG_TOTAL", lambda v: _int(v, 65536), _env_int
+    ),
     ("control", "path"): _Key("control", "ECHOD_CONTROL", _control),
     ("control", "group"): _Key("control_group", "ECHOD_CONTROL_GROUP", _group),
     ("control", "admin_group"): _Key("admin_group", "ECHOD_ADMIN_GROUP", _group),

@@ -37,6 +37,7 @@ ERROR_CODES = (
     "bad_state",
     "invalid_config",
     "not_supported",
+    "listen_failed",
     "busy",
     "internal",
 )
@@ -164,16 +165,35 @@ def validate_params(method: str, params: Any) -> dict[str, Any]:
     return {}
 
 
+def _valid_msgid(msgid: Any) -> bool:
+    # bool is an int subclass; True is not a msgid.
+    return not isinstance(msgid, bool) and isinstance(msgid, int) and 0 <= msgid < 2**32
+
+
+def request_msgid(frame: Any) -> int | None:
+    """The msgid of a frame that starts like a request `[0, msgid, ...]`, else None."""
+    if isinstance(frame, list | tuple) and len(frame) >= 2 and frame[0] == REQUEST:
+        if _valid_msgid(frame[1]):
+            return int(frame[1])
+    return None
+
+
 def parse_request(frame: Any) -> tuple[int, str, Any]:
     """Split a decoded request frame into (msgid, method, params) or raise invalid_request."""
     if not isinstance(frame, list | tuple) or len(frame) != 4 or frame[0] != REQUEST:
         raise RequestError("invalid_request", "expected a request [0, msgid, method, params]")
     _, msgid, method, params = frame
-    if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid < 2**32:
+    if not _valid_msgid(msgid):
         raise RequestError("invalid_request", "msgid must be an unsigned 32-bit integer")
     if not isinstance(method, str):
         raise RequestError("invalid_request", "method must be a string")
     return msgid, method, params
+
+
+def describe_exception(exc: BaseException) -> str:
+    """The class name of `exc`, and its message when it has one (msgpack's are often empty)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def is_admin(peer: PeerCred, own_uid: int, admin_gid: int | None) -> bool:
@@ -216,16 +236,25 @@ def _resolve_group(group: str | None) -> int | None:
 
 
 def _answers(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket at `path`."""
+    """Whether something accepts connections on the Unix socket at `path` (OSError: can't tell)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             return False
-        except TimeoutError:
-            # A full backlog still means a live listener.
+        except (BlockingIOError, TimeoutError):
+            # A full backlog (EAGAIN on a Unix socket) still means a live listener.
             return True
+        except OSError as exc:
+            # EACCES (a socket we may not connect to), EPROTOTYPE (a datagram socket), ...: we
+            # cannot tell whether it is in use, so it is not ours to remove.
+            raise OSError(
+                exc.errno,
+                f"{path} exists and cannot be probed ({exc.strerror or exc}); "
+                "not removing it: remove it by hand if no daemon uses it",
+                path,
+            ) from exc
     return True
 
 
@@ -436,7 +465,8 @@ class ControlServer:
                     break
                 except (ValueError, msgpack.UnpackException) as exc:
                     # Undecodable bytes leave no frame boundary to resync on.
-                    await self._fatal(conn, "invalid_request", f"undecodable frame: {exc}")
+                    message = f"undecodable frame: {describe_exception(exc)}"
+                    await self._fatal(conn, "invalid_request", message)
                     return
                 size, boundary = unpacker.tell() - boundary, unpacker.tell()
                 await self._handle(conn, frame, size)
@@ -456,11 +486,10 @@ class ControlServer:
                     discarded += len(data)
 
     async def _handle(self, conn: _Conn, frame: Any, size: int) -> None:
-        msgid: int | None = None
+        # Read first, so that every refusal of a frame that starts like a request carries it.
+        msgid = request_msgid(frame)
         try:
             if size > MAX_FRAME:
-                with contextlib.suppress(RequestError):
-                    msgid = parse_request(frame)[0]
                 raise RequestError("frame_too_large", f"frames are limited to {MAX_FRAME} B")
             msgid, method, params = parse_request(frame)
             if method not in self._handlers:

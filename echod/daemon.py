@@ -31,6 +31,7 @@ LIVE_KEYS = (
     "metrics",
     "shutdown_grace",
     "kernel_backlog_limit",
+    "kernel_backlog_total",
 )
 BACKLOG_CHECK = 0.1
 RESTART_KEYS = ("hosts", "port", "mode", "control", "control_group", "admin_group")
@@ -79,6 +80,7 @@ class Daemon:
             try:
                 await service.start()
                 await self._start_control(control)
+                self.metrics = self._start_metrics(self.config.metrics)
             except (RequestError, OSError) as exc:
                 message = exc.message if isinstance(exc, RequestError) else describe(exc)
                 log.error("daemon.start_failed", error=message)
@@ -87,7 +89,6 @@ class Daemon:
                 await control.close()
                 service.close()
                 return 1
-            self._start_metrics()
             systemd.ready(self.summary())
             log.info("daemon.ready", pid=service.status()["pid"], control=self.config.control)
             ticker = asyncio.create_task(self._tick())
@@ -133,7 +134,8 @@ class Daemon:
         last_watchdog = 0.0
         while True:
             self.service.sample_rates()
-            self._snapshot = self._take_snapshot()
+            if self.metrics is not None:
+                self._snapshot = self._take_snapshot()
             systemd.status(self.summary())
             now = time.monotonic()
             if interval is not None and now - last_watchdog >= interval:
@@ -147,15 +149,19 @@ class Daemon:
             await asyncio.sleep(BACKLOG_CHECK)
             self.service.check_kernel_paths()
 
-    def _start_metrics(self) -> None:
-        if not self.config.metrics:
-            return
+    def _start_metrics(self, address: str | None) -> Any:
+        """A metrics server on address (None: off); OSError names the address."""
+        if not address:
+            return None
         from echod import metrics
 
-        assert self.service is not None
         self._snapshot = self._take_snapshot()
-        self.metrics = metrics.start_metrics_server(self.config.metrics, self.metrics_snapshot)
-        log.info("metrics.listening", address=self.config.metrics)
+        try:
+            server = metrics.start_metrics_server(address, self.metrics_snapshot)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics address {address}: {describe(exc)}") from exc
+        log.info("metrics.listening", address=address)
+        return server
 
     def _stop_metrics(self) -> None:
         if self.metrics is not None:
@@ -187,22 +193,32 @@ class Daemon:
         assert self.service is not None
         systemd.reloading()
         try:
-            new = configmod.resolve(self.flags, self.config.config_file)
-        except configmod.ConfigError as exc:
-            log.error("config.reload_rejected", error=str(exc))
+            return self._reload()
+        except (configmod.ConfigError, OSError) as exc:
+            message = describe(exc) if isinstance(exc, OSError) else str(exc)
+            log.error("config.reload_rejected", error=message)
+            raise RequestError("invalid_config", message) from exc
+        finally:
             systemd.ready(self.summary())
-            raise RequestError("invalid_config", str(exc)) from exc
+
+    def _reload(self) -> dict[str, Any]:
+        assert self.service is not None
+        new = configmod.resolve(self.flags, self.config.config_file)
         applied = [k for k in LIVE_KEYS if getattr(new, k) != getattr(self.config, k)]
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
+        if "metrics" in applied:
+            # Bind the new address before anything is committed: a failure keeps the old state.
+            self._stop_metrics()
+            try:
+                self.metrics = self._start_metrics(new.metrics)
+            except OSError:
+                self.metrics = self._start_metrics(self.config.metrics)
+                raise
         self.service.apply_live(new)
         self.config = self.config.replace(**{k: getattr(new, k) for k in LIVE_KEYS})
         if "log_level" in applied or "log_format" in applied:
             logs.configure(new.log_level, new.log_format)
-        if "metrics" in applied:
-            self._stop_metrics()
-            self._start_metrics()
         log.info("config.reloaded", applied=applied, needs_restart=needs_restart)
-        systemd.ready(self.summary())
         return {"applied": applied, "needs_restart": needs_restart}
 
     async def _reload_quietly(self) -> None:

@@ -33,6 +33,9 @@ WRITE_LOW = 64 * 1024
 RECV_SIZE = 256 * 1024
 ACCEPT_BATCH = 64
 DRAIN_POLL = 0.002
+DRAIN_POLL_MAX = 0.1
+MIGRATE_TIMEOUT = 5.0
+GUARD_SLICE = 2000
 DRAIN_TIMEOUT = 10.0
 # struct tcp_info (uapi/linux/tcp.h): tcpi_bytes_acked at 120, tcpi_bytes_received at 128.
 _TCP_INFO_LEN = 136
@@ -104,6 +107,8 @@ class Connection:
         self.in_map = False
         self.passthru = False
         self.transport: asyncio.Transport | None = None
+        self.protocol: UserEcho | None = None
+        self.migrating = False
         self.reading = False
         self.writing = False
         self.out = bytearray()
@@ -212,54 +217,73 @@ class Connection:
             written = acked + _outq(self.sock)
         except OSError:
             return 0  # the socket is gone: nothing left to deliver
-        return max(received - (1 if self.eof else 0) - written, 0) + len(self.out)
+        # self.out was received and not yet written, so it is already in the difference.
+        return max(received - (1 if self.eof else 0) - written, 0)
 
     def drained(self) -> bool:
         """Every byte received has been written back to the socket (kernel and user paths)."""
-        return self.backlog() == 0
+        return not self.out and self.backlog() == 0
 
     async def finish(self, within: float = DRAIN_TIMEOUT) -> None:
         """Wait until all echo is written (bounded), then remove from the map and close."""
         deadline = time.monotonic() + within
+        pause = DRAIN_POLL
         while not self.closed and not self.drained():
             if time.monotonic() >= deadline:
-                log.warning("conn.drain_timeout", peer=self.peer, pending=len(self.out))
+                log.warning("conn.drain_timeout", peer=self.peer, pending=self.backlog())
                 break
-            await asyncio.sleep(DRAIN_POLL)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, DRAIN_POLL_MAX)  # a peer that never reads costs little
         self.close(reason="eof" if self.eof else "shutdown")
 
     # -- user path ----------------------------------------------------------------------------
 
     async def serve_user(self) -> None:
-        """Hand the socket to a uvloop transport that echoes it."""
-        loop = self.svc.loop
-        self.transport, _ = await loop.connect_accepted_socket(lambda: UserEcho(self), self.sock)
+        """Hand the socket to a uvloop transport that echoes it (UserEcho sets self.transport)."""
+        transport, _ = await self.svc.loop.connect_accepted_socket(
+            lambda: UserEcho(self), self.sock
+        )
+        if self.closed:  # stopped while the transport was being made
+            transport.abort()
 
-    async def to_kernel(self, kernel: KernelEcho) -> bool:
+    def set_migrating(self, on: bool) -> None:
+        """Hold reading off while a move to the kernel waits for the write buffer to empty."""
+        self.migrating = on
+        if self.transport is not None and self.protocol is not None:
+            self.protocol.update_reading()
+
+    async def to_kernel(self, kernel: KernelEcho, deadline: float) -> bool:
         """Move a user-path connection to the kernel: flush, detach the transport, insert."""
         tr = self.transport
         if tr is None or self.closed or tr.is_closing():
             return False
-        tr.pause_reading()
-        for _ in range(int(5.0 / DRAIN_POLL)):
-            if not tr.get_write_buffer_size() or self.closed:
-                break
-            await asyncio.sleep(DRAIN_POLL)
-        if self.closed or tr.get_write_buffer_size():
-            tr.resume_reading()
-            return False
-        # uvloop owns the fd now and closes it with the transport: keep a dup to stay connected.
-        self.sock = socket.socket(fileno=os.dup(self.fd))
-        self.fd = self.sock.fileno()
-        self.transport = None
+        self.set_migrating(True)
+        try:
+            while tr.get_write_buffer_size() and not self.closed:
+                if time.monotonic() >= deadline:
+                    return False  # the peer is not reading: it stays on the user path
+                await asyncio.sleep(DRAIN_POLL)
+            if self.closed:
+                return False
+            # uvloop owns the fd and closes it with the transport: keep a dup to stay connected.
+            try:
+                sock = socket.socket(fileno=os.dup(self.fd))
+            except OSError as exc:
+                log.warning("conn.migrate_failed", peer=self.peer, error=str(exc))
+                return False
+        finally:
+            self.set_migrating(False)
+        self.sock, self.fd = sock, sock.fileno()
+        self.transport = self.protocol = None
         tr.abort()
         try:
             kernel.add(self.sock)
         except OSError as exc:
             log.info("conn.migrate_failed", peer=self.peer, error=str(exc))
-            self.svc.loop.create_task(self.serve_user())
+            self.svc.loop.create_task(self.svc.serve_user(self))
             return False
         self.in_map = True
+        self.svc.in_map += 1
         self.watch()
         return True
 
@@ -276,9 +300,11 @@ class Connection:
         self.closed = True
         self._unwatch()
         self._unwrite()
-        if self.in_map and self.svc.kernel is not None:
-            with contextlib.suppress(KeyError, OSError):
-                self.svc.kernel.remove(self.sock)
+        if self.in_map:
+            self.svc.in_map -= 1
+            if self.svc.kernel is not None:
+                with contextlib.suppress(KeyError, OSError):
+                    self.svc.kernel.remove(self.sock)
         if self.transport is not None:
             self.transport.abort()  # closes the fd it took over
             self.transport = None
@@ -295,10 +321,15 @@ class UserEcho(asyncio.Protocol):
         self.conn = conn
         self.svc = conn.svc
         self.transport: asyncio.Transport | None = None
+        self.write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        if self.conn.closed:  # stopped before the transport was ready
+            self.transport.abort()
+            return
+        self.conn.transport, self.conn.protocol = self.transport, self
         self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
     def data_received(self, data: bytes) -> None:
@@ -306,21 +337,29 @@ class UserEcho(asyncio.Protocol):
         self.transport.write(data)
         self.svc.count_user(len(data))
 
-    def pause_writing(self) -> None:
+    def update_reading(self) -> None:
+        """Read only while neither flow control nor a migration holds reading off."""
         assert self.transport is not None
-        self.transport.pause_reading()
+        if self.write_paused or self.conn.migrating:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.update_reading()
 
     def resume_writing(self) -> None:
-        assert self.transport is not None
-        self.transport.resume_reading()
+        self.write_paused = False
+        self.update_reading()
 
     def eof_received(self) -> bool:
         # Falsy: the transport closes once what is buffered has been written.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn.transport is self.transport:
-            self.conn.transport = None
+        if self.conn.transport is self.transport and self.transport is not None:
+            self.conn.transport = self.conn.protocol = None
             self.conn.close(reason="reset" if exc else "eof")
 
 
@@ -344,6 +383,9 @@ class Service:
         self.started_at = time.monotonic()
         self.limiter = RateLimited()
         self.hangups = HangupWatcher(self.loop)
+        self.in_map = 0  # connections whose socket is in the sockhash (kernel or pass-through)
+        self._backlogs: dict[Connection, int] = {}
+        self._guard_next = 0
         self._lock = asyncio.Lock()
         self._rates: dict[str, float] = {}
         self._last_sample: tuple[float, dict[str, int]] | None = None
@@ -356,18 +398,23 @@ class Service:
         async with self._lock:
             if self.state != "stopped":
                 raise RequestError("bad_state", f"already {self.state}")
+            previous = (self.config, self.requested_mode)
             if port is not None:
                 self.config = self.config.replace(port=port)
             self.requested_mode = mode or self.requested_mode
             self.state = "starting"
             try:
                 self._enter_mode(self.requested_mode)
-                self._listen()
+                try:
+                    self._listen()
+                except OSError as exc:
+                    raise RequestError("listen_failed", exc.strerror or str(exc)) from exc
             except BaseException:
                 self._close_listeners()
                 self._maybe_unload(force=True)
                 self.state = "stopped"
                 self.mode = None
+                self.config, self.requested_mode = previous
                 raise
             self.state = "serving"
             log.info(
@@ -404,7 +451,7 @@ class Service:
         """Unload the BPF object when nothing uses it any more."""
         if self.kernel is None:
             return
-        if force or (self.mode != "kernel" and not any(c.in_map for c in self.conns)):
+        if force or (self.mode != "kernel" and not self.in_map):
             self.kernel.close()
             self.kernel = None
 
@@ -456,7 +503,8 @@ class Service:
         conns = list(self.conns)
         for conn in conns:
             if conn.in_map:
-                conn._unwatch()
+                if not conn.passthru:  # a pass-through socket is still read, so it can drain
+                    conn._unwatch()
                 self.loop.create_task(conn.finish(within=grace))
             elif conn.transport is not None:
                 conn.transport.close()  # flushes what is buffered, then connection_lost
@@ -490,14 +538,14 @@ class Service:
             if self.state != "serving":
                 raise RequestError("bad_state", f"cannot restart while {self.state}")
             target = mode or self.requested_mode
-            old = self.mode
-            self.requested_mode = target
-            previous_reason = self.fallback_reason
+            old, previous = self.mode, (self.requested_mode, self.fallback_reason)
             try:
                 self._enter_mode(target)
             except RequestError:
-                self.mode, self.fallback_reason = old, previous_reason
+                self.mode = old
+                self.requested_mode, self.fallback_reason = previous
                 raise
+            self.requested_mode = target
             moved = 0
             if self.mode == "kernel" and old != "kernel":
                 moved = await self._migrate_to_kernel()
@@ -514,12 +562,12 @@ class Service:
             return self.status()
 
     async def _migrate_to_kernel(self) -> int:
-        assert self.kernel is not None
-        moved = 0
-        for conn in list(self.conns):
-            if conn.transport is not None and await conn.to_kernel(self.kernel):
-                moved += 1
-        return moved
+        """Move every user-path connection at once, under one deadline."""
+        kernel = self.kernel
+        assert kernel is not None
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        movers = [c.to_kernel(kernel, deadline) for c in list(self.conns) if c.transport]
+        return sum(await asyncio.gather(*movers))
 
     def _migrate_to_user(self) -> int:
         assert self.kernel is not None
@@ -581,15 +629,17 @@ class Service:
             try:
                 self.kernel.add(sock)
                 conn.in_map = True
+                self.in_map += 1
                 conn.watch()
                 return
             except OSError as exc:
                 # EOPNOTSUPP: the peer already sent FIN or RST, so the socket left ESTABLISHED.
                 self.counts["insert_failed"] += 1
                 self._log_limited("conn.insert_failed", peer=peer, error=exc.strerror)
-        self.loop.create_task(self._serve_user(conn))
+        self.loop.create_task(self.serve_user(conn))
 
-    async def _serve_user(self, conn: Connection) -> None:
+    async def serve_user(self, conn: Connection) -> None:
+        """Serve conn on the user path; a failure closes it (and is logged, rate-limited)."""
         try:
             await conn.serve_user()
         except (OSError, ValueError) as exc:  # ValueError: closed by a stop meanwhile
@@ -604,6 +654,7 @@ class Service:
 
     def forget(self, conn: Connection, reason: str) -> None:
         """Called once by Connection.close()."""
+        self._backlogs.pop(conn, None)
         if conn in self.conns:
             self.conns.remove(conn)
             self.counts["closed"] += 1
@@ -623,20 +674,39 @@ class Service:
 
         A socket with unwritten echo is read: on a healthy psock the read finds nothing (the
         recvmsg of a verdict socket only returns what the verdict passed up), while bytes that
-        missed the redirect, or a socket that left the map, are echoed here. A socket whose
-        unwritten echo exceeds kernel_backlog_limit is reset (see Connection.backlog()).
+        missed the redirect, or a socket that left the map, are echoed here. The kernel does
+        not bound a psock's queue, so a socket whose unwritten echo exceeds kernel_backlog_limit
+        is reset, and so are the largest ones while the sum exceeds kernel_backlog_total.
+        Each call checks at most GUARD_SLICE sockets, round robin, to bound the loop's work.
         """
+        watched = self.hangups.watched()
+        if not watched:
+            self._backlogs.clear()
+            return
+        start = self._guard_next % len(watched)
+        batch = (watched[start:] + watched[:start])[:GUARD_SLICE]
+        self._guard_next = start + len(batch)
         limit = self.config.kernel_backlog_limit
-        for conn in self.hangups.watched():
+        for conn in batch:
             pending = conn.backlog()
             if pending > limit:
-                self.counts["aborted_backlog"] += 1
-                self._log_limited(
-                    "conn.backlog_exceeded", peer=conn.peer, pending=pending, limit=limit
-                )
-                conn.abort(reason="backlog")
+                self._abort_backlog(conn, pending, "connection")
             elif pending:
+                self._backlogs[conn] = pending
                 conn.read_available()
+            else:
+                self._backlogs.pop(conn, None)
+        total = sum(self._backlogs.values())
+        for conn, pending in sorted(self._backlogs.items(), key=lambda kv: -kv[1]):
+            if total <= self.config.kernel_backlog_total:
+                break
+            total -= pending
+            self._abort_backlog(conn, pending, "total")
+
+    def _abort_backlog(self, conn: Connection, pending: int, limit: str) -> None:
+        self.counts["aborted_backlog"] += 1
+        self._log_limited("conn.backlog_exceeded", peer=conn.peer, pending=pending, limit=limit)
+        conn.abort(reason="backlog")
 
     def count_user(self, nbytes: int) -> None:
         """Account bytes echoed in user space."""
@@ -736,7 +806,7 @@ def process_figures() -> dict[str, Any]:
     with proc.oneshot():
         cpu = proc.cpu_times()
         ctx = proc.num_ctx_switches()
-        mem = proc.memory_full_info() if hasattr(proc, "memory_full_info") else proc.memory_info()
+        mem = proc.memory_info()
         faults = _page_faults()
         return {
             "cpu_percent": proc.cpu_percent(interval=None),

@@ -202,3 +202,41 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert json.loads(r.stdout)["error"]["code"] == "usage"
     assert echoctl(path, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e300", "x"])
+def test_timeout_out_of_range_is_a_usage_error(tmp_path: Path, timeout: str) -> None:
+    path = str(tmp_path / "nothing.sock")
+    r = echoctl(path, "--timeout", timeout, "status")
+    assert r.returncode == 2, r
+    assert "Invalid value for '--timeout'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = echoctl(path, "--json", "--timeout", timeout, "status")
+    assert r.returncode == 2, r
+    assert json.loads(r.stdout)["error"]["code"] == "usage"
+
+
+def test_watch_ends_quietly_when_the_reader_goes(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    # `echoctl watch | head -1`: the reader takes one line and closes the pipe.
+    with subprocess.Popen(
+        [ECHOCTL, "--control", d.control, "watch", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        json.loads(proc.stdout.readline())
+        proc.stdout.close()
+        try:
+            code = proc.wait(10)
+        finally:
+            proc.kill()
+        stderr = proc.stderr.read()
+    assert code == 0
+    assert stderr == ""
+    deadline = time.monotonic() + 10
+    while d.status()["control"]["watchers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -129,10 +129,18 @@ def test_garbage_truncated_and_oversize(echod_factory: Factory) -> None:
     # 0xc1 is never valid MessagePack: one error reply (no msgid), then the daemon hangs up.
     replies = raw_exchange(d.control, b"\xc1\x00garbage", want=2)
     assert [r[:2] for r in replies] == [[1, None]]
-    assert replies[0][2]["code"] == "invalid_request"
+    assert replies[0][2] == {"code": "invalid_request", "message": "undecodable frame: FormatError"}
     # Bytes that decode but are not requests get a reply each, and the connection stays.
     replies = raw_exchange(d.control, b"\x01\x02" + msgpack.packb([0, 5, "status", {}]), want=3)
     assert [r[2] and r[2]["code"] for r in replies] == ["invalid_request", "invalid_request", None]
+    # A request that is malformed past its msgid is refused under that msgid.
+    frames = [[0, 5, 7, {}], [0, 6, "status"], [0, 7, "status", {}]]
+    replies = raw_exchange(d.control, b"".join(msgpack.packb(f) for f in frames), want=3)
+    assert [(r[1], r[2] and r[2]["code"]) for r in replies] == [
+        (5, "invalid_request"),
+        (6, "invalid_request"),
+        (7, None),
+    ]
     # A truncated frame followed by a hang-up is simply dropped.
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(d.control)
@@ -223,6 +231,23 @@ def test_second_daemon_on_same_socket_is_refused(echod_factory: Factory, tmp_pat
     other = echod_factory(mode="user", args=["--control", d.control], wait=False)
     assert other.proc.wait(15) != 0
     other.proc.returncode = 0  # reported; keep the factory's clean-exit check for `d`
+    still_serving(d)
+
+
+def test_daemon_that_may_not_probe_the_socket_leaves_it(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    with reachable_by_others(d.control):
+        # The live daemon's socket is root:root 0660, so nobody's probe connect gets EACCES.
+        other = echod_factory(
+            mode="user",
+            args=["--control", d.control],
+            wait=False,
+            prefix=["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"],
+        )
+        assert other.proc.wait(15) != 0
+    other.proc.returncode = 0  # reported; keep the factory's clean-exit check for `d`
+    assert f"{d.control} exists and cannot be probed (Permission denied)" in other.log()
+    assert "Traceback" not in other.log()
     still_serving(d)
 
 

@@ -129,3 +129,53 @@ def test_restart_to_user_unloads_bpf_when_connections_close(
     while d.status()["bpf"]["attached"]:
         assert time.monotonic() < deadline, "BPF still loaded after the last connection closed"
         time.sleep(0.05)
+
+
+def test_restart_with_a_peer_that_never_reads_stays_bounded(
+    echod_factory: Callable[..., Echod],
+) -> None:
+    """A user-path peer that never reads cannot be moved (its buffer never drains); flow
+    control must still hold, and the switch must finish within its deadline."""
+    require_bpf()
+    d = echod_factory(mode="user")
+    hog = connect("127.0.0.1", d.port)
+    hog.setblocking(False)
+    chunk = os.urandom(65536)
+    sent = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # fill until pushed back
+        try:
+            sent += hog.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    rss_before = d.stats()["process"]["rss_bytes"]
+    began = time.monotonic()
+    st = d.call("restart", {"mode": "kernel"})
+    assert time.monotonic() - began < 10
+    assert st["connections_by_path"] == {"kernel": 0, "user": 1}
+    pushed = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and pushed < 64 * 1024 * 1024:
+        try:
+            pushed += hog.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    assert pushed < 16 * 1024 * 1024, "flow control was lost by the failed migration"
+    assert d.stats()["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
+    hog.close()
+
+
+def test_stop_drains_a_pass_through_connection_promptly(
+    echod_factory: Callable[..., Echod],
+) -> None:
+    d = echod_factory(mode="kernel")
+    with connect("127.0.0.1", d.port) as sock:
+        sock.sendall(b"abc")
+        assert recv_exact(sock, 3) == b"abc"
+        d.call("restart", {"mode": "user"})
+        sock.sendall(b"defg")
+        assert recv_exact(sock, 4) == b"defg"
+        began = time.monotonic()
+        d.call("stop")
+        assert time.monotonic() - began < 2.0, "stop waited out the grace period"
+        assert sock.recv(1) == b""

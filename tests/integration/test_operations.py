@@ -206,3 +206,87 @@ def test_unprivileged_port_needs_no_extra_capability(tmp_path: Path) -> None:
     d = spawn(tmp_path, "user", ["--host", "192.0.2.1"], wait=False)
     assert d.proc.wait(20) == 1
     assert "cannot listen on 192.0.2.1" in d.log()
+
+
+def test_busy_metrics_port_fails_start_cleanly(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        d = spawn(tmp_path, "user", ["--metrics", f"127.0.0.1:{port}"], wait=False)
+        assert d.proc.wait(20) == 1
+    assert f"metrics address 127.0.0.1:{port}" in d.log()
+    assert "Traceback" not in d.log()
+    assert not Path(d.control).exists()
+
+
+def test_reload_to_a_busy_metrics_port_keeps_the_old_one(
+    echod_factory: Callable[..., Echod], tmp_path: Path
+) -> None:
+    old = free_port()
+    cfg = write_config(tmp_path / "echod.toml", f'[metrics]\naddress = "127.0.0.1:{old}"\n')
+    d = echod_factory(mode="user", args=["--config", str(cfg)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        write_config(cfg, f'[metrics]\naddress = "127.0.0.1:{busy}"\n')
+        proc = subprocess.run(
+            [str(BIN / "echoctl"), "--control", d.control, "--json", "reload"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    assert '"invalid_config"' in proc.stdout
+    assert scrape(old)["echod_mode{mode=user}"] == 1  # the old endpoint still serves
+    write_config(cfg, f'[metrics]\naddress = "127.0.0.1:{old}"\n')
+    assert d.call("reload")["applied"] == []
+
+
+def test_unknown_control_group_is_a_config_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "echod.toml", '[control]\ngroup = "nosuchgroupxyz"\n')
+    proc = subprocess.run(
+        [str(BIN / "echod"), "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert "nosuchgroupxyz" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_total_kernel_backlog_is_bounded(
+    echod_factory: Callable[..., Echod], tmp_path: Path
+) -> None:
+    """Peers that each stay under the per-connection limit are reset, largest first, once their
+    sum passes kernel_backlog_total."""
+    mib = 1024 * 1024
+    cfg = write_config(
+        tmp_path / "echod.toml",
+        f"kernel_backlog_limit = {16 * mib}\nkernel_backlog_total = {16 * mib}\n",
+    )
+    d = echod_factory(mode="kernel", args=["--config", str(cfg)])
+    hogs = []
+    for _ in range(3):
+        hog = connect("127.0.0.1", d.port)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, hold little
+        hog.setblocking(False)
+        sent = 0
+        chunk = os.urandom(65536)
+        deadline = time.monotonic() + 5
+        # Up to ~4 MiB of echo sits in the daemon's send buffer, which counts as written.
+        while sent < 12 * mib and time.monotonic() < deadline:
+            try:
+                sent += hog.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.005)
+        hogs.append(hog)
+    deadline = time.monotonic() + 5
+    while d.stats()["connections"]["aborted_backlog"] < 1:
+        assert time.monotonic() < deadline, "the total backlog was never bounded"
+        time.sleep(0.05)
+    assert d.stats()["connections"]["aborted_backlog"] <= 2
+    assert "conn.backlog_exceeded" in d.log()
+    with connect("127.0.0.1", d.port) as other:
+        roundtrip(other, b"others are still served")
+    for hog in hogs:
+        hog.close()

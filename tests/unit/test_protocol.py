@@ -6,12 +6,14 @@ The server here drives a small in-test fake target; tests/integration uses the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import msgpack
 import pytest
 import uvloop
 
+from echoctl import client as client_module
 from echoctl.client import ControlClient, ControlError, DaemonUnreachable
 from echod import control
 from echod.control import ControlServer, PeerCred, is_admin, validate_params
@@ -125,6 +128,38 @@ def test_parse_request_rejects(frame: Any) -> None:
     with pytest.raises(RequestError) as info:
         control.parse_request(frame)
     assert info.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("frame", "msgid"),
+    [
+        ([0, 5, 7, {}], 5),
+        ([0, 5, "status"], 5),
+        ([0, 6], 6),
+        ([0, 2**32 - 1, "status", {}, "extra"], 2**32 - 1),
+        ((0, 8, "status", {}), 8),
+        ([0, -1, "status", {}], None),
+        ([0, 2**32, "status", {}], None),
+        ([0, True, "status", {}], None),
+        ([0, "5", "status", {}], None),
+        ([1, 5, None, None], None),
+        ([9, 9, 9], None),
+        ([0], None),
+        ({"0": 5}, None),
+        (7, None),
+    ],
+)
+def test_request_msgid(frame: Any, msgid: int | None) -> None:
+    assert control.request_msgid(frame) == msgid
+
+
+def test_describe_exception_names_the_class() -> None:
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(b"\xc1")
+    with pytest.raises(msgpack.FormatError) as info:
+        unpacker.unpack()
+    assert control.describe_exception(info.value) == "FormatError"
+    assert control.describe_exception(ValueError("bad")) == "ValueError: bad"
 
 
 def test_is_admin() -> None:
@@ -268,6 +303,8 @@ def test_error_replies_keep_connection(srv: Running) -> None:
             [0, 3, "watch", {"interval": 0}],
             7,
             [9, 9, 9],
+            [0, 5, 7, {}],
+            [0, 6, "status"],
             [0, 4, "status", []],
         ]
         s.sendall(b"".join(msgpack.packb(f) for f in frames))
@@ -282,9 +319,12 @@ def test_error_replies_keep_connection(srv: Running) -> None:
         "invalid_params",
         "invalid_request",
         "invalid_request",
+        "invalid_request",
+        "invalid_request",
         None,
     ]
-    assert [r[1] for r in replies] == [1, 2, 3, None, None, 4]
+    # A readable msgid is carried even when the rest of the request is not.
+    assert [r[1] for r in replies] == [1, 2, 3, None, None, 5, 6, 4]
 
 
 def _drain_until_closed(s: socket.socket) -> list[Any]:
@@ -301,7 +341,7 @@ def test_undecodable_bytes_get_error_then_close(srv: Running) -> None:
         s.sendall(b"\xc1garbage")  # 0xc1 is never valid MessagePack
         replies = _drain_until_closed(s)
     assert replies == [
-        [1, None, {"code": "invalid_request", "message": replies[0][2]["message"]}, None]
+        [1, None, {"code": "invalid_request", "message": "undecodable frame: FormatError"}, None]
     ]
     with ControlClient(srv.path) as c:
         assert c.call("status")["state"] == "serving"
@@ -421,6 +461,39 @@ def test_refuses_to_start_over_a_live_daemon(srv: Running) -> None:
         assert c.call("status")["state"] == "serving"
 
 
+def test_refuses_over_a_live_daemon_with_a_full_backlog(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    with socket.socket(socket.AF_UNIX) as live, socket.socket(socket.AF_UNIX) as queued:
+        live.bind(path)
+        live.listen(0)
+        queued.connect(path)  # fills the backlog: the probe's connect gets EAGAIN
+        server = ControlServer(path, FakeTarget())
+        with pytest.raises(OSError, match="another daemon answers"):
+            uvloop.run(server.start())
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+def test_refuses_a_socket_it_may_not_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+
+    def denied(self: socket.socket, address: Any) -> None:
+        # What a non-root daemon gets for another user's 0660 socket (root bypasses the mode).
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", denied)
+    server = ControlServer(str(path), FakeTarget())
+    with pytest.raises(
+        OSError, match=r"cannot be probed \(Permission denied\); not removing"
+    ) as info:
+        uvloop.run(server.start())
+    assert info.value.errno == 13
+    assert str(path) in str(info.value)
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+
 def test_refuses_non_socket_path(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     path.write_text("not a socket")
@@ -435,3 +508,54 @@ def test_unreachable(tmp_path: Path) -> None:
         ControlClient(str(tmp_path / "none.sock")).call("status")
     assert info.value.code == "unreachable"
     assert str(tmp_path / "none.sock") in info.value.message
+
+
+@contextmanager
+def one_reply_server(path: str, payload: bytes) -> Iterator[None]:
+    """Answer the first request on `path` with `payload`, whatever it is, then wait for EOF."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(65536)
+                conn.sendall(payload)
+                while conn.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=15)
+        listener.close()
+
+
+def test_client_undecodable_reply_names_the_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    with one_reply_server(path, b"\xc1"), ControlClient(path, timeout=5) as c:
+        with pytest.raises(ControlError) as info:
+            c.call("status")
+    assert info.value.code == "protocol"
+    assert info.value.message == "undecodable reply: FormatError"
+
+
+def test_client_reply_over_its_buffer_is_a_protocol_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_REPLY", 1024)
+    path = str(tmp_path / "c.sock")
+    # An array of 15 strings with only 14 sent: never a whole frame, always over the buffer.
+    payload = b"\x9f" + (b"\xd9\xff" + b"x" * 255) * 14
+    with one_reply_server(path, payload), ControlClient(path, timeout=5) as c:
+        with pytest.raises(ControlError) as info:
+            c.call("status")
+        assert c._sock is None  # the stream cannot be resynchronised: it was closed
+    assert info.value.code == "protocol"
+    assert info.value.message == f"reply from {path} exceeds 1024 bytes"
