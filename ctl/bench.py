@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from echoctl.client import ControlClient
 from echoctl.histogram import Histogram
 from echoctl.sysstat import cpu_count, machine_cpu, own_cpu
 
@@ -73,6 +74,9 @@ class BenchConfig:
             raise ValueError(f"duration must be in (0, {MAX_RUN_S:g}] seconds")
         if self.qps and self.pattern == "stream":
             raise ValueError("--qps applies to ping-pong only; stream keeps the pipe full")
+        if self.warmup and self.duration is None:
+            # A run by rounds would spend its rounds in the warm-up and measure nothing.
+            raise ValueError("--warmup needs --duration")
 
     def rounds_limit(self) -> int:
         """Return the rounds per connection; a run by duration is bounded by time only."""
@@ -166,6 +170,14 @@ class _ShortRead(Exception):
     """The peer closed the connection in the middle of an echo."""
 
 
+class _ExtraBytes(Exception):
+    """The peer sent back more bytes than were sent to it."""
+
+
+class _Orphaned(Exception):
+    """The parent process is gone: nobody will read the figures, so the worker stops."""
+
+
 @dataclass
 class _Counters:
     requests: int = 0
@@ -227,6 +239,9 @@ class _Worker:
         self.next_progress = 0
         self.stop_flag: Any = None
         self.cpu_start = own_cpu()
+        self.parent_pid = os.getppid()
+        self.warmup_errors = 0  # failures and mismatches before measuring; kept across the switch
+        self.alive = 0  # connections still open when the run ended
 
     # -- setup
 
@@ -259,22 +274,36 @@ class _Worker:
         self.stop_flag = stop_flag
         self.cpu_start = own_cpu()
 
-    def start_measuring(self) -> None:
-        """Drop what the warm-up collected."""
+    def start_measuring(self, now: int) -> None:
+        """Drop what the warm-up collected and measure from `now`, the moment of the switch."""
         self.counters = _Counters()
         self.hist.reset()
         self.raw_hist.reset()
         self.measuring = True
+        # Elapsed time, CPU and stream byte marks all start here, so that nothing done between
+        # the planned start and this check is dropped from the counts but kept in the time.
+        self.measure_ns = now
+        length = self.cfg.duration if self.cfg.duration is not None else MAX_RUN_S
+        self.end_ns = now + int(length * 1e9)
+        self.next_progress = now + PROGRESS_NS
         self.cpu_start = own_cpu()
+
+    def next_check(self, now: int) -> int:
+        """Return when the hot loop should next call duties(): at the switch, if that is sooner."""
+        if not self.measuring:
+            return min(now + CHECK_NS, self.measure_ns)
+        return now + CHECK_NS
 
     def duties(self, now: int, lat: list[int], raw: list[int] | None) -> bool:
         """Do the clock-driven chores; return False when the run must end."""
+        if os.getppid() != self.parent_pid:
+            raise _Orphaned()
         if not self.measuring:
             lat.clear()
             if raw is not None:
                 raw.clear()
             if now >= self.measure_ns:
-                self.start_measuring()
+                self.start_measuring(now)
             return not self.stop_flag.value
         self.fold(lat, raw)
         if self.cfg.progress and now >= self.next_progress:
@@ -304,11 +333,14 @@ class _Worker:
             "raw_hist": self.raw_hist.to_sparse() if self.rate else None,
             "cpu_user_s": cpu.user_s,
             "cpu_system_s": cpu.system_s,
+            "warmup_errors": self.warmup_errors,
+            "connections_alive": self.alive,
         }
 
     def count_failure(self, exc: BaseException) -> None:
         """Classify a failed connection; it is dropped, never retried silently."""
         if not self.measuring:
+            self.warmup_errors += 1
             return
         c = self.counters
         if isinstance(exc, _ShortRead):
@@ -320,11 +352,24 @@ class _Worker:
         else:
             c.other_errors += 1
 
+    def count_mismatch(self) -> None:
+        """Count an echo that differs from what was sent."""
+        if self.measuring:
+            self.counters.mismatches += 1
+        else:
+            self.warmup_errors += 1
+
     # -- ping-pong
 
-    def payloads(self) -> list[list[bytes]]:
-        """Return payload[round % N][connection]: fresh random bytes for each connection."""
-        return [[os.urandom(self.cfg.size) for _ in self.socks] for _ in range(PAYLOADS_PER_CONN)]
+    def payloads(self) -> list[bytes]:
+        """Return one connection's payloads: random, and consecutive ones always differ."""
+        size = self.cfg.size
+        first = os.urandom(1)[0]
+        # Random bytes alone may repeat (one byte in 256 at -s 1); a distinct first byte per
+        # payload makes every round's echo tell the previous round's apart.
+        return [
+            bytes([(first + k) & 0xFF]) + os.urandom(size - 1) for k in range(PAYLOADS_PER_CONN)
+        ]
 
     def finish_recv(self, sock: socket.socket, buf: bytearray, got: int, expect: bytes) -> None:
         """Complete a short first read, then compare; raises on EOF or socket errors."""
@@ -337,8 +382,8 @@ class _Worker:
             if n == 0:
                 raise _ShortRead()
             got += n
-        if buf != expect and self.measuring:
-            self.counters.mismatches += 1
+        if buf != expect:
+            self.count_mismatch()
 
     def careful_recv(self, i: int, buf: bytearray, expect: bytes, dead: set[int]) -> int | None:
         """Receive one echo on connection i outside the hot loop; return the time or None."""
@@ -350,10 +395,12 @@ class _Worker:
             return None
         return time.monotonic_ns()
 
-    def drop(self, dead: set[int]) -> None:
-        """Close and forget the connections that failed."""
+    def drop(self, dead: set[int], *parallel: list[Any]) -> None:
+        """Close and forget the connections that failed, with their entries in `parallel`."""
         for i in sorted(dead, reverse=True):
             self.socks.pop(i).close()
+            for items in parallel:
+                items.pop(i)
 
     def run_pingpong(self) -> None:
         """Ping-pong at full speed: a round sends on every connection, then reads every echo."""
@@ -363,12 +410,14 @@ class _Worker:
         buf = bytearray(size)
         lat: list[int] = []
         mask = PAYLOADS_PER_CONN - 1
+        mine = [self.payloads() for _ in self.socks]
         r = 0
         while self.socks and r < rounds:
             socks = self.socks
-            sends = [s.send for s in socks]
+            # sendall: a blocking send may still return short when SO_SNDTIMEO expires mid-way.
+            sends = [s.sendall for s in socks]
             recvs = [s.recv_into for s in socks]
-            table = self.payloads()
+            table = [[p[k] for p in mine] for k in range(PAYLOADS_PER_CONN)]
             idx = range(len(socks))
             t_send = [0] * len(socks)
             check_at = now()
@@ -407,11 +456,11 @@ class _Worker:
                     self.fold(lat, None)
                 t = now()
                 if t >= check_at:
-                    check_at = t + CHECK_NS
+                    check_at = self.next_check(t)
                     if not self.duties(t, lat, None):
                         r = rounds
             if dead:
-                self.drop(dead)
+                self.drop(dead, mine)
                 self.fold(lat, None)
                 if not self.duties(now(), lat, None):
                     break
@@ -427,14 +476,16 @@ class _Worker:
         buf = bytearray(size)
         lat: list[int] = []
         raw: list[int] = []
-        table = self.payloads()
+        mask = PAYLOADS_PER_CONN - 1
+        mine = [self.payloads() for _ in self.socks]
+        turn = [0] * len(self.socks)  # requests sent so far on each connection: its rotation
         limit = self.cfg.rounds_limit() * len(self.socks)
         n = 0
         check_at = 0
         while self.socks and n < limit:
             t = now()
             if t >= check_at:
-                check_at = t + CHECK_NS
+                check_at = self.next_check(t)
                 if not self.duties(t, lat, raw):
                     break
             k = len(self.socks)
@@ -442,22 +493,23 @@ class _Worker:
             if due <= 0:
                 sched.wait_until(min(sched.intended(n), check_at))
                 continue
-            base = n % k
-            batch = [(base + j) % k for j in range(due)]
-            cur = table[(n // k) % PAYLOADS_PER_CONN]
-            sent: list[tuple[int, int, int]] = []
+            sent: list[tuple[int, bytes, int, int]] = []
             dead: set[int] = set()
-            for j, c in enumerate(batch):
+            for j in range(due):
+                c = (n + j) % k
+                # Chosen per request: a batch may wrap round to a connection it already served.
+                payload = mine[c][turn[c] & mask]
+                turn[c] += 1
                 t_send = now()
                 try:
-                    self.socks[c].send(cur[c])
+                    self.socks[c].sendall(payload)
                 except OSError as exc:
                     self.count_failure(exc)
                     dead.add(c)
                     continue
-                sent.append((c, sched.intended(n + j), t_send))
-            for c, intended, t_send in sent:
-                done = self.careful_recv(c, buf, cur[c], dead)
+                sent.append((c, payload, sched.intended(n + j), t_send))
+            for c, payload, intended, t_send in sent:
+                done = self.careful_recv(c, buf, payload, dead)
                 if done is not None:
                     lat.append(done - intended)
                     raw.append(done - t_send)
@@ -465,7 +517,7 @@ class _Worker:
             if len(lat) >= FOLD_AT:
                 self.fold(lat, raw)
             if dead:
-                self.drop(dead)
+                self.drop(dead, mine, turn)
         self.stopped_ns = now()
         self.fold(lat, raw)
 
@@ -492,7 +544,7 @@ class _Worker:
             while running and streams:
                 t = now()
                 if t >= check_at:
-                    check_at = t + CHECK_NS
+                    check_at = self.next_check(t)
                     was = self.measuring
                     running = self.duties(t, lat, None)
                     if self.measuring and not was:
@@ -500,7 +552,7 @@ class _Worker:
                             st.mark_sent = st.sent
                             st.mark_received = st.received
                     self.expire(streams, ep, t)
-                for fd, ev in ep.poll(0.05):
+                for fd, ev in ep.poll(min(0.05, max(0, check_at - t) / 1e9)):
                     if fd not in streams:
                         continue
                     st = streams[fd]
@@ -515,7 +567,7 @@ class _Worker:
                         if want != st.events:
                             st.events = want
                             ep.modify(fd, want)
-                    except (OSError, _ShortRead) as exc:
+                    except (OSError, _ShortRead, _ExtraBytes) as exc:
                         self.count_failure(exc)
                         ep.unregister(fd)
                         self.close_stream(streams.pop(fd))
@@ -525,7 +577,6 @@ class _Worker:
             ep.close()
         self.fold(lat, None)
         self.counters.requests = self.counters.bytes_received // size
-        self.close_all()
 
     def stream_read(self, st: _Stream, rbuf: bytearray, lat: list[int]) -> None:
         """Read what is there (a few chunks at most, for fairness) and verify it."""
@@ -536,9 +587,11 @@ class _Worker:
                 return
             if n == 0:
                 raise _ShortRead()
-            if not st.verify(rbuf, n) and self.measuring:
-                self.counters.mismatches += 1
+            if not st.verify(rbuf, n):
+                self.count_mismatch()
             st.received += n
+            if st.received > st.sent:
+                raise _ExtraBytes()
             st.last_progress = t = time.monotonic_ns()
             samples = st.samples
             while samples and samples[0][0] <= st.received:
@@ -555,9 +608,13 @@ class _Worker:
 
     def close_stream(self, st: _Stream) -> None:
         """Close a failed stream connection and keep its byte counts."""
+        self.add_bytes(st)
+        self.forget(st)
+
+    def forget(self, st: _Stream) -> None:
+        """Close a stream connection without counting its bytes again."""
         st.sock.close()
         self.socks.remove(st.sock)
-        self.add_bytes(st)
 
     def add_bytes(self, st: _Stream) -> None:
         """Fold a connection's measured byte counts into the counters."""
@@ -567,26 +624,48 @@ class _Worker:
             st.mark_sent, st.mark_received = st.sent, st.received
 
     def drain(self, streams: dict[int, _Stream], ep: Any, rbuf: bytearray) -> None:
-        """Stop sending, count the measured bytes, then read back what is in flight (bounded)."""
+        """Stop sending, count the measured bytes, then wait (bounded) for every byte in flight.
+
+        Bytes read here were sent in the measured window, so mismatches, failures and a
+        connection whose echo never completes all count; the bytes themselves were moved
+        after the window and are not added to the byte counts.
+        """
         for st in streams.values():
             self.add_bytes(st)
         deadline = time.monotonic_ns() + int(min(self.cfg.timeout, 2.0) * 1e9)
-        pending = {fd for fd, st in streams.items() if st.received < st.sent}
-        for fd in pending:
-            ep.modify(fd, select.EPOLLIN)
+        pending: set[int] = set()
+        for fd, st in streams.items():
+            if st.received < st.sent:
+                pending.add(fd)
+                ep.modify(fd, select.EPOLLIN)
+            else:
+                ep.unregister(fd)  # owed nothing; left writable it would wake every poll
         ignored: list[int] = []
-        while pending and time.monotonic_ns() < deadline:
-            for fd, _ in ep.poll(0.05):
+        while pending:
+            left = deadline - time.monotonic_ns()
+            if left <= 0:
+                break
+            for fd, _ in ep.poll(min(0.05, left / 1e9)):
                 st = streams[fd]
                 try:
                     self.stream_read(st, rbuf, ignored)
-                except (OSError, _ShortRead):
-                    pending.discard(fd)
+                except (OSError, _ShortRead, _ExtraBytes) as exc:
+                    self.count_failure(exc)
+                    self.end_drain(fd, streams, ep, pending)
                     continue
                 if st.received >= st.sent:
+                    ep.unregister(fd)
                     pending.discard(fd)
             ignored.clear()
-        # Bytes verified while draining were sent in the measured window: mismatches count.
+        for fd in list(pending):
+            self.count_failure(TimeoutError())
+            self.end_drain(fd, streams, ep, pending)
+
+    def end_drain(self, fd: int, streams: dict[int, _Stream], ep: Any, pending: set[int]) -> None:
+        """Close a connection that failed while draining."""
+        ep.unregister(fd)
+        pending.discard(fd)
+        self.forget(streams.pop(fd))
 
 
 class _Stream:
@@ -662,6 +741,8 @@ def _worker_main(
 ) -> None:
     """Entry point of a worker process: connect, report ready, run, report figures."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and sets stop_flag
+    # The parent's handler (inherited through fork) would unwind the parent's code here.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     worker = _Worker(cfg, index, nconns, rate, out)
     try:
         worker.connect_all(family, sockaddr)
@@ -670,8 +751,9 @@ def _worker_main(
         out.put(("error", index, f"cannot connect to {cfg.host}:{cfg.port}: {exc.strerror or exc}"))
         return
     out.put(("ready", index, worker.connect_hist.to_sparse()))
-    if not go.wait(cfg.timeout + 30) or stop_flag.value:
+    if not _await_go(go, cfg.timeout + 30, worker.parent_pid) or stop_flag.value:
         worker.close_all()
+        out.cancel_join_thread()  # the parent may be gone: never block exit on the queue
         return
     worker.begin(start_ns.value, stop_flag)
     wait = worker.start_ns - time.monotonic_ns()
@@ -684,13 +766,29 @@ def _worker_main(
             worker.run_paced()
         else:
             worker.run_pingpong()
+    except _Orphaned:
+        worker.close_all()
+        out.cancel_join_thread()
+        return
     except Exception as exc:  # report, don't die silently: the parent turns it into BenchError
         out.put(("error", index, f"worker {index} failed: {exc!r}"))
         worker.close_all()
         return
     elapsed = (worker.stopped_ns or time.monotonic_ns()) - worker.measure_ns
+    worker.alive = len(worker.socks)
     worker.close_all()
     out.put(("done", index, worker.result(max(elapsed, 1))))
+
+
+def _await_go(go: Any, timeout: float, parent_pid: int) -> bool:
+    """Wait for the start signal; False on timeout or when the parent has died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if go.wait(min(left, 0.5)):
+            return True
+        if os.getppid() != parent_pid:
+            return False
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,6 +971,8 @@ def _report(cfg: BenchConfig, got: _Collected, nworkers: int) -> dict[str, Any]:
         "bytes_received": totals["bytes_received"],
         "duration_s": round(duration, 3),
         "connections": cfg.connections,
+        "connections_alive": sum(r["connections_alive"] for r in results),
+        "warmup_errors": sum(r["warmup_errors"] for r in results),
         "size": cfg.size,
         "pattern": cfg.pattern,
         "workers": nworkers,
@@ -896,6 +996,20 @@ def _report(cfg: BenchConfig, got: _Collected, nworkers: int) -> dict[str, Any]:
     return report
 
 
+def failures(report: dict[str, Any]) -> list[str]:
+    """Return why a finished run counts as failed (exit status 1); empty when it passed."""
+    reasons = []
+    if report["errors"]:
+        reasons.append(f"{report['errors']} errors")
+    if report["mismatches"]:
+        reasons.append(f"{report['mismatches']} mismatches")
+    if report.get("warmup_errors"):
+        reasons.append(f"{report['warmup_errors']} errors during the warm-up")
+    if not report["requests"]:
+        reasons.append("no request completed")
+    return reasons
+
+
 def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
     """Return the daemon's mode and its CPU and context-switch deltas between two probes."""
     if not before or not after or "error" in before or "error" in after:
@@ -904,6 +1018,8 @@ def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         "mode": after.get("mode"),
         "requested_mode": after.get("requested_mode"),
         "pid": after.get("pid"),
+        # Probed while the bench connections were open, before any of them closed.
+        "connections_by_path": before.get("connections_by_path"),
     }
     if before.get("pid") != after.get("pid"):
         out["error"] = "the daemon restarted during the run"
@@ -921,10 +1037,6 @@ def control_probe(path: str, timeout: float = 5.0) -> ServerProbe:
 
     def probe() -> dict[str, Any]:
         try:
-            from echoctl.client import ControlClient
-        except ImportError:
-            return {"error": "echoctl.client is not available"}
-        try:
             with ControlClient(path, timeout=timeout) as client:
                 status = client.call("status")
                 stats = client.call("stats")
@@ -934,3 +1046,50 @@ def control_probe(path: str, timeout: float = 5.0) -> ServerProbe:
         return {**status, "process": process}
 
     return probe
+
+
+def _listen_hosts(listen: list[str]) -> list[str]:
+    """Return the addresses of `status.listen` entries ("host:port", "[v6]:port")."""
+    return [entry.rpartition(":")[0].strip("[]") for entry in listen]
+
+
+def control_target(path: str, host: str | None, port: int | None) -> tuple[str, int]:
+    """Return the host and port the daemon behind `path` listens on, checked against overrides."""
+    try:
+        with ControlClient(path, timeout=10.0) as client:
+            status = client.call("status")
+    except Exception as exc:  # ControlError or OSError
+        raise BenchError(f"control socket {path}: {exc}") from exc
+    return status_target(status, path, host, port)
+
+
+def status_target(
+    status: dict[str, Any], path: str, host: str | None, port: int | None
+) -> tuple[str, int]:
+    """Return the loopback host and port from a daemon's `status`; explicit ones must match.
+
+    Without this a run with --control could load whatever listens on the default port while
+    reporting the daemon's figures.
+    """
+    daemon_port = status.get("port")
+    if not isinstance(daemon_port, int):
+        raise BenchError(f"control socket {path}: status has no port")
+    if port is not None and port != daemon_port:
+        raise BenchError(
+            f"--port {port} is not the port of the daemon behind {path} ({daemon_port})"
+        )
+    hosts = _listen_hosts(status.get("listen") or [])
+    if host is not None:
+        wanted = resolve(host, daemon_port)[1][0]
+        if hosts and wanted not in hosts and not {"0.0.0.0", "::"} & set(hosts):
+            raise BenchError(f"the daemon behind {path} does not listen on {host}")
+        return host, daemon_port
+    for h in hosts:
+        if ipaddress.ip_address(h).is_loopback:
+            return h, daemon_port
+    if "0.0.0.0" in hosts:
+        return "127.0.0.1", daemon_port
+    if "::" in hosts:
+        return "::1", daemon_port
+    shown = ", ".join(status.get("listen") or []) or "nothing"
+    raise BenchError(f"the daemon behind {path} listens on {shown}, not on loopback")

@@ -2,18 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from types import FrameType
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from echoctl.bench import BenchConfig, BenchError, control_probe, run_bench
+from echoctl.bench import (
+    BenchConfig,
+    BenchError,
+    control_probe,
+    control_target,
+    failures,
+    run_bench,
+)
 from echoctl.compare import CompareConfig, CompareError, plot, render_sweep, render_table
 from echoctl.compare import run_compare as _run_compare
 
 EXIT_FAILED = 1  # the run finished but saw errors or mismatches, or could not run at all
+EXIT_USAGE = 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: unwinding runs every finally, so workers and daemons are stopped."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into Terminated while the block runs; later ones are ignored, to let it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # Cleanup is bounded (joins and stops have timeouts); a second SIGTERM must not cut it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(EXIT_TERMINATED)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _group_control(ctx: click.Context) -> str | None:
@@ -31,9 +71,30 @@ def _emit(obj: Any) -> None:
     click.echo(json.dumps(obj, sort_keys=True))
 
 
-def _fail(command: str, message: str) -> click.exceptions.Exit:
+def _error(code: str, message: str) -> dict[str, Any]:
+    """Return the `--json` failure object, the same shape as the other commands' (cli.py)."""
+    return {"error": {"code": code, "message": message}}
+
+
+def _fail(
+    command: str, message: str, as_json: bool, code: str = "failed", status: int = EXIT_FAILED
+) -> click.exceptions.Exit:
+    if as_json:
+        _emit(_error(code, message))
     click.echo(f"echoctl: {command}: {message}", err=True)
-    return click.exceptions.Exit(EXIT_FAILED)
+    return click.exceptions.Exit(status)
+
+
+def _usage(message: str, as_json: bool) -> click.UsageError:
+    if as_json:
+        _emit(_error("usage", message))
+    return click.UsageError(message)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether an option was set by the user rather than left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 def _csv(kind: type, text: str) -> tuple[Any, ...]:
@@ -152,23 +213,49 @@ def bench(ctx: click.Context, **kw: Any) -> None:
         cfg = _config(kw, progress)
         cfg.validate()
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    control = kw["control"] or _group_control(ctx)
-    probe = control_probe(control) if control else None
+        raise _usage(str(exc), as_json) from exc
     try:
-        report = run_bench(cfg, progress=_progress if progress else None, server_probe=probe)
+        with sigterm_unwinds():
+            cfg, control = _bench_target(ctx, kw, cfg)
+            probe = control_probe(control) if control else None
+            report = run_bench(cfg, progress=_progress if progress else None, server_probe=probe)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _usage(str(exc), as_json) from exc
     except BenchError as exc:
-        raise _fail("bench", str(exc)) from None
+        raise _fail("bench", str(exc), as_json) from None
     except KeyboardInterrupt:
-        raise _fail("bench", "interrupted") from None
+        raise _fail("bench", "interrupted", as_json, "interrupted") from None
+    except Terminated:
+        raise _fail("bench", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
     if as_json:
         _emit(report)
     else:
         click.echo(render_report(report))
-    if report["errors"] or report["mismatches"]:
+    reasons = failures(report)
+    if reasons:
+        if not as_json:
+            click.echo(f"echoctl: bench: failed: {', '.join(reasons)}", err=True)
         raise click.exceptions.Exit(EXIT_FAILED)
+
+
+def _bench_target(
+    ctx: click.Context, kw: dict[str, Any], cfg: BenchConfig
+) -> tuple[BenchConfig, str | None]:
+    """With a control socket, load the daemon behind it; return the config and the socket."""
+    control = kw["control"] or _group_control(ctx)
+    if not control:
+        return cfg, None
+    host = kw["host"] if _given(ctx, "host") else None
+    port = kw["port"] if _given(ctx, "port") else None
+    try:
+        host, port = control_target(control, host, port)
+    except BenchError as exc:
+        if kw["control"]:
+            raise
+        # The group's socket, perhaps only the default path: the user asked for no figures.
+        click.echo(f"echoctl: bench: no server figures: {exc}", err=True)
+        return cfg, None
+    return replace(cfg, host=host, port=port), control
 
 
 def _lat(summary: dict[str, float]) -> str:
@@ -185,6 +272,7 @@ def render_report(r: dict[str, Any]) -> str:
             f"{r['pattern']}, {r['connections']} conn x {r['size']} B, "
             f"{r['workers']} workers, {r['duration_s']:.2f} s measured",
         ),
+        ("connections", f"{r['connections_alive']} of {r['connections']} open at the end"),
         ("requests", f"{r['requests']:,}"),
         (
             "rate",
@@ -206,6 +294,7 @@ def render_report(r: dict[str, Any]) -> str:
             f"timeouts {r['timeouts']}, other {r['other_errors']})",
         ),
         ("mismatches", str(r["mismatches"])),
+        ("warm-up errors", str(r["warmup_errors"])),
         ("latency" + (" (corrected)" if "latency_raw_us" in r else ""), _lat(r["latency_us"])),
     ]
     if "latency_raw_us" in r:
@@ -267,6 +356,7 @@ def render_report(r: dict[str, Any]) -> str:
 def compare(ctx: click.Context, **kw: Any) -> None:
     """Run the same load against each daemon mode and report medians and the change in %."""
     as_json = kw["as_json"] or _group_json(ctx)
+    plot_path = kw["plot_path"]
     try:
         cfg = CompareConfig(
             bench=_config(kw, progress=False),
@@ -276,27 +366,40 @@ def compare(ctx: click.Context, **kw: Any) -> None:
             sweep_duration=kw["sweep_duration"],
             control=kw["control"] or (None if kw["spawn"] else _group_control(ctx)),
             spawn=kw["spawn"],
+            host=kw["host"] if _given(ctx, "host") else None,
+            port=kw["port"] if _given(ctx, "port") else None,
         )
-        if kw["plot_path"] and not cfg.sizes:
+        if plot_path and not cfg.sizes:
             raise ValueError("--plot draws the size sweep: give --sizes too")
         cfg.validate()
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        if plot_path:
+            _check_plot_path(plot_path)
+    except (ValueError, click.BadParameter) as exc:
+        raise _usage(str(exc), as_json) from exc
 
     def say(text: str) -> None:
         if not as_json:
             click.echo(text, err=True)
 
     try:
-        result = _run_compare(cfg, say)
+        with sigterm_unwinds():
+            result = _run_compare(cfg, say)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _usage(str(exc), as_json) from exc
     except CompareError as exc:
-        raise _fail("compare", str(exc)) from None
+        raise _fail("compare", str(exc), as_json) from None
     except KeyboardInterrupt:
-        raise _fail("compare", "interrupted") from None
-    if kw["plot_path"]:
-        plot(result, kw["plot_path"])
+        raise _fail("compare", "interrupted", as_json, "interrupted") from None
+    except Terminated:
+        raise _fail("compare", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
+    plot_error = None
+    if plot_path:
+        try:
+            plot(result, plot_path)
+        except (OSError, ImportError) as exc:
+            plot_error = f"cannot draw {plot_path}: {exc}"
+            # One JSON object even so: the results, with the failure where scripts look for it.
+            result["error"] = _error("plot_failed", plot_error)["error"]
     if as_json:
         _emit(result)
     else:
@@ -304,11 +407,25 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         if result["sweep"]:
             click.echo()
             click.echo(render_sweep(result))
-        if kw["plot_path"]:
-            click.echo(f"\nfigure written to {kw['plot_path']}")
-    bad = any(s["errors"] or s["mismatches"] for s in result["summary"].values())
-    if result["sweep"]:
-        cells = [c for m in result["sweep"]["modes"].values() for c in m.values()]
-        bad = bad or any(c["errors"] or c["mismatches"] for c in cells)
-    if bad:
+        if plot_path and not plot_error:
+            click.echo(f"\nfigure written to {plot_path}")
+    if plot_error:
+        click.echo(f"echoctl: compare: {plot_error}", err=True)
+    if result["failures"] and not as_json:
+        click.echo(f"echoctl: compare: failed: {'; '.join(result['failures'])}", err=True)
+    if plot_error or result["failures"]:
         raise click.exceptions.Exit(EXIT_FAILED)
+
+
+def _check_plot_path(path: str) -> None:
+    """Refuse a --plot file that cannot be written, or no matplotlib, before any run starts."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--plot: cannot write {path}: {exc.strerror}") from exc
+    if not existed:
+        os.unlink(path)

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from echoctl.bench import BenchConfig, BenchError, control_probe, run_bench
+from echoctl.bench import (
+    BenchConfig,
+    BenchError,
+    control_probe,
+    failures,
+    run_bench,
+    status_target,
+)
+from echoctl.client import ControlClient
 from echoctl.sysstat import cpu_count
 
 MODES = ("user", "kernel")
@@ -47,6 +55,8 @@ class CompareConfig:
     sweep_duration: float = 2.0
     control: str | None = None
     spawn: bool = False
+    host: str | None = None  # explicit target; None: where the --control daemon listens
+    port: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError when the configuration makes no sense."""
@@ -157,10 +167,6 @@ def control_call(
 ) -> Any:
     """Call one control method; every failure becomes a one-line CompareError."""
     try:
-        from echoctl.client import ControlClient
-    except ImportError as exc:
-        raise CompareError(f"echoctl.client is not available: {exc}") from exc
-    try:
         with ControlClient(path, timeout=timeout) as client:
             return client.call(method, params)
     except Exception as exc:  # ControlError, OSError
@@ -200,6 +206,15 @@ class _Plan:
         self.say(f"[{self.done}/{self.total}] {what}")
 
 
+def restore_mode(control: str, mode: str, say: Say) -> None:
+    """Ask the daemon for `mode` again if the comparison left it asking for another one."""
+    status = control_call(control, "status")
+    if status.get("requested_mode") == mode:
+        return
+    say(f"restoring {mode} mode")
+    control_call(control, "restart", {"mode": mode}, timeout=SWITCH_TIMEOUT)
+
+
 def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     """Run the whole comparison and return its result (the `--json` object)."""
     cfg.validate()
@@ -207,8 +222,28 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
         with spawn_daemon(cfg.modes[0], say) as daemon:
             bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
             return _run(replace(cfg, bench=bench), daemon.control, say)
-    assert cfg.control is not None
-    return _run(cfg, cfg.control, say)
+    control = cfg.control
+    assert control is not None
+    status = control_call(control, "status")
+    try:
+        host, port = status_target(status, control, cfg.host, cfg.port)
+    except BenchError as exc:
+        raise CompareError(str(exc)) from exc
+    cfg = replace(cfg, bench=replace(cfg.bench, host=host, port=port))
+    original = status.get("requested_mode")
+    if not isinstance(original, str):
+        return _run(cfg, control, say)
+    # Someone else's daemon: leave it asking for the mode it was asking for before.
+    try:
+        result = _run(cfg, control, say)
+    except BaseException:
+        try:
+            restore_mode(control, original, say)
+        except CompareError as exc:
+            say(f"could not restore {original} mode: {exc}")
+        raise
+    restore_mode(control, original, say)
+    return result
 
 
 def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
@@ -217,6 +252,7 @@ def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
     probe = control_probe(control)
     runs: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
+    failed: list[str] = []
     for rep in range(cfg.repeat):
         for mode in cfg.modes:
             switch_mode(control, mode)
@@ -224,8 +260,16 @@ def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
             plan.step(f"{mode}: {b.connections} conn x {b.size} B, {_length(b)}, repeat {rep + 1}")
             report = _bench(b, probe, mode)
             runs.append({"mode": mode, "repeat": rep + 1, "report": report})
+            failed += [f"{mode} repeat {rep + 1}: {why}" for why in failures(report)]
             for size in cfg.sizes:
-                sweep.append(_sweep_point(cfg, mode, rep, size, probe, plan))
+                point = _sweep_point(cfg, mode, rep, size, probe, plan)
+                sweep.append(point)
+                for pattern in ("pingpong", "stream"):
+                    failed += [
+                        f"{mode} repeat {rep + 1}, sweep {size} B {pattern}: {why}"
+                        for why in failures(point[pattern])
+                    ]
+    summary = {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in cfg.modes}
     return {
         "modes": list(cfg.modes),
         "repeat": cfg.repeat,
@@ -238,10 +282,11 @@ def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
             "pattern": cfg.bench.pattern,
         },
         "machine": {"kernel": platform.release(), "cpus": cpu_count()},
-        "summary": {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in cfg.modes},
-        "change_pct": change_pct(cfg.modes, runs),
+        "summary": summary,
+        "change_pct": change_pct(cfg.modes, summary),
         "runs": runs,
         "sweep": sweep_summary(cfg, sweep) if cfg.sizes else None,
+        "failures": failed,
     }
 
 
@@ -254,9 +299,19 @@ def _bench(b: BenchConfig, probe: Callable[[], dict[str, Any]], mode: str) -> di
         report = run_bench(b, server_probe=probe)
     except BenchError as exc:
         raise CompareError(f"{mode} mode: {exc}") from exc
-    server_mode = report.get("server", {}).get("mode")
-    if server_mode not in (None, mode):
-        raise CompareError(f"the daemon left {mode} mode during the run ({server_mode})")
+    server = report["server"]
+    if "error" in server:
+        # Without the daemon's figures nothing shows which mode was measured.
+        raise CompareError(f"{mode} mode: {server['error']}")
+    if server.get("mode") != mode:
+        raise CompareError(f"the daemon left {mode} mode during the run ({server.get('mode')})")
+    on_path = (server.get("connections_by_path") or {}).get(mode)
+    # Other clients may add to the count, so this can only catch too few, never too many.
+    if isinstance(on_path, int) and on_path < b.connections:
+        raise CompareError(
+            f"{mode} mode: only {on_path} of {b.connections} bench connections were on the "
+            f"{mode} path"
+        )
     return report
 
 
@@ -331,9 +386,10 @@ def summarize(reports: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def change_pct(modes: tuple[str, ...], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def change_pct(
+    modes: tuple[str, ...], summary: dict[str, dict[str, float | None]]
+) -> dict[str, dict[str, Any]]:
     """Return, for each mode after the first, the % change of each row against the first mode."""
-    summary = {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in modes}
     base = summary[modes[0]]
     out: dict[str, dict[str, Any]] = {}
     for mode in modes[1:]:

@@ -112,10 +112,10 @@ class Echod:
             return client.call(method, params)
 
     def status(self) -> dict[str, Any]:
-        return self.call("status")  # type: ignore[no-any-return]
+        return self.call("status")
 
     def stats(self) -> dict[str, Any]:
-        return self.call("stats")  # type: ignore[no-any-return]
+        return self.call("stats")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

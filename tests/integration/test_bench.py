@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import queue
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +20,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from echoctl import benchcmd
+from echoctl.bench import BenchConfig
 from echoctl.benchcmd import bench, compare
-from echoctl.compare import render_sweep, render_table
+from echoctl.compare import CompareError, render_sweep, render_table
+from echoctl.compare import _bench as compare_one
 from tests.integration.conftest import Echod, free_port
 
 CONTRACT = ("qps", "requests", "errors", "mismatches", "latency_us")
@@ -99,10 +110,14 @@ def test_stream_moves_bytes_both_ways(echod_factory: Factory, mode: str) -> None
     assert r["mismatches"] == r["errors"] == 0
 
 
-class CorruptingServer:
-    """An echo server that flips one bit of every chunk it sends back."""
+Serve = Callable[[socket.socket, int], None]
 
-    def __init__(self) -> None:
+
+class FakeServer:
+    """A loopback server that runs `serve(conn, index)` in a thread per accepted connection."""
+
+    def __init__(self, serve: Serve) -> None:
+        self.serve = serve
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -119,39 +134,108 @@ class CorruptingServer:
             except OSError:
                 return
             self.conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t = threading.Thread(target=self._run, args=(conn, len(self.conns) - 1), daemon=True)
             t.start()
             self.threads.append(t)
 
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        while True:
-            try:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(bytes([data[0] ^ 0x01]) + data[1:])
-            except OSError:
-                return
+    def _run(self, conn: socket.socket, index: int) -> None:
+        try:
+            self.serve(conn, index)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
+            except OSError:
+                pass
             conn.close()
         for t in [self.accepting, *self.threads]:
             t.join(timeout=5)
 
 
+def echo(conn: socket.socket, index: int) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def corrupt(conn: socket.socket, index: int) -> None:
+    """Flip one bit of every chunk sent back."""
+    while data := conn.recv(65536):
+        conn.sendall(bytes([data[0] ^ 0x01]) + data[1:])
+
+
+def reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def reset_first_after(delay: float) -> Serve:
+    """Echo; reset the first connection `delay` seconds after it was accepted."""
+
+    def serve(conn: socket.socket, index: int) -> None:
+        deadline = time.monotonic() + delay if index == 0 else float("inf")
+        conn.settimeout(0.02)
+        while time.monotonic() < deadline:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            conn.sendall(data)
+        reset(conn)
+
+    return serve
+
+
+def echo_then_swallow(limit: int, reset_after: float | None = None) -> Serve:
+    """Echo the first `limit` bytes, then read and drop; reset `reset_after` s after accept."""
+
+    def serve(conn: socket.socket, index: int) -> None:
+        end = time.monotonic() + (reset_after if reset_after is not None else 60.0)
+        echoed = 0
+        conn.settimeout(0.02)
+        while time.monotonic() < end:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            if echoed < limit:
+                conn.sendall(data[: limit - echoed])
+                echoed += len(data)
+        reset(conn)
+
+    return serve
+
+
+def echo_twice(conn: socket.socket, index: int) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data + data)
+
+
+@contextlib.contextmanager
+def fake_server(serve: Serve) -> Iterator[FakeServer]:
+    server = FakeServer(serve)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
-def corrupting_server() -> Iterator[CorruptingServer]:
-    server = CorruptingServer()
-    yield server
-    server.close()
+def corrupting_server() -> Iterator[FakeServer]:
+    with fake_server(corrupt) as server:
+        yield server
 
 
 @pytest.mark.parametrize("pattern", ["pingpong", "stream"])
-def test_corrupting_server_is_caught(corrupting_server: CorruptingServer, pattern: str) -> None:
+def test_corrupting_server_is_caught(corrupting_server: FakeServer, pattern: str) -> None:
     port = str(corrupting_server.port)
     code, r = run_bench("--port", port, "-c", "2", "-s", "256", "-d", "0.5", "--pattern", pattern)
     assert code == 1
@@ -206,7 +290,8 @@ def test_compare_table_json_and_plot(echod_factory: Factory, tmp_path: Path) -> 
     for row in ("QPS", "latency p50", "latency p99", "CPU/1k req, softirq", "kernel vs user"):
         assert row in table
     assert "4096" in render_sweep(out)
-    assert d.status()["mode"] == "kernel"  # compare left the daemon in the last mode run
+    status = d.status()  # compare put the daemon back in the mode it was asked for before
+    assert (status["mode"], status["requested_mode"]) == ("user", "user")
 
 
 def test_compare_spawns_its_own_daemon() -> None:
@@ -221,3 +306,233 @@ def test_compare_spawns_its_own_daemon() -> None:
 def test_compare_refuses_an_unknown_mode() -> None:
     result = CliRunner().invoke(compare, ["--spawn", "--modes", "user,turbo"])
     assert result.exit_code == 2
+
+
+def test_json_failures_print_an_error_object() -> None:
+    result = CliRunner().invoke(bench, ["--port", str(free_port()), "-r", "1", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"]["code"] == "failed"
+    result = CliRunner().invoke(bench, ["--pattern", "stream", "-q", "100", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]["code"] == "usage"
+
+
+def test_warmup_needs_a_duration() -> None:
+    result = CliRunner().invoke(bench, ["-r", "10", "--warmup", "0.1"])
+    assert result.exit_code == 2
+    assert "--warmup needs --duration" in result.output
+
+
+def test_reset_during_warmup_fails_the_run() -> None:
+    with fake_server(reset_first_after(0.2)) as server:
+        args = ["--port", str(server.port), "-c", "2", "--workers", "1"]
+        code, r = run_bench(*args, "-d", "0.3", "--warmup", "0.6")
+    assert code == 1
+    assert r["warmup_errors"] == 1
+    assert (r["connections_alive"], r["connections"]) == (1, 2)
+    assert r["requests"] > 0
+
+
+@pytest.mark.parametrize(
+    ("serve", "counter"),
+    [
+        (echo_then_swallow(65536), "timeouts"),  # echoes never come back: timed out in the drain
+        (echo_then_swallow(65536, reset_after=0.8), "resets"),  # reset while draining
+        (echo_twice, "other_errors"),  # more bytes back than were sent
+    ],
+)
+def test_stream_counts_what_never_came_back(serve: Serve, counter: str) -> None:
+    with fake_server(serve) as server:
+        args = ["--port", str(server.port), "--pattern", "stream", "-c", "2", "-s", "1024"]
+        code, r = run_bench(*args, "-d", "0.3", "--timeout", "2")
+    assert code == 1
+    assert r[counter] == 2
+    assert r["errors"] == 2
+    assert r["connections_alive"] == 0
+
+
+def test_warmup_does_not_lower_the_rate(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    args = ["-c", "4", "-q", "2000", "-d", "0.5", "--warmup", "0.55"]
+    code, r = run_bench(*target(d), *args)
+    assert code == 0, r
+    # The switch to measuring used to come at the next 100 ms check, losing those requests.
+    assert r["qps"] == pytest.approx(2000, rel=0.03)
+
+
+def test_paced_payloads_rotate_on_every_request() -> None:
+    size = 32
+    repeats: list[int] = []
+
+    def check(conn: socket.socket, index: int) -> None:
+        pending, last = b"", b""
+        while data := conn.recv(65536):
+            pending += data
+            while len(pending) >= size:
+                message, pending = pending[:size], pending[size:]
+                if message == last:
+                    repeats.append(index)
+                last = message
+                conn.sendall(message)
+
+    with fake_server(check) as server:
+        # Faster than the server answers, so batches wrap round to connections already served.
+        args = ["--port", str(server.port), "-c", "3", "-s", str(size), "-q", "20000"]
+        code, r = run_bench(*args, "-d", "0.3")
+    assert code == 0, r
+    assert r["requests"] > 100
+    assert repeats == []
+
+
+def test_bench_takes_the_port_from_the_control_socket(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    code, r = run_bench("--control", d.control, "-c", "2", "-d", "0.3")
+    assert code == 0, r
+    assert r["server"]["mode"] == "user"
+    assert r["server"]["connections_by_path"]["user"] >= 2
+    wrong = str(free_port())
+    result = CliRunner().invoke(bench, ["--control", d.control, "--port", wrong, "-r", "1"])
+    assert result.exit_code == 1
+    assert "is not the port of the daemon" in result.stderr
+
+
+def test_compare_refuses_a_port_its_daemon_does_not_serve(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    args = ["--control", d.control, "--modes", "user", "--repeat", "1", "-c", "2", "-d", "0.3"]
+    result = CliRunner().invoke(compare, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["runs"][0]["report"]
+    assert report["server"]["connections_by_path"]["user"] >= 2
+    result = CliRunner().invoke(compare, [*args, "--port", str(free_port()), "--json"])
+    assert result.exit_code == 1
+    assert "is not the port" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_compare_fails_without_server_figures() -> None:
+    with fake_server(echo) as server:
+        cfg = BenchConfig(port=server.port, connections=1, duration=0.2)
+        with pytest.raises(CompareError, match="no daemon here"):
+            compare_one(cfg, lambda: {"error": "no daemon here"}, "user")
+
+
+def test_compare_checks_the_plot_path_first() -> None:
+    args = ["--spawn", "--sizes", "64", "--plot", "/nonexistent/dir/sweep.png"]
+    result = CliRunner().invoke(compare, args)
+    assert result.exit_code == 2
+    assert "cannot write" in result.output
+    assert "starting" not in result.output  # refused before any daemon was started
+
+
+def test_a_failed_plot_still_prints_the_results(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def broken(result: dict[str, Any], path: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(benchcmd, "plot", broken)
+    args = ["--spawn", "--modes", "user", "--repeat", "1", "-c", "1", "-d", "0.2", "--sizes", "64"]
+    args += ["--sweep-duration", "0.2", "--plot", str(tmp_path / "sweep.png")]
+    result = CliRunner().invoke(compare, args, catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "QPS" in result.stdout
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1].endswith("No space left on device")
+
+
+def children(pid: int) -> dict[int, str]:
+    """Return the direct children of `pid` with their command lines."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            out[int(entry)] = cmdline.decode(errors="replace")
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (an orphan's init may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+    return value
+
+
+def echoctl_command(command: str, *args: str) -> list[str]:
+    script = f"from echoctl.benchcmd import {command}; {command}()"
+    return [sys.executable, "-c", script, *args]
+
+
+def test_sigterm_stops_the_bench_workers() -> None:
+    with fake_server(echo) as server:
+        cmd = echoctl_command("bench", "--port", str(server.port), "-c", "2", "--workers", "2")
+        proc = subprocess.Popen([*cmd, "-d", "30"], stdout=subprocess.DEVNULL)
+        workers: dict[int, str] = {}
+        try:
+            workers = wait_for(lambda: len(children(proc.pid)) >= 2 and children(proc.pid), 10)
+            assert len(workers) >= 2
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 128 + signal.SIGTERM
+            assert wait_for(lambda: not any(running(w) for w in workers), 5)
+        finally:
+            proc.kill()
+            proc.wait()
+            for w in workers or {}:  # if the test failed, leave no orphan loading the machine
+                if running(w):
+                    os.kill(w, signal.SIGKILL)
+
+
+def test_sigterm_stops_the_spawned_daemon() -> None:
+    cmd = echoctl_command("compare", "--spawn", "--modes", "user", "--repeat", "1", "-c", "2")
+    proc = subprocess.Popen([*cmd, "-d", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stderr or ():
+            lines.put(line.decode())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    daemons: list[int] = []
+    try:
+        control = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.startswith("starting "):
+                control = line.split("--control ")[1].strip()
+            if line.startswith("[1/1]"):
+                break
+        daemons = [pid for pid, cmdline in children(proc.pid).items() if "echod" in cmdline]
+        assert control
+        assert len(daemons) == 1
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert wait_for(lambda: not running(daemons[0]), 5)
+        assert not Path(control).parent.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in daemons:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        reader.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from echoctl.bench import BenchConfig, RateSchedule, split
+from echoctl.bench import BenchConfig, RateSchedule, failures, split
 
 
 class FakeClock:
@@ -145,3 +145,16 @@ def test_worker_count() -> None:
 def test_bad_configs_are_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BenchConfig(**kwargs).validate()
+
+
+def test_warmup_needs_a_duration() -> None:
+    with pytest.raises(ValueError, match="--warmup needs --duration"):
+        BenchConfig(warmup=1.0).validate()
+    BenchConfig(warmup=1.0, duration=2.0).validate()
+
+
+def test_a_run_without_requests_fails() -> None:
+    passed = {"errors": 0, "mismatches": 0, "warmup_errors": 0, "requests": 10}
+    assert failures(passed) == []
+    assert failures({**passed, "requests": 0}) == ["no request completed"]
+    assert failures({**passed, "warmup_errors": 2}) == ["2 errors during the warm-up"]
