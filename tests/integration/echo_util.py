@@ -43,6 +43,27 @@ def expect_eof(sock: socket.socket) -> None:
     assert sock.recv(1) == b""
 
 
+def send_without_reading(sock: socket.socket, limit: int, seconds: float) -> tuple[int, str]:
+    """Send on a socket that never reads until `limit` bytes, a reset, or `seconds` pass.
+
+    Returns (bytes sent, "limit" | "reset" | "deadline"); the socket is left open.
+    """
+    sock.setblocking(False)
+    chunk = os.urandom(65536)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while sent < limit:
+        if time.monotonic() > deadline:
+            return sent, "deadline"
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+        except (ConnectionResetError, BrokenPipeError):
+            return sent, "reset"
+    return sent, "limit"
+
+
 def burst_connect(host: str, port: int, n: int, size: int = 64, timeout: float = TIMEOUT) -> int:
     """Open n connections that each send at once after connect; return how many got the echo."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

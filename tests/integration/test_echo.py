@@ -21,6 +21,7 @@ from tests.integration.echo_util import (
     expect_eof,
     recv_exact,
     roundtrip,
+    send_without_reading,
 )
 
 SIZES = [1, 64, 1024, 16 * 1024, 64 * 1024, 1024 * 1024]
@@ -167,32 +168,6 @@ def test_peer_gone_before_insert(daemon: Echod, how: str) -> None:
     wait_for(lambda: daemon.stats()["process"]["open_fds"] <= baseline, what="fds back to baseline")
 
 
-def flood_without_reading(
-    host: str, port: int, limit: int, seconds: float = 5.0
-) -> tuple[int, str]:
-    """Send without ever reading until pushed back, reset, or `limit` bytes; (sent, outcome)."""
-    hog = connect(host, port)
-    hog.setblocking(False)
-    chunk = os.urandom(65536)
-    sent, outcome = 0, "unbounded"
-    deadline = time.monotonic() + seconds
-    try:
-        while sent < limit:
-            try:
-                sent += hog.send(chunk)
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    outcome = "pushed_back"
-                    break
-                time.sleep(0.01)
-            except (ConnectionResetError, BrokenPipeError):
-                outcome = "reset"
-                break
-    finally:
-        hog.close()
-    return sent, outcome
-
-
 def test_peer_that_never_reads(daemon: Echod) -> None:
     """A sender that never reads is pushed back (user) or reset at the backlog limit (kernel).
 
@@ -202,7 +177,8 @@ def test_peer_that_never_reads(daemon: Echod) -> None:
     rss_before = daemon.stats()["process"]["rss_bytes"]
     aborted_before = daemon.stats()["connections"]["aborted_backlog"]
     with connect("127.0.0.1", daemon.port) as other:
-        sent, outcome = flood_without_reading("127.0.0.1", daemon.port, 256 * 1024 * 1024)
+        with connect("127.0.0.1", daemon.port) as hog:
+            sent, outcome = send_without_reading(hog, 256 * 1024 * 1024, seconds=5.0)
         for _ in range(20):
             roundtrip(other, os.urandom(1000))
     stats = daemon.stats()
@@ -213,7 +189,7 @@ def test_peer_that_never_reads(daemon: Echod) -> None:
         assert sent < 200 * 1024 * 1024
         assert "conn.backlog_exceeded" in daemon.log()
     else:
-        assert outcome == "pushed_back", (sent, outcome)
+        assert outcome == "deadline", (sent, outcome)
         assert sent < 32 * 1024 * 1024
 
 

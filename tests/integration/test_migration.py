@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from tests.integration.conftest import Echod, require_bpf
-from tests.integration.echo_util import connect, recv_exact
+from tests.integration.echo_util import connect, recv_exact, send_without_reading
 
 DURATION = 6.0
 
@@ -139,27 +139,13 @@ def test_restart_with_a_peer_that_never_reads_stays_bounded(
     require_bpf()
     d = echod_factory(mode="user")
     hog = connect("127.0.0.1", d.port)
-    hog.setblocking(False)
-    chunk = os.urandom(65536)
-    sent = 0
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:  # fill until pushed back
-        try:
-            sent += hog.send(chunk)
-        except BlockingIOError:
-            time.sleep(0.01)
+    send_without_reading(hog, 1 << 40, seconds=3.0)  # fill until pushed back
     rss_before = d.stats()["process"]["rss_bytes"]
     began = time.monotonic()
     st = d.call("restart", {"mode": "kernel"})
     assert time.monotonic() - began < 10
     assert st["connections_by_path"] == {"kernel": 0, "user": 1}
-    pushed = 0
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and pushed < 64 * 1024 * 1024:
-        try:
-            pushed += hog.send(chunk)
-        except BlockingIOError:
-            time.sleep(0.01)
+    pushed, _ = send_without_reading(hog, 64 * 1024 * 1024, seconds=3.0)
     assert pushed < 16 * 1024 * 1024, "flow control was lost by the failed migration"
     assert d.stats()["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
     hog.close()

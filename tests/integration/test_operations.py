@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import BIN, Echod, free_port, spawn
-from tests.integration.echo_util import connect, roundtrip
+from tests.integration.echo_util import connect, roundtrip, send_without_reading
 
 
 @pytest.fixture
@@ -269,16 +269,8 @@ def test_total_kernel_backlog_is_bounded(
     for _ in range(3):
         hog = connect("127.0.0.1", d.port)
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, hold little
-        hog.setblocking(False)
-        sent = 0
-        chunk = os.urandom(65536)
-        deadline = time.monotonic() + 5
         # Up to ~4 MiB of echo sits in the daemon's send buffer, which counts as written.
-        while sent < 12 * mib and time.monotonic() < deadline:
-            try:
-                sent += hog.send(chunk)
-            except BlockingIOError:
-                time.sleep(0.005)
+        send_without_reading(hog, 12 * mib, seconds=5.0)
         hogs.append(hog)
     deadline = time.monotonic() + 5
     while d.stats()["connections"]["aborted_backlog"] < 1:
