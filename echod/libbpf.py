@@ -117,7 +117,6 @@ class Library:
         self.path = path
         self.cdll = ctypes.CDLL(path, use_errno=True)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._messages: list[str] = []
         self._declare()
         # Keep a reference: the callback must live as long as libbpf may call it.
         self._print_cb = _PRINT_FN(self._on_print)
@@ -155,15 +154,9 @@ class Library:
         buf = ctypes.create_string_buffer(1 << 16)
         self._libc.vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode(errors="replace").rstrip()
-        self._messages.append(text)
-        del self._messages[:-50]
+        # The verifier's explanation of a refused program arrives here, into the daemon's log.
         getattr(log, "debug" if level >= 2 else _LEVELS[level])("libbpf", message=text)
         return 0
-
-    def take_messages(self) -> list[str]:
-        """The libbpf log lines since the last call: the verifier's words for a failed load."""
-        out, self._messages = self._messages, []
-        return out
 
 
 _lib: Library | None = None
@@ -245,12 +238,7 @@ class BpfObject:
 
     def load(self) -> None:
         """Load every program and create every map (runs the verifier)."""
-        self.lib.take_messages()
-        rc = self.lib.cdll.bpf_object__load(self.ptr)
-        if rc < 0:
-            exc = _error(rc, f"bpf_object__load({self.path})")
-            exc.verifier_log = self.lib.take_messages()  # type: ignore[attr-defined]
-            raise exc
+        check(self.lib.cdll.bpf_object__load(self.ptr), f"bpf_object__load({self.path})")
 
     def program_fd(self, name: str) -> int:
         """The fd of a loaded program (owned by this object)."""
