@@ -25,38 +25,19 @@ struct {
 	__type(value, struct echo_counters);
 } echo_counters SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, ECHO_SETTINGS_MAX);
-	__type(key, __u32);
-	__type(value, __u32);
-} echo_settings SEC(".maps");
-
-/*
- * Sockets that moved from kernel to user echo while data may be in flight. They stay in
- * echo_sockets, because removing a socket frees its psock queues with any bytes in them, and
- * the verdict hands their skbs to user space instead, in order behind any redirect queued before.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ECHO_MAX_SOCKETS);
-	__type(key, __u64); /* socket cookie */
-	__type(value, __u8);
-} echo_passthru SEC(".maps");
-
 /*
  * Each path looks the counters up itself: when both share one pointer, clang selects the field
  * by pointer arithmetic, which the verifier refuses without CAP_PERFMON (we run with CAP_BPF).
+ *
+ * A zero-length skb (a FIN's) gets the same verdict as any other, but is not a request.
  */
-static __always_inline int pass(__u32 len)
+static __always_inline int empty(void)
 {
 	__u32 zero = 0;
 	struct echo_counters *c = bpf_map_lookup_elem(&echo_counters, &zero);
 
-	if (c) {
-		c->passed_packets++;
-		c->passed_bytes += len;
-	}
+	if (c)
+		c->empty_packets++;
 	return SK_PASS;
 }
 
@@ -90,18 +71,13 @@ static __always_inline int redirected(__u32 len)
 SEC("sk_skb/stream_verdict")
 int echo_verdict(struct __sk_buff *skb)
 {
-	__u32 slot = ECHO_SETTING_PASSTHRU;
-	__u32 *passthru = bpf_map_lookup_elem(&echo_settings, &slot);
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	__u32 len = skb->len;
 
-	/* The flag keeps the hash lookup off the fast path while no socket is passing through. */
-	if (passthru && *passthru && bpf_map_lookup_elem(&echo_passthru, &cookie))
-		return pass(len);
 	/* A miss (the socket is being removed) lets the skb through to user space, which echoes it. */
 	if (bpf_sk_redirect_hash(skb, &echo_sockets, &cookie, 0) != SK_PASS)
-		return missed(len);
-	return redirected(len);
+		return len ? missed(len) : empty();
+	return len ? redirected(len) : empty();
 }
 
 char LICENSE[] SEC("license") = "GPL";

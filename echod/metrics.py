@@ -84,6 +84,19 @@ def _connections(conns: Mapping[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "echod_connections_closed", "TCP connections closed.", value=int(conns.get("closed", 0))
     )
+    yield CounterMetricFamily(
+        "echod_connections_aborted_backlog",
+        "Kernel-path connections reset because the peer did not read its echo (bytes dropped).",
+        value=int(conns.get("aborted_backlog", 0)),
+    )
+    failed = CounterMetricFamily(
+        "echod_connections_insert_failed",
+        "Kernel-mode connections that could not enter the sockhash and were echoed in user space.",
+        labels=["reason"],
+    )
+    for reason, count in sorted((conns.get("insert_failed_reasons") or {}).items()):
+        failed.add_metric([reason], int(count))
+    yield failed
 
 
 def _traffic(user: Mapping[str, Any], kernel: Mapping[str, Any] | None) -> Iterator[Metric]:
@@ -118,6 +131,22 @@ def _traffic(user: Mapping[str, Any], kernel: Mapping[str, Any] | None) -> Itera
         octets.add_metric([verdict], int(kernel.get(f"{verdict}_bytes", 0)))
     yield packets
     yield octets
+    yield CounterMetricFamily(
+        "echod_kernel_missed_packets",
+        "Packets passed to user space because the redirect missed the sockhash (a socket leaving "
+        'it); included in echod_kernel_packets{verdict="passed"}.',
+        value=int(kernel.get("missed_packets", 0)),
+    )
+    yield CounterMetricFamily(
+        "echod_kernel_missed_bytes",
+        'Bytes of the missed packets; included in echod_kernel_bytes{verdict="passed"}.',
+        value=int(kernel.get("missed_bytes", 0)),
+    )
+    yield CounterMetricFamily(
+        "echod_kernel_empty_packets",
+        "Zero-length skbs (a FIN's) seen by the verdict; not counted as requests.",
+        value=int(kernel.get("empty_packets", 0)),
+    )
 
 
 def _bpf_programs(progs: list[Mapping[str, Any]]) -> Iterator[Metric]:

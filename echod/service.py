@@ -23,7 +23,7 @@ from echod import __version__
 from echod.config import Config
 from echod.errors import RequestError
 from echod.logs import RateLimited
-from echod.sockmap import KernelEcho
+from echod.sockmap import KernelEcho, read_queue_empty
 
 log = structlog.get_logger("echod.service")
 
@@ -37,6 +37,8 @@ DRAIN_POLL_MAX = 0.1
 MIGRATE_TIMEOUT = 5.0
 GUARD_SLICE = 2000
 DRAIN_TIMEOUT = 10.0
+# A move to the kernel reads the receive queue empty first; past this much it gives up.
+SETTLE_LIMIT = 16 * 1024 * 1024
 # struct tcp_info (uapi/linux/tcp.h): tcpi_bytes_acked at 120, tcpi_bytes_received at 128.
 _TCP_INFO_LEN = 136
 _BYTES_ACKED_RECEIVED = struct.Struct("=QQ")
@@ -105,11 +107,9 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.in_map = False
-        self.passthru = False
         self.transport: asyncio.Transport | None = None
         self.protocol: UserEcho | None = None
         self.migrating = False
-        self.reading = False
         self.writing = False
         self.out = bytearray()
         self.eof = False
@@ -119,33 +119,26 @@ class Connection:
     @property
     def path(self) -> str:
         """Where this connection's bytes are echoed: kernel, or user."""
-        return "kernel" if self.in_map and not self.passthru else "user"
+        return "kernel" if self.in_map else "user"
 
     # -- kernel path: the socket is in the sockhash; user space only watches it -------------
 
     def watch(self) -> None:
-        """Watch for EOF and errors and, on a pass-through socket, for input to echo here.
+        """Watch a kernel-path socket for EOF and errors only.
 
-        A kernel-path socket is not watched for input: the psock wakes its readers after every
-        skb it redirects, so an EPOLLIN watch would wake the daemon once per echoed message.
-        Bytes that miss the redirect are found by the 100 ms guard (check_kernel_paths).
+        It is not watched for input: the psock wakes its readers after every skb it redirects,
+        so an EPOLLIN watch would wake the daemon once per echoed message. Bytes that miss the
+        redirect are found by the 100 ms guard (check_kernel_paths).
         """
-        if self.passthru:
-            self.reading = True
-            self.svc.loop.add_reader(self.fd, self.read_available)
-        else:
-            self.svc.hangups.add(self)
+        self.svc.hangups.add(self)
 
     def _unwatch(self) -> None:
-        if self.reading:
-            self.reading = False
-            self.svc.loop.remove_reader(self.fd)
         self.svc.hangups.discard(self)
 
     @property
     def watched(self) -> bool:
-        """Whether some watch is registered for this socket."""
-        return self.reading or self.svc.hangups.has(self)
+        """Whether the hang-up watch is registered for this socket."""
+        return self.svc.hangups.has(self)
 
     def read_available(self) -> None:
         """Echo what user space can read now; on EOF, finish the connection."""
@@ -167,14 +160,6 @@ class Connection:
             self.svc.count_user(len(data))
             self.out += data
             self._flush()
-
-    def pass_through(self, kernel: KernelEcho) -> None:
-        """Kernel → user: the verdict now hands this socket's bytes up, in order."""
-        kernel.pass_through(self.sock)
-        self._unwatch()
-        self.passthru = True
-        if not self.eof:
-            self.watch()
 
     def _flush(self) -> None:
         if self.closed:
@@ -274,8 +259,12 @@ class Connection:
         finally:
             self.set_migrating(False)
         self.sock, self.fd = sock, sock.fileno()
+        self.sock.setblocking(False)
         self.transport = self.protocol = None
         tr.abort()
+        if not await self._settle(deadline):
+            self.svc.loop.create_task(self.svc.serve_user(self))
+            return False
         try:
             kernel.add(self.sock)
         except OSError as exc:
@@ -285,6 +274,40 @@ class Connection:
         self.in_map = True
         self.svc.in_map += 1
         self.watch()
+        return True
+
+    async def _settle(self, deadline: float) -> bool:
+        """Empty the receive queue and write it back, so the kernel path starts on a fresh skb.
+
+        uvloop reads at most its buffer's size, so the skb at the head of the receive queue may
+        be partly read. The verdict path (tcp_read_skb) hands the whole head skb to the verdict
+        without regard to how much of it user space has read: inserting such a socket echoes the
+        read part a second time and moves copied_seq past rcv_nxt, which stalls the connection.
+        Once a read finds the queue empty, the next byte to arrive starts a new skb. What is read
+        here is written back before the insert, so the kernel's redirects follow it in order.
+        False (the connection stays on the user path, unsent bytes first) on EOF, an error, or
+        a peer that does not read before the deadline.
+        """
+        try:
+            data, emptied = read_queue_empty(self.sock, SETTLE_LIMIT, RECV_SIZE)
+        except OSError:
+            return False
+        if data:
+            self.svc.count_user(len(data))
+            self.out += data
+        if not emptied:
+            return False  # EOF (the user path reads it again), or a peer that outpaces us
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(DRAIN_POLL)
+                continue
+            except OSError:
+                return False
+            del self.out[:sent]
         return True
 
     def abort(self, reason: str) -> None:
@@ -331,6 +354,9 @@ class UserEcho(asyncio.Protocol):
             return
         self.conn.transport, self.conn.protocol = self.transport, self
         self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        if self.conn.out:  # echo a failed move to the kernel read but could not write yet
+            self.transport.write(bytes(self.conn.out))
+            self.conn.out.clear()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -380,6 +406,7 @@ class Service:
         self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
         self.counts: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
+        self.insert_failed: Counter[str] = Counter()  # kernel mode served on the user path, why
         self.started_at = time.monotonic()
         self.limiter = RateLimited()
         self.hangups = HangupWatcher(self.loop)
@@ -503,8 +530,7 @@ class Service:
         conns = list(self.conns)
         for conn in conns:
             if conn.in_map:
-                if not conn.passthru:  # a pass-through socket is still read, so it can drain
-                    conn._unwatch()
+                conn._unwatch()
                 self.loop.create_task(conn.finish(within=grace))
             elif conn.transport is not None:
                 conn.transport.close()  # flushes what is buffered, then connection_lost
@@ -533,7 +559,13 @@ class Service:
         self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
 
     async def restart(self, mode: str | None = None) -> dict[str, Any]:
-        """Switch mode live: connections migrate, none is closed, no byte is lost."""
+        """Switch mode live; no connection is closed and no byte is lost or repeated.
+
+        To kernel: user-path connections move into the sockhash (see Connection.to_kernel).
+        To user: new connections are echoed in user space, while kernel-path connections keep
+        the kernel path until they close. The reply's "migration" says how many moved and how
+        many stayed on their path.
+        """
         async with self._lock:
             if self.state != "serving":
                 raise RequestError("bad_state", f"cannot restart while {self.state}")
@@ -549,17 +581,18 @@ class Service:
             moved = 0
             if self.mode == "kernel" and old != "kernel":
                 moved = await self._migrate_to_kernel()
-            elif self.mode == "user" and old == "kernel":
-                moved = self._migrate_to_user()
+            elif self.mode == "user":
                 self._maybe_unload()
+            stayed = sum(1 for c in self.conns if c.path != self.mode)
             log.info(
                 "service.mode_switched",
                 old=old,
                 new=self.mode,
-                migrated=moved,
+                moved=moved,
+                stayed=stayed,
                 fallback_reason=self.fallback_reason,
             )
-            return self.status()
+            return {**self.status(), "migration": {"moved": moved, "stayed": stayed}}
 
     async def _migrate_to_kernel(self) -> int:
         """Move every user-path connection at once, under one deadline."""
@@ -568,15 +601,6 @@ class Service:
         deadline = time.monotonic() + MIGRATE_TIMEOUT
         movers = [c.to_kernel(kernel, deadline) for c in list(self.conns) if c.transport]
         return sum(await asyncio.gather(*movers))
-
-    def _migrate_to_user(self) -> int:
-        assert self.kernel is not None
-        moved = 0
-        for conn in self.conns:
-            if conn.in_map and not conn.passthru and not conn.closed:
-                conn.pass_through(self.kernel)
-                moved += 1
-        return moved
 
     # -- accept ---------------------------------------------------------------------------------
 
@@ -633,9 +657,10 @@ class Service:
                 conn.watch()
                 return
             except OSError as exc:
-                # EOPNOTSUPP: the peer already sent FIN or RST, so the socket left ESTABLISHED.
+                reason = insert_failure(exc)
                 self.counts["insert_failed"] += 1
-                self._log_limited("conn.insert_failed", peer=peer, error=exc.strerror)
+                self.insert_failed[reason] += 1
+                self._log_limited("conn.insert_failed", peer=peer, reason=reason)
         self.loop.create_task(self.serve_user(conn))
 
     async def serve_user(self, conn: Connection) -> None:
@@ -787,6 +812,7 @@ class Service:
                 "active": len(self.conns),
                 "closed": self.counts["closed"],
                 "insert_failed": self.counts["insert_failed"],
+                "insert_failed_reasons": dict(self.insert_failed),
                 "aborted_backlog": self.counts["aborted_backlog"],
             },
             "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
@@ -796,6 +822,17 @@ class Service:
             "process": process_figures(),
             "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
         }
+
+
+def insert_failure(exc: OSError) -> str:
+    """Why a kernel-mode socket could not enter the sockhash, as a short stable name."""
+    if exc.errno == errno.EOPNOTSUPP:
+        # The peer sent FIN or RST before the accept: the socket has left ESTABLISHED
+        # (`printf ... | nc -q1` often does this). Its bytes are echoed on the user path.
+        return "peer_closed_before_accept"
+    if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+        return "map_full"
+    return errno.errorcode.get(exc.errno or 0, "error").lower()
 
 
 def process_figures() -> dict[str, Any]:

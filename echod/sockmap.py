@@ -19,9 +19,6 @@ SO_COOKIE = 57  # asm-generic/socket.h; the socket module does not export it
 PROGRAM = "echo_verdict"
 SOCKETS_MAP = "echo_sockets"
 COUNTERS_MAP = "echo_counters"
-SETTINGS_MAP = "echo_settings"
-PASSTHRU_MAP = "echo_passthru"
-SETTING_PASSTHRU = 0  # ECHO_SETTING_PASSTHRU in bpf/echo.h
 
 # struct echo_counters (bpf/echo.h), each field a __u64.
 COUNTER_FIELDS = (
@@ -31,6 +28,7 @@ COUNTER_FIELDS = (
     "passed_bytes",
     "missed_packets",
     "missed_bytes",
+    "empty_packets",
 )
 _COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")
 
@@ -45,6 +43,26 @@ def socket_cookie(sock: socket.socket) -> int:
     return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
 
 
+def read_queue_empty(
+    sock: socket.socket, limit: int, chunk: int = 256 * 1024
+) -> tuple[bytes, bool]:
+    """Read a non-blocking sock until EAGAIN: then no skb at the head of its queue is partly read.
+
+    Returns (what was read, True), or (what was read, False) on EOF or once more than limit
+    bytes came in. Raises OSError when the socket fails. See KernelEcho.add for why.
+    """
+    data = bytearray()
+    while len(data) <= limit:
+        try:
+            got = sock.recv(chunk)
+        except (BlockingIOError, InterruptedError):
+            return bytes(data), True
+        if not got:
+            break
+        data += got
+    return bytes(data), False
+
+
 class KernelEcho:
     """Open → load → attach as a context manager; exit undoes exactly the steps that were done."""
 
@@ -52,9 +70,7 @@ class KernelEcho:
         self.path = str(path or default_object())
         self._stack = contextlib.ExitStack()
         self._obj: libbpf.BpfObject | None = None
-        self.prog_fd = self.sockets_fd = self.counters_fd = self.settings_fd = -1
-        self.passthru_fd = -1
-        self._passthru: set[int] = set()
+        self.prog_fd = self.sockets_fd = self.counters_fd = -1
         self.stats_enabled = False
         self._ncpus = 1
 
@@ -76,8 +92,6 @@ class KernelEcho:
         self.prog_fd = obj.program_fd(PROGRAM)
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
         self.counters_fd = obj.map_fd(COUNTERS_MAP)
-        self.settings_fd = obj.map_fd(SETTINGS_MAP)
-        self.passthru_fd = obj.map_fd(PASSTHRU_MAP)
         self._ncpus = libbpf.possible_cpus()
         libbpf.prog_attach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
         self._stack.callback(self._detach)
@@ -100,9 +114,7 @@ class KernelEcho:
         if self._obj is not None:
             self._stack.close()
             self._obj = None
-            self.prog_fd = self.sockets_fd = self.counters_fd = self.settings_fd = -1
-            self.passthru_fd = -1
-            self._passthru.clear()
+            self.prog_fd = self.sockets_fd = self.counters_fd = -1
             log.info("bpf.detached")
 
     def add(self, sock: socket.socket) -> None:
@@ -111,6 +123,10 @@ class KernelEcho:
         The verdict only sees skbs that arrive after the psock exists. Setting SO_RCVLOWAT
         runs tcp_data_ready(), which is now the psock's hook, over what is already queued.
         Raises OSError(EOPNOTSUPP) when the peer has already gone (the socket left ESTABLISHED).
+
+        User space must not have read part of the skb at the head of the receive queue: the
+        verdict path takes that skb whole, so its read part would be echoed twice. A socket
+        never read is fine; one that was read must go through read_queue_empty first.
         """
         key = struct.pack("=Q", socket_cookie(sock))
         libbpf.map_update(
@@ -119,28 +135,12 @@ class KernelEcho:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def remove(self, sock: socket.socket) -> None:
-        """Delete sock from the sockhash (and from pass-through); KeyError when it is not there.
+        """Delete sock from the sockhash; KeyError when it is not there.
 
         Removing frees the socket's psock with whatever is queued in it: call this only once
         everything received has been written (see service.Connection.drained).
         """
-        cookie = socket_cookie(sock)
-        if cookie in self._passthru:
-            self._passthru.discard(cookie)
-            libbpf.map_delete(self.passthru_fd, struct.pack("=Q", cookie))
-            self._set_passthru_flag()
-        libbpf.map_delete(self.sockets_fd, struct.pack("=Q", cookie))
-
-    def pass_through(self, sock: socket.socket) -> None:
-        """From now on hand sock's data to user space, in order behind what is already queued."""
-        cookie = socket_cookie(sock)
-        libbpf.map_update(self.passthru_fd, struct.pack("=Q", cookie), b"\x01")
-        self._passthru.add(cookie)
-        self._set_passthru_flag()
-
-    def _set_passthru_flag(self) -> None:
-        key = struct.pack("=I", SETTING_PASSTHRU)
-        libbpf.map_update(self.settings_fd, key, struct.pack("=I", int(bool(self._passthru))))
+        libbpf.map_delete(self.sockets_fd, struct.pack("=Q", socket_cookie(sock)))
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
@@ -165,7 +165,7 @@ class KernelEcho:
 
     def ids(self) -> dict[str, Any]:
         """Kernel ids of our program and maps (what `bpftool prog show` lists)."""
-        fds = (self.sockets_fd, self.counters_fd, self.settings_fd, self.passthru_fd)
+        fds = (self.sockets_fd, self.counters_fd)
         return {
             "prog_id": libbpf.prog_info(self.prog_fd)["id"],
             "map_ids": [libbpf.map_info(fd)["id"] for fd in fds],

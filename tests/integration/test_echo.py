@@ -22,19 +22,11 @@ from tests.integration.echo_util import (
     recv_exact,
     roundtrip,
     send_without_reading,
+    wait_for,
 )
 
 SIZES = [1, 64, 1024, 16 * 1024, 64 * 1024, 1024 * 1024]
 HOSTS = ["127.0.0.1", "::1"]
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll pred until true, or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -67,6 +59,23 @@ def test_echo_path_matches_mode(daemon: Echod) -> None:
     else:
         assert user == 100_000
         assert after["kernel"] is None
+
+
+def test_kernel_packets_count_requests_not_the_fin(echod_factory: Callable[..., Echod]) -> None:
+    """100 ping-pong messages are 100 redirected packets; the FIN's empty skb is counted apart."""
+    daemon = echod_factory(mode="kernel")
+    before = daemon.stats()
+    with connect("127.0.0.1", daemon.port) as sock:
+        for i in range(100):
+            roundtrip(sock, b"hello%d" % (i % 10))
+        sock.shutdown(socket.SHUT_WR)
+        expect_eof(sock)
+    wait_for(lambda: daemon.status()["connections"] == 0, what="the connection to close")
+    after = daemon.stats()
+    delta = {k: after["kernel"][k] - before["kernel"][k] for k in after["kernel"]}
+    assert delta["redirected_packets"] == 100, delta
+    assert delta["redirected_bytes"] == 600, delta
+    assert delta["empty_packets"] >= 1, delta
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -8,7 +8,13 @@ import time
 from collections.abc import Callable
 
 from tests.integration.conftest import Echod, require_bpf
-from tests.integration.echo_util import connect, recv_exact, send_without_reading
+from tests.integration.echo_util import (
+    connect,
+    recv_exact,
+    roundtrip,
+    send_without_reading,
+    wait_for,
+)
 
 DURATION = 6.0
 
@@ -88,15 +94,15 @@ def test_restart_switches_modes_under_traffic(echod_factory: Callable[..., Echod
     clients.append(Streamer(d.port))
     for c in clients:
         c.start()
-    time.sleep(0.5)
+    wait_for(lambda: d.status()["connections"] == len(clients), what="the clients to connect")
     sequence = ["kernel", "user", "kernel", "user", "kernel"]
     seen = []
     for mode in sequence:
         st = d.call("restart", {"mode": mode})
         assert st["mode"] == mode
         assert st["connections"] == len(clients), "a connection was dropped by the switch"
-        seen.append(st["connections_by_path"])
-        time.sleep(DURATION / len(sequence))
+        seen.append((st["connections_by_path"], st["migration"]))
+        time.sleep(DURATION / len(sequence))  # traffic runs on each path for a while
     for c in clients:
         c.halt.set()
     for c in clients:
@@ -104,31 +110,35 @@ def test_restart_switches_modes_under_traffic(echod_factory: Callable[..., Echod
         assert not c.is_alive(), "client hung"
         assert c.error is None, repr(c.error)
     assert all(c.rounds > 10 for c in clients if isinstance(c, PingPong))
-    # user -> kernel moves connections into the map; kernel -> user passes them through to
-    # user space, and they stay there until they close.
-    assert seen[0] == {"kernel": len(clients), "user": 0}
-    assert seen[1] == {"kernel": 0, "user": len(clients)}
-    assert seen[2] == {"kernel": 0, "user": len(clients)}
+    n = len(clients)
+    # user -> kernel moves every connection into the map; kernel -> user leaves them there
+    # (they keep the kernel path until they close), so later switches move nothing.
+    assert seen[0] == ({"kernel": n, "user": 0}, {"moved": n, "stayed": 0})
+    assert seen[1] == ({"kernel": n, "user": 0}, {"moved": 0, "stayed": n})
+    assert seen[2] == ({"kernel": n, "user": 0}, {"moved": 0, "stayed": 0})
     stats = d.stats()
     assert stats["user"]["bytes"] > 0
     assert stats["kernel"]["redirected_bytes"] > 0
 
 
-def test_restart_to_user_unloads_bpf_when_connections_close(
+def test_new_connections_follow_the_mode_and_old_ones_keep_their_path(
     echod_factory: Callable[..., Echod],
 ) -> None:
     d = echod_factory(mode="kernel")
-    with connect("127.0.0.1", d.port) as sock:
-        sock.sendall(b"abc")
-        assert recv_exact(sock, 3) == b"abc"
+    with connect("127.0.0.1", d.port) as old:
+        roundtrip(old, b"abc")
         st = d.call("restart", {"mode": "user"})
-        assert st["bpf"]["attached"], "BPF unloaded under a passing-through connection"
-        sock.sendall(b"defg")
-        assert recv_exact(sock, 4) == b"defg"
-    deadline = time.monotonic() + 10
-    while d.status()["bpf"]["attached"]:
-        assert time.monotonic() < deadline, "BPF still loaded after the last connection closed"
-        time.sleep(0.05)
+        assert st["migration"] == {"moved": 0, "stayed": 1}
+        assert st["bpf"]["attached"], "BPF unloaded under a kernel-path connection"
+        before = d.stats()
+        with connect("::1", d.port) as new:
+            roundtrip(new, os.urandom(5000))
+            roundtrip(old, os.urandom(7000))
+            assert d.status()["connections_by_path"] == {"kernel": 1, "user": 1}
+        after = d.stats()
+        assert after["user"]["bytes"] - before["user"]["bytes"] == 5000
+        assert after["kernel"]["redirected_bytes"] - before["kernel"]["redirected_bytes"] == 7000
+    wait_for(lambda: not d.status()["bpf"]["attached"], what="BPF to unload after the last close")
 
 
 def test_restart_with_a_peer_that_never_reads_stays_bounded(
@@ -151,16 +161,14 @@ def test_restart_with_a_peer_that_never_reads_stays_bounded(
     hog.close()
 
 
-def test_stop_drains_a_pass_through_connection_promptly(
+def test_stop_drains_a_kernel_path_connection_kept_across_a_switch(
     echod_factory: Callable[..., Echod],
 ) -> None:
     d = echod_factory(mode="kernel")
     with connect("127.0.0.1", d.port) as sock:
-        sock.sendall(b"abc")
-        assert recv_exact(sock, 3) == b"abc"
+        roundtrip(sock, b"abc")
         d.call("restart", {"mode": "user"})
-        sock.sendall(b"defg")
-        assert recv_exact(sock, 4) == b"defg"
+        roundtrip(sock, b"defg")
         began = time.monotonic()
         d.call("stop")
         assert time.monotonic() - began < 2.0, "stop waited out the grace period"

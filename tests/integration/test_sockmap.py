@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from echod import libbpf
-from echod.sockmap import KernelEcho
+from echod.sockmap import KernelEcho, read_queue_empty
 from tests.integration.conftest import assert_unloaded, loaded_bpf_ids, require_bpf
-from tests.integration.echo_util import recv_exact
+from tests.integration.echo_util import recv_exact, roundtrip
 
 
 @pytest.fixture
@@ -71,16 +72,26 @@ def test_counters_and_sockets(kernel: KernelEcho, listener: socket.socket) -> No
     server.close()
 
 
-def test_pass_through_hands_bytes_to_user_space(
+def test_insert_after_reading_the_queue_empty_is_exact(
     kernel: KernelEcho, listener: socket.socket
 ) -> None:
+    """The move to the kernel reads the receive queue until EAGAIN before the insert: the
+    verdict then starts on a fresh skb and nothing user space read is echoed twice."""
     client, server = pair(listener)
-    kernel.add(server)
-    kernel.pass_through(server)
-    client.sendall(b"to user space")
+    payload = os.urandom(300_000)
+    sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
+    sender.start()
     server.settimeout(5)
-    assert recv_exact(server, 13) == b"to user space"
-    assert kernel.counters()["passed_bytes"] == 13
+    head = recv_exact(server, 1000)  # part of the head skb, as an event loop's read leaves it
+    server.setblocking(False)
+    rest, emptied = read_queue_empty(server, 1 << 30)
+    assert emptied
+    server.setblocking(True)
+    server.sendall(head + rest)
+    kernel.add(server)
+    sender.join(10)
+    assert recv_exact(client, len(payload)) == payload
+    roundtrip(client, b"and nothing more")
     kernel.remove(server)
     client.close()
     server.close()

@@ -21,6 +21,9 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
             "refused": {"max_connections": 1, "allow": 2, "per_ip": 3},
             "active": 4,
             "closed": 8,
+            "aborted_backlog": 6,
+            "insert_failed": 3,
+            "insert_failed_reasons": {"peer_closed_before_accept": 3},
         },
         "user": {"bytes": 100, "messages": 5},
         "kernel": {
@@ -28,6 +31,9 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
             "redirected_bytes": 7000,
             "passed_packets": 2,
             "passed_bytes": 64,
+            "missed_packets": 1,
+            "missed_bytes": 10,
+            "empty_packets": 9,
         },
         "bpf_programs": [
             {"id": 41, "name": "echo_verdict", "run_cnt": 72, "run_time_ns": 1_500_000_000},
@@ -60,10 +66,15 @@ def test_families_and_types() -> None:
         "echod_connections_refused": "counter",
         "echod_connections_active": "gauge",
         "echod_connections_closed": "counter",
+        "echod_connections_aborted_backlog": "counter",
+        "echod_connections_insert_failed": "counter",
         "echod_bytes": "counter",
         "echod_messages": "counter",
         "echod_kernel_packets": "counter",
         "echod_kernel_bytes": "counter",
+        "echod_kernel_missed_packets": "counter",
+        "echod_kernel_missed_bytes": "counter",
+        "echod_kernel_empty_packets": "counter",
         "echod_bpf_program_run_count": "counter",
         "echod_bpf_program_run_time_seconds": "counter",
     }
@@ -89,6 +100,12 @@ def test_values() -> None:
     assert s[("echod_kernel_packets_total", (("verdict", "passed"),))] == 2
     assert s[("echod_kernel_bytes_total", (("verdict", "redirected"),))] == 7000
     assert s[("echod_kernel_bytes_total", (("verdict", "passed"),))] == 64
+    assert s[("echod_kernel_missed_packets_total", ())] == 1
+    assert s[("echod_kernel_missed_bytes_total", ())] == 10
+    assert s[("echod_kernel_empty_packets_total", ())] == 9
+    assert s[("echod_connections_aborted_backlog_total", ())] == 6
+    failed = (("reason", "peer_closed_before_accept"),)
+    assert s[("echod_connections_insert_failed_total", failed)] == 3
     verdict = (("id", "41"), ("prog", "echo_verdict"))
     assert s[("echod_bpf_program_run_count_total", verdict)] == 72
     assert s[("echod_bpf_program_run_time_seconds_total", verdict)] == pytest.approx(1.5)
