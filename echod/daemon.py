@@ -13,28 +13,18 @@ from typing import Any
 import structlog
 
 from echod import __version__, logs, systemd
-from echod import config as configmod
-from echod.config import Config
+from echod.config import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
+from echod.configsource import resolve
 from echod.control import ControlServer
 from echod.errors import RequestError
 from echod.service import Service
 
 log = structlog.get_logger("echod.daemon")
 
+__all__ = ["LIVE_KEYS", "RESTART_KEYS", "Daemon", "describe"]
+
 TICK = 1.0
-LIVE_KEYS = (
-    "max_connections",
-    "max_connections_per_ip",
-    "allow",
-    "log_level",
-    "log_format",
-    "metrics",
-    "shutdown_grace",
-    "kernel_backlog_limit",
-    "kernel_backlog_total",
-)
 BACKLOG_CHECK = 0.1
-RESTART_KEYS = ("hosts", "port", "mode", "control", "control_group", "admin_group")
 
 
 class Daemon:
@@ -47,6 +37,8 @@ class Daemon:
         self.service: Service | None = None
         self.metrics: Any = None
         self._snapshot: dict[str, Any] = {}
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
     def signal_handlers(self) -> Iterator[None]:
@@ -54,7 +46,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_exit_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
             yield
         finally:
@@ -62,8 +54,15 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     def _on_exit_signal(self, sig: signal.Signals) -> None:
-        log.info("daemon.signal", signal=sig.name)
+        # First the event: nothing that happens while logging may keep the daemon from stopping.
         self.should_exit.set()
+        log.info("daemon.signal", signal=sig.name)
+
+    def _on_reload_signal(self) -> None:
+        # The loop keeps only a weak reference to a task: hold it until it is done.
+        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def run(self) -> int:
         """Start, serve until asked to stop, shut down; returns the process exit code."""
@@ -84,6 +83,9 @@ class Daemon:
             except (RequestError, OSError) as exc:
                 message = exc.message if isinstance(exc, RequestError) else describe(exc)
                 log.error("daemon.start_failed", error=message)
+                # One plain line as well, whatever the log format: the reason must be readable
+                # on a terminal, in `systemctl status` and in a CI log alike.
+                logs.write_line(f"echod: {message}")
                 with contextlib.suppress(RequestError):
                     await service.stop(grace=0.1)
                 await control.close()
@@ -191,19 +193,21 @@ class Daemon:
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file: apply what can change live, report what needs a restart."""
         assert self.service is not None
-        systemd.reloading()
-        try:
-            return self._reload()
-        except (configmod.ConfigError, OSError) as exc:
-            message = describe(exc) if isinstance(exc, OSError) else str(exc)
-            log.error("config.reload_rejected", error=message)
-            raise RequestError("invalid_config", message) from exc
-        finally:
-            systemd.ready(self.summary())
+        async with self._reload_lock:
+            systemd.reloading()
+            try:
+                # Reading the file and resolving host names may block: not on the event loop.
+                new = await asyncio.to_thread(resolve, self.flags, self.config.config_file)
+                return self._apply(new)
+            except (ConfigError, OSError) as exc:
+                message = describe(exc) if isinstance(exc, OSError) else str(exc)
+                log.error("config.reload_rejected", error=message)
+                raise RequestError("invalid_config", message) from exc
+            finally:
+                systemd.ready(self.summary())
 
-    def _reload(self) -> dict[str, Any]:
+    def _apply(self, new: Config) -> dict[str, Any]:
         assert self.service is not None
-        new = configmod.resolve(self.flags, self.config.config_file)
         applied = [k for k in LIVE_KEYS if getattr(new, k) != getattr(self.config, k)]
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
         if "metrics" in applied:
@@ -222,8 +226,13 @@ class Daemon:
         return {"applied": applied, "needs_restart": needs_restart}
 
     async def _reload_quietly(self) -> None:
-        with contextlib.suppress(RequestError):
+        """SIGHUP's reload: a rejection is already logged; anything else is logged here."""
+        try:
             await self.reload()
+        except RequestError:
+            pass
+        except Exception:
+            log.exception("config.reload_failed")
 
 
 def describe(exc: OSError) -> str:

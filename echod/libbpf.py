@@ -2,7 +2,8 @@
 
 Conventions (libbpf 1.x): a negative return is -errno and becomes OSError(errno, strerror,
 call name); a NULL pointer reads errno. Errnos that mean "this kernel cannot do it" become
-NotSupported so callers can branch on the type.
+NotSupported so callers can branch on the type. libbpf's own codes (4000 and up) are described
+with libbpf's words, not "Unknown error 4001".
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ BPF_NOEXIST = 1
 
 # Errnos with which the kernel says "not here" rather than "you did it wrong".
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOTSUP}
+
+# enum libbpf_errno (bpf/libbpf.h): libbpf's own error codes, above the kernel's errnos.
+LIBBPF_ERRNO_START = 4000
+LIBBPF_ERRNO_END = 4100
+# libbpf_strerror()'s table (libbpf.c), for a build that does not export the function (the
+# pylibbpf wheel's). LIBBPF_ERRNO__LOAD (4006) has no entry there; its words are the header's.
+_LIBBPF_ERRORS = (
+    "Something wrong in libelf",
+    "BPF object format invalid",
+    "'version' section incorrect or lost",
+    "Endian mismatch",
+    "Internal error in libbpf",
+    "Relocation failed",
+    "Load program failure for unknown reason",
+    "Kernel verifier blocks program loading",
+    "Program too big",
+    "Incorrect kernel version",
+    "Kernel doesn't support this program type",
+    "Wrong pid in netlink message",
+    "Invalid netlink sequence",
+    "Incorrect netlink message parsing",
+)
 
 
 def _candidates() -> list[str]:
@@ -147,8 +170,24 @@ class Library:
             fn = getattr(c, name)
             fn.restype = restype
             fn.argtypes = argtypes
+        # Optional: Debian's libbpf exports it, the wheel's static build does not.
+        self._strerror = getattr(c, "libbpf_strerror", None)
+        if self._strerror is not None:
+            self._strerror.restype = i
+            self._strerror.argtypes = [i, ctypes.c_char_p, ctypes.c_size_t]
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, cp, vp]
         self._libc.vsnprintf.restype = i
+
+    def strerror(self, code: int) -> str | None:
+        """libbpf_strerror(code) when this build exports it and knows the code, else None."""
+        if self._strerror is None:
+            return None
+        buf = ctypes.create_string_buffer(256)
+        if self._strerror(code, buf, len(buf)) != 0:
+            return None
+        text = buf.value.decode(errors="replace")
+        # libbpf 1.1 prints a NULL table entry (LIBBPF_ERRNO__LOAD) as "(null)".
+        return None if text in ("", "(null)") else text
 
     def _on_print(self, level: int, fmt: bytes, args: int) -> int:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -179,10 +218,20 @@ def library() -> Library:
     return _lib
 
 
+def strerror(code: int) -> str:
+    """The words for an errno, or for one of libbpf's own codes (LIBBPF_ERRNO__*)."""
+    if not LIBBPF_ERRNO_START <= code < LIBBPF_ERRNO_END:
+        return os.strerror(code)
+    text = _lib.strerror(code) if _lib is not None else None
+    if text is None and code - LIBBPF_ERRNO_START < len(_LIBBPF_ERRORS):
+        text = _LIBBPF_ERRORS[code - LIBBPF_ERRNO_START]
+    return text or f"libbpf error {code}"
+
+
 def _error(rc: int, what: str) -> OSError:
     code = -rc if rc < 0 else ctypes.get_errno()
     cls = NotSupported if code in _UNSUPPORTED else OSError
-    return cls(code, os.strerror(code), what)
+    return cls(code, strerror(code), what)
 
 
 def check(rc: int, what: str) -> int:

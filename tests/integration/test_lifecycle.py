@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -16,8 +19,10 @@ import pytest
 from echod.sockmap import default_object
 from tests.integration.conftest import (
     BIN,
+    START_TIMEOUT,
     Echod,
     assert_unloaded,
+    free_port,
     loaded_bpf_ids,
     require_bpf,
     spawn,
@@ -67,10 +72,12 @@ def bad_objects(tmp_path: Path) -> dict[str, Path]:
     data = bytearray(default_object().read_bytes())
     data[64:512] = os.urandom(448)
     corrupt.write_bytes(bytes(data))
-    return {"missing": tmp_path / "nope.bpf.o", "corrupt": corrupt}
+    not_elf = tmp_path / "text.bpf.o"
+    not_elf.write_text("not an ELF object\n")
+    return {"missing": tmp_path / "nope.bpf.o", "corrupt": corrupt, "not_elf": not_elf}
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "unverifiable"])
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "not_elf", "unverifiable"])
 def test_auto_falls_back_to_user_with_reason(
     echod_factory: Callable[..., Echod], tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
@@ -84,6 +91,10 @@ def test_auto_falls_back_to_user_with_reason(
     assert st["mode"] == "user"
     assert st["requested_mode"] == "auto"
     assert st["fallback_reason"]
+    # libbpf's own error codes (4000 and up) are described, never "Unknown error 4001".
+    assert "Unknown error" not in st["fallback_reason"]
+    if kind == "not_elf":
+        assert "BPF object format invalid" in st["fallback_reason"]
     assert not st["bpf"]["attached"]
     assert "service.fallback_to_user" in d.log()
     with connect("127.0.0.1", d.port) as sock:
@@ -104,7 +115,12 @@ def test_explicit_kernel_mode_fails_clearly(
     d = spawn(tmp_path, "kernel", ["--bpf-object", str(obj)], wait=False)
     code = d.proc.wait(20)
     assert code == 1
-    assert "kernel mode unavailable" in d.log()
+    # One plain line besides the JSON log: the reason reads the same on a terminal or not.
+    plain = [line for line in d.log().splitlines() if line.startswith("echod: ")]
+    assert len(plain) == 1, d.log()
+    assert plain[0].startswith("echod: kernel mode unavailable: "), plain
+    assert "Unknown error" not in plain[0]
+    assert '"event": "daemon.start_failed"' in d.log()
     assert not Path(d.control).exists(), "control socket left behind"
     progs_after, maps_after = loaded_bpf_ids(ours=True)
     assert_unloaded(progs_after - progs_before, maps_after - maps_before)
@@ -122,10 +138,11 @@ def test_auto_is_kernel_when_possible(echod_factory: Callable[..., Echod]) -> No
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--mode", "bogus"], "Invalid value for '--mode'"),
-        (["--port", "0"], "Invalid value for '--port'"),
-        (["--port", "70000"], "Invalid value for '--port'"),
-        (["--max-connections", "0"], "Invalid value for '--max-connections'"),
+        (["--mode", "bogus"], "option --mode='bogus': must be one of auto, kernel, user"),
+        (["--port", "0"], "option --port='0': must be an integer from 1 to 65535"),
+        (["--port", "70000"], "option --port='70000': must be an integer from 1 to 65535"),
+        (["--port", "http"], "option --port='http': must be an integer"),
+        (["--max-connections", "0"], "option --max-connections='0': must be an integer >= 1"),
         (["--no-such-flag"], "No such option"),
         (["--config", "/nonexistent/echod.toml"], "config file not found"),
     ],
@@ -142,7 +159,11 @@ def test_port_in_use_exits_nonzero(echod_factory: Callable[..., Echod], tmp_path
     d = spawn(tmp_path, "user", ["--port", str(first.port)], wait=False)
     # spawn() picked a fresh port; the later --port wins and collides with the first daemon.
     assert d.proc.wait(20) == 1
-    assert "cannot listen on" in d.log()
+    assert '"event": "daemon.start_failed"' in d.log()
+    plain = [line for line in d.log().splitlines() if line.startswith("echod: ")]
+    assert plain == [
+        f"echod: cannot listen on 127.0.0.1 port {first.port}: Address already in use"
+    ], d.log()
 
 
 def test_sigint_is_graceful_and_leaves_nothing(echod_factory: Callable[..., Echod]) -> None:
@@ -251,3 +272,151 @@ def test_restart_to_kernel_without_bpf_is_refused_and_keeps_serving(
     st = d.status()
     assert st["mode"] == "user"
     assert st["state"] == "serving"
+
+
+def _stale_socket(path: Path) -> Path:
+    """A socket file nobody answers on, as a crashed daemon leaves it."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    return path
+
+
+def _bad_setting_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\nport = 1\n")
+    too_long = "/tmp/" + "x" * 95
+    options = "option --control='relative.sock'"
+    variable = "environment variable ECHOD_CONTROL='relative.sock'"
+    return {
+        "metrics": (["--metrics", "bogus"], {}, "option --metrics='bogus': 'bogus' is not HOST"),
+        "host": (["--host", "999.1.1.1"], {}, "option --host='999.1.1.1': "),
+        "host-name": (
+            ["--host", "nosuch.invalid"],
+            {},
+            "is not an IP address and does not resolve",
+        ),
+        "control": (["--control", "relative.sock"], {}, f"{options}: must be an absolute path"),
+        "control-env": (
+            [],
+            {"ECHOD_CONTROL": "relative.sock"},
+            f"{variable}: must be an absolute path",
+        ),
+        "control-long": (["--control", too_long], {}, "is too long (100 bytes)"),
+        "dev-null": (["--config", "/dev/null"], {}, "/dev/null: is a character device, not a"),
+        "directory": (["--config", str(tmp_path)], {}, f"{tmp_path}: is a directory, not a"),
+        "deep": (["--config", str(deep)], {}, f"{deep}: invalid TOML: arrays or tables are nested"),
+        "not-utf8": (["--config", str(latin1)], {}, f"{latin1}:1: not UTF-8 text (byte 0xe9"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "metrics",
+        "host",
+        "host-name",
+        "control",
+        "control-env",
+        "control-long",
+        "dev-null",
+        "directory",
+        "deep",
+        "not-utf8",
+    ],
+)
+def test_bad_setting_exits_2_before_anything_is_bound(tmp_path: Path, case: str) -> None:
+    """Flags, environment and file go through the same validators, before any side effect."""
+    args, extra_env, needle = _bad_setting_cases(tmp_path)[case]
+    stale = _stale_socket(tmp_path / "control.sock")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")} | extra_env
+    argv = [str(BIN / "echod"), "--mode", "auto", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--control", str(stale), "--log-level", "debug", "--log-format", "json", *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2, proc.stderr
+    # One line, naming the setting and the value: no log line, so nothing was bound or attached.
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("echod: configuration error: "), proc.stderr
+    assert needle in proc.stderr
+    assert stale.is_socket(), "the old control socket was removed before the config was checked"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_unreadable_config_file_is_named(world_dir: Path) -> None:
+    cfg = world_dir / "echod.toml"
+    cfg.write_text("port = 1\n")
+    cfg.chmod(0o600)  # root's; the daemon runs as nobody
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(BIN / "echod")]
+    argv += ["--config", str(cfg), "--control", str(world_dir / "c.sock")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"echod: configuration error: {cfg}: cannot read: Permission denied\n"
+
+
+def _wait_serving(d: Echod) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        assert d.proc.poll() is None, f"echod exited with {d.proc.returncode}:\n{d.log()}"
+        try:
+            if d.status()["state"] == "serving":
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"echod did not become ready:\n{d.log()}"
+        time.sleep(0.05)
+
+
+def test_longest_control_path_serves(world_dir: Path) -> None:
+    """94 bytes is the limit: the socket is bound as .NAME.PID.tmp (PID up to 7 digits) first."""
+    directory = str(world_dir)
+    control = os.path.join(directory, "c" * (94 - len(directory) - 1))
+    assert len(control) == 94
+    d = spawn(world_dir, "user", ["--control", control], wait=False)
+    d.control = control
+    try:
+        _wait_serving(d)
+    finally:
+        assert d.stop() == 0, d.log()
+    assert not Path(control).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_work_after_the_stderr_reader_is_gone(tmp_path: Path, sig: int) -> None:
+    """Logging into a pipe nobody reads (EPIPE) drops records; it never wedges the daemon."""
+    port = free_port()
+    control = tmp_path / "control.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}
+    argv = [str(BIN / "echod"), "--mode", "user", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--control", str(control), "--log-format", "json", "--log-level", "debug"]
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w, env=env
+    )
+    os.close(w)
+    try:
+        seen = b""
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"daemon.ready" not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"echod did not become ready: {seen!r}"
+            if select.select([r], [], [], left)[0]:
+                chunk = os.read(r, 65536)
+                assert chunk, f"echod closed stderr: {seen!r}"
+                seen += chunk
+        os.close(r)
+        r = -1
+        for _ in range(3):  # each connection logs, into the broken pipe
+            with connect("127.0.0.1", port) as sock:
+                roundtrip(sock, b"still echoing")
+        proc.send_signal(sig)
+        assert proc.wait(20) == 0
+    finally:
+        if r >= 0:
+            os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not control.exists()

@@ -105,8 +105,40 @@ def test_reload_refuses_a_bad_file_and_keeps_running_config(
     assert ":2:" in proc.stderr + proc.stdout  # the file line is named
     # SIGHUP with the same bad file: logged, and the daemon serves on with the old settings.
     os.kill(d.proc.pid, signal.SIGHUP)
-    time.sleep(0.3)
-    assert "config.reload_rejected" in d.log()
+    wait_for_log(d, "config.reload_rejected", count=2)
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, b"still serving")
+
+
+def wait_for_log(d: Echod, needle: str, count: int = 1, timeout: float = 10.0) -> str:
+    """The daemon's log once needle has appeared `count` times in it."""
+    deadline = time.monotonic() + timeout
+    while d.log().count(needle) < count:
+        assert time.monotonic() < deadline, f"{needle!r} x{count} never logged:\n{d.log()}"
+        time.sleep(0.05)
+    return d.log()
+
+
+def test_deeply_nested_config_is_rejected_on_reload_and_sighup(
+    echod_factory: Callable[..., Echod], tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "echod.toml", "max_connections = 100\n")
+    d = echod_factory(mode="user", args=["--config", str(cfg)])
+    write_config(cfg, "x = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    proc = subprocess.run(
+        [str(BIN / "echoctl"), "--control", d.control, "--json", "reload"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert '"invalid_config"' in proc.stdout, proc.stdout + proc.stderr
+    assert "nested too deeply" in proc.stdout
+    os.kill(d.proc.pid, signal.SIGHUP)
+    log = wait_for_log(d, "config.reload_rejected", count=2)
+    assert "Task exception was never retrieved" not in log
+    assert "Traceback" not in log
+    assert d.status()["state"] == "serving"
     with connect("127.0.0.1", d.port) as sock:
         roundtrip(sock, b"still serving")
 

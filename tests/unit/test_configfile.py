@@ -1,20 +1,40 @@
-"""echod.configfile: every rejection names file, key and line; env parsing and normalisation."""
+"""echod.config and echod.configsource: one schema, and every source validated the same way.
+
+Every rejection names its source (file and line, variable, flag), the setting and the value.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from echod import configfile
-from echod.config import Config
-from echod.configfile import ConfigError
+from echod import config as configmod
+from echod import configsource
+from echod.config import (
+    LIVE_KEYS,
+    RESTART_KEYS,
+    SCHEMA,
+    SUN_PATH_MAX,
+    Config,
+    ConfigError,
+    control_temp_path,
+    parse_address,
+)
+from echod.configsource import resolve
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Every Config field an operator can set; the shipped file documents each one.
 FIELDS = {f.name for f in dataclasses.fields(Config)} - {"bpf_object", "config_file"}
+
+
+@pytest.fixture(autouse=True)
+def _no_default_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """resolve() must not pick up this machine's /etc/echod/echod.toml."""
+    monkeypatch.setattr(configsource, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -26,15 +46,15 @@ def _write(tmp_path: Path, text: str) -> Path:
 def _error(tmp_path: Path, text: str) -> ConfigError:
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        configfile.load(path)
+        configsource.load_file(path)
     return info.value
 
 
 def test_shipped_config_sets_every_field() -> None:
-    values = configfile.load(REPO / "systemd" / "echod.toml")
+    values = configsource.load_file(REPO / "systemd" / "echod.toml")
     assert set(values) == FIELDS
     assert values["control"] == "/run/echod/control.sock"
-    assert values["metrics"] == "127.0.0.1:9108"
+    assert values["metrics"] is None
     assert values["admin_group"] is None
 
 
@@ -63,7 +83,7 @@ format = "json"
 level = "Warning"
 """,
     )
-    assert configfile.load(path) == {
+    assert configsource.load_file(path) == {
         "hosts": ["127.0.0.1", "::1", "localhost"],
         "port": 7,
         "mode": "kernel",
@@ -82,8 +102,8 @@ level = "Warning"
 
 def test_only_keys_present_are_returned(tmp_path: Path) -> None:
     # Absent keys must not shadow the defaults (or the environment) in the Config merge.
-    assert configfile.load(_write(tmp_path, "port = 9\n")) == {"port": 9}
-    assert configfile.load(_write(tmp_path, "")) == {}
+    assert configsource.load_file(_write(tmp_path, "port = 9\n")) == {"port": 9}
+    assert configsource.load_file(_write(tmp_path, "")) == {}
 
 
 @pytest.mark.parametrize(
@@ -163,8 +183,8 @@ def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read: No such file"):
-        configfile.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
+        configsource.load_file(tmp_path / "nope.toml")
 
 
 def test_from_env_parses_and_normalises() -> None:
@@ -185,7 +205,7 @@ def test_from_env_parses_and_normalises() -> None:
         "ECHOD_REQUIRE_BPF": "1",  # a test switch, not a setting: ignored
         "PATH": "/bin",
     }
-    assert configfile.from_env(env) == {
+    assert configsource.from_env(env) == {
         "hosts": ["127.0.0.1", "::1"],
         "port": 9000,
         "mode": "user",
@@ -203,11 +223,11 @@ def test_from_env_parses_and_normalises() -> None:
 
 
 def test_from_env_empty_values_switch_things_off() -> None:
-    assert configfile.from_env({"ECHOD_METRICS": "", "ECHOD_ALLOW": ""}) == {
+    assert configsource.from_env({"ECHOD_METRICS": "", "ECHOD_ALLOW": ""}) == {
         "metrics": None,
         "allow": [],
     }
-    assert configfile.from_env({}) == {}
+    assert configsource.from_env({}) == {}
 
 
 @pytest.mark.parametrize(
@@ -231,22 +251,19 @@ def test_from_env_empty_values_switch_things_off() -> None:
 )
 def test_from_env_rejection_names_the_variable(name: str, value: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
-        configfile.from_env({name: value})
+        configsource.from_env({name: value})
     assert str(info.value).startswith(f"environment variable {name}={value!r}: ")
     assert reason in str(info.value)
     assert info.value.key == name
 
 
-def test_precedence_inputs_merge_file_then_env(tmp_path: Path) -> None:
-    # The Config builder layers defaults < file < env < flags with dict updates; the two
-    # sources must therefore use the same field names and only carry what they set.
-    from_file = configfile.load(
-        _write(tmp_path, 'port = 1\nmode = "user"\n[log]\nlevel = "debug"\n')
-    )
-    from_env = configfile.from_env({"ECHOD_PORT": "2", "ECHOD_LOG_FORMAT": "json"})
-    merged = {**from_file, **from_env}
-    assert merged == {"port": 2, "mode": "user", "log_level": "debug", "log_format": "json"}
-    assert set(configfile.ENV_VARS) >= {"ECHOD_HOST", "ECHOD_PORT", "ECHOD_METRICS"}
+def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'port = 1\nmode = "user"\n[log]\nlevel = "debug"\n')
+    env = {"ECHOD_PORT": "2", "ECHOD_LOG_FORMAT": "json", "ECHOD_MODE": "kernel"}
+    cfg = resolve({"mode": "auto", "hosts": (), "metrics": None}, str(path), env)
+    assert (cfg.port, cfg.mode, cfg.log_level, cfg.log_format) == (2, "auto", "debug", "json")
+    assert cfg.hosts == Config().hosts  # an empty repeated flag and None do not count
+    assert set(configmod.ENV_VARS) >= {"ECHOD_HOST", "ECHOD_PORT", "ECHOD_METRICS"}
 
 
 @pytest.mark.parametrize(
@@ -259,4 +276,145 @@ def test_precedence_inputs_merge_file_then_env(tmp_path: Path) -> None:
     ],
 )
 def test_parse_address(text: str, expected: tuple[str, int]) -> None:
-    assert configfile.parse_address(text) == expected
+    assert parse_address(text) == expected
+
+
+def test_schema_is_the_config() -> None:
+    """Each setting is one row: a Config field with the same type, live or restart, not both."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    assert fields.pop("config_file") == "str | None"
+    assert {s.key: s.type for s in SCHEMA} == fields
+    assert set(LIVE_KEYS) | set(RESTART_KEYS) == set(fields)
+    assert not set(LIVE_KEYS) & set(RESTART_KEYS)
+    assert configmod.MODES == ("auto", *configmod.EFFECTIVE_MODES)
+
+
+# (setting, TOML text, environment variable, flag key, bad value, what the reason says)
+BAD_IN_EVERY_SOURCE = [
+    ("metrics.address", '[metrics]\naddress = "bogus"\n', "ECHOD_METRICS", "metrics", "bogus",
+     "is not HOST:PORT"),
+    ("host", 'host = "999.1.1.1"\n', "ECHOD_HOST", "hosts", "999.1.1.1",
+     "not an IP address or host name"),
+    ("host", 'host = "nosuch.invalid"\n', "ECHOD_HOST", "hosts", "nosuch.invalid",
+     "does not resolve"),
+    ("control.path", '[control]\npath = "relative.sock"\n', "ECHOD_CONTROL", "control",
+     "relative.sock", "absolute path"),
+    ("port", "port = 0\n", "ECHOD_PORT", "port", "0", "from 1 to 65535"),
+    ("mode", 'mode = "turbo"\n', "ECHOD_MODE", "mode", "turbo", "one of auto, kernel, user"),
+    ("log.level", '[log]\nlevel = "loud"\n', "ECHOD_LOG_LEVEL", "log_level", "loud",
+     "one of debug"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dotted", "toml", "env", "flag", "value", "reason"),
+    BAD_IN_EVERY_SOURCE,
+    ids=[f"{row[0]}={row[4]}" for row in BAD_IN_EVERY_SOURCE],
+)
+def test_every_source_goes_through_the_same_validator(
+    tmp_path: Path, dotted: str, toml: str, env: str, flag: str, value: str, reason: str
+) -> None:
+    path = _write(tmp_path, toml)
+    setting = next(s for s in SCHEMA if s.key == flag)
+    flags: dict[str, Any] = {flag: (value,) if setting.type.startswith("list") else value}
+    cases = [
+        (lambda: resolve({}, str(path), {}), f"{path}:{toml.count(chr(10))}: {dotted}: "),
+        (lambda: resolve({}, None, {env: value}), f"environment variable {env}={value!r}: "),
+        (lambda: resolve(flags, None, {}), f"option {setting.flag}={value!r}: "),
+    ]
+    for call, prefix in cases:
+        with pytest.raises(ConfigError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(prefix), message
+        assert reason in message
+        assert "\n" not in message
+
+
+def test_python_values_as_flags_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match=r"^option --port=70000: .*from 1 to 65535"):
+        resolve({"port": 70000}, None, {})
+    assert resolve({"port": 7000, "hosts": ["::1"]}, None, {}).port == 7000
+
+
+def test_host_names_that_resolve_are_kept() -> None:
+    assert resolve({"hosts": ("localhost",)}, None, {}).hosts == ["localhost"]
+
+
+def test_control_path_fits_the_temporary_name() -> None:
+    """The socket is bound as .NAME.PID.tmp first: the longest such name must fit sun_path."""
+    base = "/run/"
+    longest_ok = base + "x" * (94 - len(base))
+    assert len(control_temp_path(longest_ok, configmod.PID_MAX_LIMIT)) == SUN_PATH_MAX
+    assert resolve({"control": longest_ok}, None, {}).control == longest_ok
+    for size in (95, 100, 107):
+        with pytest.raises(ConfigError, match=rf"too long \({size} bytes\).*at most 94"):
+            resolve({"control": base + "x" * (size - len(base))}, None, {})
+    with pytest.raises(ConfigError, match="not a directory"):
+        resolve({"control": "/run/echod/"}, None, {})
+
+
+def test_control_temp_path_is_the_name_the_server_binds() -> None:
+    """control.py builds the same name (until it imports control_temp_path)."""
+    source = (REPO / "echod" / "control.py").read_text()
+    uses_shared = "control_temp_path(" in source
+    builds_same = 'f".{os.path.basename(self.path)}.{os.getpid()}.tmp"' in source
+    assert uses_shared or builds_same
+    assert control_temp_path("/run/echod/control.sock", 42) == "/run/echod/.control.sock.42.tmp"
+
+
+def test_deep_nesting_is_a_config_error(tmp_path: Path) -> None:
+    depth = 50_000
+    path = _write(tmp_path, "x = " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(ConfigError, match="invalid TOML: arrays or tables are nested too deeply"):
+        resolve({}, str(path), {})
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda tmp: "/dev/null", "/dev/null: is a character device, not a regular file"),
+        (lambda tmp: str(tmp), "is a directory, not a config file"),
+        (lambda tmp: str(tmp / "absent.toml"), "absent.toml: config file not found"),
+    ],
+    ids=["dev-null", "directory", "absent"],
+)
+def test_config_file_problems_are_named(tmp_path: Path, make: Any, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve({}, make(tmp_path), {})
+    assert reason in str(info.value)
+
+
+def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "echod.toml"
+    path.write_bytes(b"port = 1\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        resolve({}, str(path), {})
+    assert str(info.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at offset 14)"
+    assert info.value.line == 2
+
+
+def test_the_config_file_may_come_from_the_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "port = 4242\n")
+    assert resolve({}, None, {"ECHOD_CONFIG": str(path)}).port == 4242
+    assert resolve({}, None, {"ECHOD_CONFIG": str(path)}).config_file == str(path)
+
+
+def test_cross_checks_name_where_each_value_came_from(tmp_path: Path) -> None:
+    path = _write(tmp_path, "kernel_backlog_total = 70000\n")
+    with pytest.raises(ConfigError) as info:
+        resolve({}, str(path), {"ECHOD_KERNEL_BACKLOG_LIMIT": "80000"})
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: kernel_backlog_total: 70000 is below")
+    assert "environment variable ECHOD_KERNEL_BACKLOG_LIMIT='80000'" in message
+    with pytest.raises(ConfigError, match=r"^environment variable ECHOD_ADMIN_GROUP=.*no such"):
+        resolve({}, None, {"ECHOD_ADMIN_GROUP": "nosuchgroupxyz"})
+
+
+def test_unknown_flag_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'turbo'"):
+        resolve({"turbo": "1"}, None, {})
+
+
+def test_defaults_are_valid() -> None:
+    assert resolve({}, None, {}) == Config()
