@@ -8,12 +8,12 @@ import errno
 import grp
 import math
 import os
+import resource
 import socket
 import stat
-import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
@@ -21,6 +21,8 @@ import structlog
 
 from echod import __version__
 from echod.errors import RequestError
+from echod.logs import RateLimited
+from echod.peercred import PeerCred, is_admin, peer_cred
 
 log = structlog.get_logger("echod.control")
 
@@ -44,19 +46,32 @@ ERROR_CODES = (
 
 MAX_FRAME = 64 * 1024
 READ_CHUNK = 4096
-# A peer may pause between frames for ever, but not in the middle of one.
+# A peer may pause between frames for ever, but must finish a frame once started: a deadline
+# for the whole frame from its first byte, not a timeout that each byte renews.
 PARTIAL_FRAME_TIMEOUT = 10.0
-# A peer that stops reading its replies is dropped rather than buffered for without bound.
+# A connection whose first frame is not complete by then is closed, so that idle connections
+# cannot hold slots.
+IDLE_TIMEOUT = 5.0
+# A peer that stops reading its replies is dropped (its transport aborted) once one write has
+# waited this long for the kernel to take it.
 WRITE_TIMEOUT = 30.0
+# Slots: MAX_CLIENTS for everyone, of which one unprivileged uid may hold MAX_CLIENTS_PER_UID;
+# RESERVED_CLIENTS more are for admins only (root, the daemon's uid, the admin group).
 MAX_CLIENTS = 64
+MAX_CLIENTS_PER_UID = 8
+RESERVED_CLIENTS = 16
+LISTEN_BACKLOG = 1024
+# Descriptors the echo service leaves free (it refuses connections this far below
+# RLIMIT_NOFILE): every control slot, plus the daemon's own files (BPF, epoll, metrics, ...).
+FD_RESERVE = MAX_CLIENTS + RESERVED_CLIENTS + 64
+# Per-uid log events (control.denied, control.busy): this many per period, then a count.
+LOG_BURST, LOG_PERIOD = 5, 5.0
 MODES = ("auto", "kernel", "user")
 MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 60.0, 1.0
 
 READ_ONLY_METHODS = ("hello", "status", "stats", "watch")
 MUTATING_METHODS = ("start", "stop", "restart", "reload")
 METHODS = READ_ONLY_METHODS + MUTATING_METHODS
-
-_UCRED = struct.Struct("3i")
 
 
 class ControlTarget(Protocol):
@@ -73,16 +88,6 @@ class ControlTarget(Protocol):
     async def restart(self, mode: str | None = None) -> dict[str, Any]: ...
 
     async def reload(self) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    """Credentials of a connected client, as the kernel reported them at connect()."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]
 
 
 def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
@@ -196,35 +201,36 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def is_admin(peer: PeerCred, own_uid: int, admin_gid: int | None) -> bool:
-    """Whether `peer` may call mutating methods."""
-    if peer.uid in (0, own_uid):
-        return True
-    return admin_gid is not None and (peer.gid == admin_gid or admin_gid in peer.groups)
+def slot_refusal(admin: bool, uid: int, total: int, of_uid: int) -> str | None:
+    """Why a new client gets no slot, or None; `total` and `of_uid` are the slots held now."""
+    if admin:
+        if total >= MAX_CLIENTS + RESERVED_CLIENTS:
+            return "too many control clients"
+        return None
+    if total >= MAX_CLIENTS:
+        return "too many control clients"
+    if of_uid >= MAX_CLIENTS_PER_UID:
+        return f"too many control clients for uid {uid} (at most {MAX_CLIENTS_PER_UID})"
+    return None
 
 
-def read_groups(pid: int, uid: int) -> frozenset[int]:
-    """Supplementary groups of process `pid`, or none if it is gone or no longer `uid`'s."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return frozenset()
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    # The pid may have been reused since connect(); only trust it while the uid still matches.
-    real_uid = fields.get("Uid", "").split()[:1]
-    if real_uid != [str(uid)]:
-        return frozenset()
-    return frozenset(int(g) for g in fields.get("Groups", "").split() if g.isdigit())
+def echo_fd_budget() -> int:
+    """Descriptors the echo service may use: RLIMIT_NOFILE's soft limit less FD_RESERVE."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
 
 
-def peer_cred(sock: Any) -> PeerCred:
-    """Read SO_PEERCRED from a connected Unix socket."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
-    groups = read_groups(pid, uid) if pid > 0 else frozenset()
-    return PeerCred(pid=pid, uid=uid, gid=gid, groups=groups)
+def check_fd_budget(max_connections: int) -> None:
+    """Warn when max_connections cannot be reached under the fd limit."""
+    budget = echo_fd_budget()
+    if max_connections > budget:
+        log.warning(
+            "daemon.fd_limit_low",
+            max_connections=max_connections,
+            nofile=budget + FD_RESERVE,
+            fd_reserve=FD_RESERVE,
+            connections_possible=max(budget, 0),
+            hint="raise LimitNOFILE= (ulimit -n) or lower max_connections",
+        )
 
 
 def _resolve_group(group: str | None) -> int | None:
@@ -260,6 +266,11 @@ def _answers(path: str) -> bool:
 
 LINGER_TIMEOUT = 1.0
 LINGER_BYTES = 4 * 1024 * 1024
+# How often suppressed log counts are written out once their window is over.
+HOUSEKEEPING = 1.0
+# Watchers share one snapshot (and its encoding) while it is younger than this: the cost of
+# watching is bounded by the clock, not by the number of watchers.
+SNAPSHOT_MAX_AGE = MIN_INTERVAL / 2
 
 
 class _Conn:
@@ -269,13 +280,33 @@ class _Conn:
         self.reader = reader
         self.writer = writer
         self.peer = PeerCred(pid=0, uid=-1, gid=-1, groups=frozenset())
+        self.admin = False
+        self.slot = False
         self.watch: asyncio.Task[None] | None = None
         self.bad_requests = 0
+        # No queue in user space: each write waits until the kernel has taken all of it, so
+        # WRITE_TIMEOUT measures how long the peer has not been reading.
+        writer.transport.set_write_buffer_limits(high=0)
 
     async def send(self, frame: bytes) -> None:
         self.writer.write(frame)
         async with asyncio.timeout(WRITE_TIMEOUT):
             await self.writer.drain()
+
+    def abort(self) -> None:
+        """Drop the connection now, with whatever is still unsent."""
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        """Close, or abort when output is still queued: close() would wait for a peer that
+        does not read, and wait_closed() would never return."""
+        if self.writer.transport.get_write_buffer_size():
+            self.abort()
+        else:
+            self.writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                await self.writer.wait_closed()
 
 
 class ControlServer:
@@ -301,6 +332,10 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._conns: dict[asyncio.Task[Any], _Conn] = {}
+        self._slots: Counter[int] = Counter()  # slots held, by uid
+        self._limiter = RateLimited(burst=LOG_BURST, period=LOG_PERIOD)
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._shared: tuple[float, bytes] | None = None  # (loop time, encoded notification)
         # Mutating calls run one at a time so start/stop from two clients cannot interleave.
         self._mutate_lock = asyncio.Lock()
         self._handlers: dict[str, Callable[[_Conn, dict[str, Any]], Awaitable[Any]]] = {
@@ -313,8 +348,8 @@ class ControlServer:
 
     @property
     def active_clients(self) -> int:
-        """Connected control clients."""
-        return len(self._conns)
+        """Control clients holding a slot."""
+        return self._slots.total()
 
     @property
     def active_watchers(self) -> int:
@@ -325,12 +360,19 @@ class ControlServer:
         """Bind the socket (chmod/chgrp before it becomes visible) and start accepting."""
         sock = self._bind()
         try:
-            self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+            self._server = await asyncio.start_unix_server(
+                self._on_connect, sock=sock, backlog=LISTEN_BACKLOG
+            )
         except BaseException:
             sock.close()
             self._unlink()
             raise
+        self._housekeeping = asyncio.create_task(self._report_suppressed())
         log.info("control.listening", path=self.path, mode=oct(self.mode), group=self.group)
+        # The target is the service: its config says how many echo connections it may hold.
+        max_connections = getattr(getattr(self.target, "config", None), "max_connections", None)
+        if isinstance(max_connections, int):
+            check_fd_budget(max_connections)
 
     def _bind(self) -> socket.socket:
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -347,7 +389,7 @@ class ControlServer:
             os.chmod(tmp, self.mode)
             if self._gid is not None:
                 os.chown(tmp, -1, self._gid)
-            sock.listen(16)
+            sock.listen(LISTEN_BACKLOG)
             os.rename(tmp, self.path)
             self._inode = os.stat(self.path).st_ino
             sock.setblocking(False)
@@ -385,6 +427,8 @@ class ControlServer:
             if self._server is not None:
                 self._server.close()
             tasks = list(self._conns)
+            if self._housekeeping is not None:
+                tasks.append(self._housekeeping)
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -394,7 +438,7 @@ class ControlServer:
                     async with asyncio.timeout(5.0):
                         await self._server.wait_closed()
         finally:
-            self._server = None
+            self._server = self._housekeeping = None
             self._unlink()
             log.info("control.closed", path=self.path)
 
@@ -405,15 +449,21 @@ class ControlServer:
         self._conns[task] = conn
         try:
             conn.peer = peer_cred(writer.get_extra_info("socket"))
-            if len(self._conns) > MAX_CLIENTS:
-                log.warning("control.busy", uid=conn.peer.uid, pid=conn.peer.pid)
-                await conn.send(
-                    encode_response(None, error_body("busy", "too many control clients"), None)
-                )
+            conn.admin = is_admin(conn.peer, self._own_uid, self._admin_gid)
+            refusal = slot_refusal(
+                conn.admin, conn.peer.uid, self._slots.total(), self._slots[conn.peer.uid]
+            )
+            if refusal is not None:
+                self._log_limited("control.busy", conn, reason=refusal)
+                await conn.send(encode_response(None, error_body("busy", refusal), None))
                 return
+            conn.slot = True
+            self._slots[conn.peer.uid] += 1
             log.debug("control.connected", uid=conn.peer.uid, pid=conn.peer.pid)
             await self._serve(conn)
-        except (ConnectionError, TimeoutError) as exc:
+        except TimeoutError:
+            log.info("control.dropped", reason="not reading", uid=conn.peer.uid, pid=conn.peer.pid)
+        except ConnectionError as exc:
             log.debug("control.client_lost", uid=conn.peer.uid, pid=conn.peer.pid, error=str(exc))
         except asyncio.CancelledError:
             # close() cancels us; finish quietly so the task does not report an error.
@@ -425,9 +475,11 @@ class ControlServer:
                 conn.watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await conn.watch
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await conn.close()
+            if conn.slot:
+                self._slots[conn.peer.uid] -= 1
+                if self._slots[conn.peer.uid] <= 0:
+                    del self._slots[conn.peer.uid]
             del self._conns[task]
             log.debug(
                 "control.disconnected",
@@ -437,27 +489,42 @@ class ControlServer:
             )
 
     async def _serve(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
         # Room for one whole MAX_FRAME plus the read that completes it; frame size is checked
         # exactly below with tell().
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME + READ_CHUNK)
         # tell() also advances over a partly decoded frame, so track where frames end.
         fed = boundary = 0
+        first_by: float | None = loop.time() + IDLE_TIMEOUT  # None once a frame has arrived
+        started: float | None = None  # when the first byte of an incomplete frame arrived
         while True:
-            partial = fed > boundary
+            deadline = first_by
+            if started is not None:
+                frame_by = started + PARTIAL_FRAME_TIMEOUT
+                deadline = frame_by if deadline is None else min(deadline, frame_by)
             try:
-                async with asyncio.timeout(PARTIAL_FRAME_TIMEOUT if partial else None):
+                async with asyncio.timeout_at(deadline):
                     data = await conn.reader.read(READ_CHUNK)
             except TimeoutError:
-                await self._fatal(conn, "invalid_request", "incomplete frame timed out")
+                if fed > boundary:
+                    await self._fatal(conn, "invalid_request", "incomplete frame timed out")
+                else:
+                    log.debug("control.idle_timeout", uid=conn.peer.uid, pid=conn.peer.pid)
+                    message = f"no request within {IDLE_TIMEOUT:g} s of connecting"
+                    await conn.send(
+                        encode_response(None, error_body("invalid_request", message), None)
+                    )
                 return
             if not data:
                 return
+            now = loop.time()
             try:
                 unpacker.feed(data)
             except msgpack.BufferFull:
                 await self._fatal(conn, "frame_too_large", f"frames are limited to {MAX_FRAME} B")
                 return
             fed += len(data)
+            before = boundary
             while True:
                 try:
                     frame = unpacker.unpack()
@@ -469,7 +536,14 @@ class ControlServer:
                     await self._fatal(conn, "invalid_request", message)
                     return
                 size, boundary = unpacker.tell() - boundary, unpacker.tell()
+                first_by = None
                 await self._handle(conn, frame, size)
+                # A read can hold hundreds of pipelined requests: let the echo path run between.
+                await asyncio.sleep(0)
+            if fed == boundary:
+                started = None
+            elif started is None or boundary != before:
+                started = now
 
     async def _fatal(self, conn: _Conn, code: str, message: str) -> None:
         conn.bad_requests += 1
@@ -485,6 +559,20 @@ class ControlServer:
                 while discarded < LINGER_BYTES and (data := await conn.reader.read(READ_CHUNK)):
                     discarded += len(data)
 
+    def _log_limited(self, event: str, conn: _Conn, **fields: Any) -> None:
+        """A warning, at most LOG_BURST per LOG_PERIOD per event and uid; the rest are counted."""
+        ok, suppressed = self._limiter.allow(event, key=conn.peer.uid)
+        if ok:
+            extra = {"suppressed": suppressed} if suppressed else {}
+            log.warning(event, uid=conn.peer.uid, pid=conn.peer.pid, **fields, **extra)
+
+    async def _report_suppressed(self) -> None:
+        """Write out what the limiter suppressed once each window is over."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING)
+            for event, uid, count in self._limiter.expired():
+                log.warning(event, uid=uid, suppressed=count)
+
     async def _handle(self, conn: _Conn, frame: Any, size: int) -> None:
         # Read first, so that every refusal of a frame that starts like a request carries it.
         msgid = request_msgid(frame)
@@ -494,10 +582,8 @@ class ControlServer:
             msgid, method, params = parse_request(frame)
             if method not in self._handlers:
                 raise RequestError("unknown_method", f"unknown method {method!r}")
-            if method in MUTATING_METHODS and not is_admin(
-                conn.peer, self._own_uid, self._admin_gid
-            ):
-                log.warning("control.denied", method=method, uid=conn.peer.uid, pid=conn.peer.pid)
+            if method in MUTATING_METHODS and not conn.admin:
+                self._log_limited("control.denied", conn, method=method)
                 raise RequestError("permission_denied", f"{method} needs an admin (uid 0 or group)")
             kwargs = validate_params(method, params)
             result = await self._handlers[method](conn, kwargs)
@@ -527,7 +613,7 @@ class ControlServer:
                 "uid": conn.peer.uid,
                 "gid": conn.peer.gid,
                 "pid": conn.peer.pid,
-                "admin": is_admin(conn.peer, self._own_uid, self._admin_gid),
+                "admin": conn.admin,
             },
         }
 
@@ -547,6 +633,13 @@ class ControlServer:
             "stats": self.target.stats(),
         }
 
+    def _notification(self) -> bytes:
+        """The watch notification, taken and encoded once per SNAPSHOT_MAX_AGE for everyone."""
+        now = asyncio.get_running_loop().time()
+        if self._shared is None or now - self._shared[0] >= SNAPSHOT_MAX_AGE:
+            self._shared = (now, encode_notification("stats", self._snapshot()))
+        return self._shared[1]
+
     async def _watch(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
         if conn.watch is not None:
             raise RequestError("bad_state", "this connection is already watching")
@@ -558,20 +651,23 @@ class ControlServer:
         deadline = loop.time()
         try:
             while True:
-                await conn.send(encode_notification("stats", self._snapshot()))
+                await conn.send(self._notification())
                 deadline += interval
                 # Fixed cadence; if we fell behind (slow reader), skip the missed ticks.
                 now = loop.time()
                 if deadline < now:
                     deadline = now + interval
                 await asyncio.sleep(deadline - now)
-        except (ConnectionError, TimeoutError):
-            # The peer went away or stopped reading; closing makes its handler see EOF.
-            conn.writer.close()
+        except TimeoutError:
+            # The peer stopped reading: drop it, so its handler sees the end of the stream.
+            log.info("control.dropped", reason="not reading", uid=conn.peer.uid, pid=conn.peer.pid)
+            conn.abort()
+        except ConnectionError:
+            conn.abort()
         except Exception:
             # A failing status()/stats() must not leave the client waiting for ever.
             log.exception("control.watch_failed", uid=conn.peer.uid, pid=conn.peer.pid)
-            conn.writer.close()
+            conn.abort()
 
     def _mutator(self, method: str) -> Callable[[_Conn, dict[str, Any]], Awaitable[Any]]:
         """The handler of a mutating method: logged with the caller, run one at a time."""

@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from echod.configfile import parse_address
+from echod.config import parse_address
 
 __all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "start_metrics_server"]
 

@@ -21,6 +21,7 @@ import structlog
 
 from echod import __version__
 from echod.config import Config
+from echod.control import echo_fd_budget
 from echod.errors import RequestError
 from echod.logs import RateLimited
 from echod.sockmap import KernelEcho, read_queue_empty
@@ -611,7 +612,8 @@ class Service:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._log_limited("accept.failed", error=str(exc))
+                # Paused accepts retry every 0.1 s: one line per 10 s, with the count suppressed.
+                self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accept(listener)
                 return
@@ -639,6 +641,10 @@ class Service:
             return self._refuse(sock, peer, "allow")
         if len(self.conns) >= cfg.max_connections:
             return self._refuse(sock, peer, "max_connections")
+        # Leave control.FD_RESERVE fds free, so that the control socket answers at the fd limit.
+        # fds are allocated lowest first: this socket's number counts the fds open below it.
+        if max(sock.fileno(), len(self.conns)) >= echo_fd_budget():
+            return self._refuse(sock, peer, "fd_limit")
         if cfg.max_connections_per_ip and self.per_ip[peer] >= cfg.max_connections_per_ip:
             return self._refuse(sock, peer, "per_ip")
         sock.setblocking(False)
@@ -738,8 +744,14 @@ class Service:
         self.counts["user_bytes"] += nbytes
         self.counts["user_messages"] += 1
 
-    def _log_limited(self, event: str, **fields: Any) -> None:
-        ok, suppressed = self.limiter.allow(event)
+    def _log_limited(
+        self, event: str, rate: tuple[int, float] | None = None, **fields: Any
+    ) -> None:
+        """A warning, rate-limited per event; `rate` is (burst, period) for an event's own rate."""
+        for name, _, count in self.limiter.expired():
+            log.warning(name, suppressed=count)
+        burst, period = rate if rate is not None else (None, None)
+        ok, suppressed = self.limiter.allow(event, burst=burst, period=period)
         if ok:
             log.warning(event, suppressed=suppressed, **fields) if suppressed else log.warning(
                 event, **fields
@@ -808,7 +820,9 @@ class Service:
         return {
             "connections": {
                 "accepted": self.counts["accepted"],
-                "refused": {r: self.refused[r] for r in ("max_connections", "per_ip", "allow")},
+                "refused": {
+                    r: self.refused[r] for r in ("max_connections", "per_ip", "allow", "fd_limit")
+                },
                 "active": len(self.conns),
                 "closed": self.counts["closed"],
                 "insert_failed": self.counts["insert_failed"],
@@ -817,7 +831,8 @@ class Service:
             },
             "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
             "kernel": kernel,
-            "kernel_sockets": self.kernel.sockets() if self.kernel is not None else 0,
+            # The daemon's own count: walking the sockhash costs ~50 ms at 19k sockets.
+            "kernel_sockets": self.in_map if self.kernel is not None else 0,
             "rates": dict(self._rates),
             "process": process_figures(),
             "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
@@ -854,7 +869,8 @@ def process_figures() -> dict[str, Any]:
             "ctx_involuntary": ctx.involuntary,
             "page_faults_minor": faults[0],
             "page_faults_major": faults[1],
-            "open_fds": proc.num_fds(),
+            # Linux 6.2+ gives the count as the directory's size; listing it costs ~15 ms at 19k.
+            "open_fds": os.stat("/proc/self/fd").st_size or proc.num_fds(),
             "threads": proc.num_threads(),
         }
 

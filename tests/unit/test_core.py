@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from echod import libbpf
-from echod.config import Config, ConfigError, resolve
+from echod import libbpf, logs
+from echod.config import Config, ConfigError
+from echod.configsource import resolve
 from echod.errors import NotSupported
 from echod.logs import RateLimited
 from echod.sockmap import _COUNTERS, COUNTER_FIELDS, default_object
@@ -31,7 +32,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("echod.config.DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr("echod.configsource.DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
     cfg = resolve({}, None, {})
     assert cfg.hosts == ["127.0.0.1", "::1"]
     assert cfg.port == 8888
@@ -46,11 +47,11 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        ({"mode": "turbo"}, "mode"),
-        ({"port": 0}, "port"),
-        ({"max_connections": 0}, "max_connections"),
-        ({"kernel_backlog_limit": 10}, "kernel_backlog_limit"),
-        ({"log_level": "loud"}, "log_level"),
+        ({"mode": "turbo"}, "^option --mode='turbo': "),
+        ({"port": 0}, "^option --port=0: "),
+        ({"max_connections": 0}, "^option --max-connections=0: "),
+        ({"kernel_backlog_limit": 10}, "^option --kernel-backlog-limit=10: "),
+        ({"log_level": "loud"}, "^option --log-level='loud': "),
     ],
 )
 def test_bad_values_name_the_setting(flags: dict[str, object], needle: str) -> None:
@@ -69,6 +70,55 @@ def test_negative_rc_becomes_oserror_with_call_name() -> None:
 def test_unsupported_errnos_become_not_supported(code: int) -> None:
     with pytest.raises(NotSupported):
         libbpf.check(-code, "bpf_prog_load")
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (4000, "Something wrong in libelf"),
+        (4001, "BPF object format invalid"),
+        (4006, "Load program failure for unknown reason"),
+        (4007, "Kernel verifier blocks program loading"),
+        (4013, "Incorrect netlink message parsing"),
+        (4050, "libbpf error 4050"),
+    ],
+)
+def test_libbpf_codes_are_described(code: int, words: str) -> None:
+    with pytest.raises(OSError, match="bpf_object__open_file") as info:
+        libbpf.check(-code, "bpf_object__open_file(x.o)")
+    assert info.value.errno == code
+    assert info.value.strerror == words
+
+
+def test_libbpf_table_matches_libbpf_strerror() -> None:
+    """The fallback table says what libbpf_strerror says, where a libbpf exports it."""
+    path = "/usr/lib/x86_64-linux-gnu/libbpf.so.1"
+    if not Path(path).exists():
+        pytest.skip("no shared libbpf that exports libbpf_strerror")
+    shared = libbpf.Library(path)
+    for offset, words in enumerate(libbpf._LIBBPF_ERRORS):
+        said = shared.strerror(libbpf.LIBBPF_ERRNO_START + offset)
+        assert said in (words, None), (offset, said)
+    assert libbpf.strerror(errno.EINVAL) == os.strerror(errno.EINVAL)
+
+
+def test_log_write_to_a_closed_pipe_is_dropped_and_counted() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    with open(w, "w") as sink:
+        before = logs.dropped_records()
+        assert logs.write_line("lost", sink) is False
+        assert logs.write_line("lost too", sink) is False
+        assert logs.dropped_records() == before + 2
+
+
+def test_log_write_reaches_a_live_pipe() -> None:
+    r, w = os.pipe()
+    with open(w, "w") as sink, open(r, "rb") as source:
+        before = logs.dropped_records()
+        assert logs.write_line('{"event": "x"}', sink) is True
+        assert source.read1(100) == b'{"event": "x"}\n'
+        assert logs.dropped_records() == before
 
 
 def test_check_passes_non_negative() -> None:

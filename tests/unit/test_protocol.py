@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import stat
 import threading
@@ -26,6 +27,8 @@ from echoctl.client import ControlClient, ControlError, DaemonUnreachable
 from echod import control
 from echod.control import ControlServer, PeerCred, is_admin, validate_params
 from echod.errors import RequestError
+from echod.logs import RateLimited
+from echod.peercred import peer_cred
 
 
 def test_request_golden_bytes() -> None:
@@ -174,11 +177,50 @@ def test_is_admin() -> None:
     assert not is_admin(peer(65534, 65534, (1, 2)), own_uid=0, admin_gid=4242)
 
 
-def test_read_groups_of_self() -> None:
-    groups = control.read_groups(os.getpid(), os.getuid())
-    assert groups == frozenset(os.getgroups())
-    # A uid mismatch (a reused pid) yields nothing rather than someone else's groups.
-    assert control.read_groups(os.getpid(), os.getuid() + 1) == frozenset()
+def test_slot_refusal() -> None:
+    total, per_uid, reserved = (
+        control.MAX_CLIENTS,
+        control.MAX_CLIENTS_PER_UID,
+        control.RESERVED_CLIENTS,
+    )
+    # An unprivileged uid is bounded on its own, and by the shared slots.
+    assert control.slot_refusal(False, 65534, 0, per_uid - 1) is None
+    assert "uid 65534" in str(control.slot_refusal(False, 65534, per_uid, per_uid))
+    assert control.slot_refusal(False, 1000, total - 1, 0) is None
+    assert control.slot_refusal(False, 1000, total, 0) == "too many control clients"
+    # Admins have no per-uid bound and the reserved slots besides.
+    assert control.slot_refusal(True, 0, total, total) is None
+    assert control.slot_refusal(True, 0, total + reserved - 1, 50) is None
+    assert control.slot_refusal(True, 0, total + reserved, 0) == "too many control clients"
+
+
+def test_peer_cred_of_a_socketpair_is_our_own() -> None:
+    # tests/integration checks another uid with supplementary groups.
+    left, right = socket.socketpair()
+    with left, right:
+        peer = peer_cred(left)
+    assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.geteuid(), os.getegid())
+    assert peer.groups == frozenset(os.getgroups())
+
+
+def test_rate_limiter_keys_rates_and_expiry() -> None:
+    rl = RateLimited(burst=2, period=1.0, max_keys=3)
+    assert rl.allow("denied", 0.0, key=1) == (True, 0)
+    assert rl.allow("denied", 0.1, key=1) == (True, 0)
+    assert rl.allow("denied", 0.2, key=1) == (False, 0)
+    # Another peer has its own window.
+    assert rl.allow("denied", 0.3, key=2) == (True, 0)
+    # An event may carry its own rate: one per 10 s.
+    assert rl.allow("accept.failed", 0.0, burst=1, period=10.0) == (True, 0)
+    assert rl.allow("accept.failed", 5.0, burst=1, period=10.0) == (False, 0)
+    # Past max_keys, new keys share one window per event.
+    assert rl.allow("denied", 0.4, key=3) == (True, 0)
+    assert rl.allow("denied", 0.5, key=4) == (True, 0)
+    assert rl.allow("denied", 0.6, key=5) == (False, 0)
+    # Over windows report what they suppressed, once, and are forgotten.
+    assert sorted(rl.expired(1.5), key=str) == [("denied", 1, 1), ("denied", None, 1)]
+    assert rl.expired(1.6) == []
+    assert rl.allow("accept.failed", 10.5, burst=1, period=10.0) == (True, 1)
 
 
 class FakeTarget:
@@ -387,6 +429,60 @@ def test_partial_frame_times_out(srv: Running, monkeypatch: pytest.MonkeyPatch) 
         replies = _drain_until_closed(s)
     assert replies[0][2]["code"] == "invalid_request"
     assert "timed out" in replies[0][2]["message"]
+
+
+def test_partial_frame_deadline_is_for_the_whole_frame(
+    srv: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "PARTIAL_FRAME_TIMEOUT", 1.0)
+    frame = control.encode_request(2, "status")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        s.sendall(control.encode_request(1, "hello"))
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(s.recv(65536))
+        assert next(unpacker)[1] == 1
+        # One byte every 0.3 s: each renews any per-read timeout, and the frame would be whole
+        # after 3 s; the deadline counts from its first byte.
+        t0 = time.monotonic()
+        dropped = None
+        for byte in frame:
+            s.sendall(bytes([byte]))
+            ready, _, _ = select.select([s], [], [], 0.3)
+            if ready:
+                dropped = time.monotonic() - t0
+                break
+        replies = _drain_until_closed(s)
+    assert dropped is not None, "the frame was not cut"
+    assert dropped < 1.8, dropped
+    assert replies[0][2]["message"] == "incomplete frame timed out"
+
+
+def test_idle_connection_is_closed(srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.5)
+    with socket.socket(socket.AF_UNIX) as idle, socket.socket(socket.AF_UNIX) as partial:
+        idle.settimeout(5)
+        partial.settimeout(5)
+        t0 = time.monotonic()
+        idle.connect(srv.path)
+        partial.connect(srv.path)
+        partial.sendall(control.encode_request(1, "status")[:3])
+        _wait_for(lambda: srv.counts() == (2, 0))
+        replies = _drain_until_closed(idle)
+        assert time.monotonic() - t0 < 3.0
+        assert replies[0][2] == {
+            "code": "invalid_request",
+            "message": "no request within 0.5 s of connecting",
+        }
+        # A first frame left incomplete is cut by the same deadline.
+        assert _drain_until_closed(partial)[0][2]["message"] == "incomplete frame timed out"
+    _wait_for(lambda: srv.counts() == (0, 0))
+    # A client that has sent a request may then stay quiet.
+    with ControlClient(srv.path) as c:
+        c.connect()
+        time.sleep(1.0)  # longer than IDLE_TIMEOUT: what is tested is that nothing happens
+        assert c.call("status")["state"] == "serving"
 
 
 def test_stalled_client_does_not_block_others(srv: Running) -> None:
