@@ -1,20 +1,18 @@
 """Load generator engine: worker processes that drive echo connections and measure them.
 
 Each worker process owns a share of the connections and drives them from one thread:
-ping-pong sends one message on every connection, then reads every echo (one request in
-flight per connection, several per worker); stream keeps both directions of every
-connection full through epoll. Workers fold latencies into a log-linear histogram and
+plain ping-pong (one size, one message in flight) sends one message on every connection, then
+reads every echo; pipelined ping-pong, random sizes and the stream pattern run byte-checked
+streams through epoll (echoctl.flow). Workers fold latencies into a log-linear histogram and
 send their figures to the parent, which merges them into one report.
 """
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import multiprocessing as mp
 import os
 import queue
-import select
 import signal
 import socket
 import struct
@@ -24,7 +22,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from echoctl.client import ControlClient
+from echoctl.flow import Flow, ShortRead, Stalled
 from echoctl.histogram import Histogram
+from echoctl.interrupt import Interrupt
+from echoctl.progress import Progress, ProgressFn, Sample
+from echoctl.sizes import SizeRange
 from echoctl.sysstat import cpu_count, machine_cpu, own_cpu
 
 PATTERNS = ("pingpong", "stream")
@@ -33,10 +35,8 @@ MAX_RUN_S = 3600.0  # a run by rounds still stops after this long
 FOLD_AT = 8192  # latencies kept in a plain list before they are folded into the histogram
 CHECK_NS = 100_000_000  # how often the hot loop looks at the clock-driven duties
 PROGRESS_NS = 1_000_000_000
-STREAM_READ = 256 * 1024
-STREAM_WINDOW = 1 << 20  # at most this many bytes in flight per stream connection
+STREAM_WINDOW = 1 << 20  # default bytes in flight per stream connection
 STREAM_WINDOW_MSGS = 512  # and at most this many messages: each small send is its own skb
-STREAM_BURST = 64  # sends per writable event, so that reading is never starved
 PACED_PER_WORKER = 25_000  # requests/s one paced worker is given by default
 SPIN_NS = 150_000  # the scheduler spins for the last 150 µs: sleep() here wakes ~100 µs late
 
@@ -54,6 +54,7 @@ class BenchConfig:
     connections: int = 10
     rounds: int = 10_000
     size: int = 64
+    size_max: int = 0  # 0: every message is `size` bytes; else drawn from size..size_max
     qps: float = 0.0
     duration: float | None = None
     warmup: float = 0.0
@@ -61,6 +62,33 @@ class BenchConfig:
     pattern: str = "pingpong"
     timeout: float = 5.0
     progress: bool = False
+    pipeline: int = 0  # messages in flight per connection; 0: 1 for ping-pong, 512 for stream
+    window: int = 0  # bytes in flight per connection; 0: no bound for ping-pong, 1 MiB stream
+    stall_timeout: float = 10.0
+    seed: int | None = None  # makes message sizes and stream bytes repeatable
+
+    @property
+    def sizes(self) -> SizeRange:
+        """Return the message sizes as a range (one size when size_max is 0)."""
+        return SizeRange(self.size, self.size_max or self.size)
+
+    def uses_flow(self) -> bool:
+        """Whether the run needs byte-checked streams rather than plain blocking ping-pong."""
+        return (
+            self.pattern == "stream" or self.pipeline > 1 or self.window > 0 or not self.sizes.fixed
+        )
+
+    def in_flight_messages(self) -> int:
+        """Return the bound on messages in flight per connection."""
+        if self.pipeline:
+            return self.pipeline
+        return STREAM_WINDOW_MSGS if self.pattern == "stream" else 1
+
+    def in_flight_bytes(self) -> int:
+        """Return the bound on bytes in flight per connection; 0 means none."""
+        if self.window:
+            return self.window
+        return STREAM_WINDOW if self.pattern == "stream" else 0
 
     def validate(self) -> None:
         """Raise ValueError when the configuration makes no sense."""
@@ -74,6 +102,11 @@ class BenchConfig:
             raise ValueError(f"duration must be in (0, {MAX_RUN_S:g}] seconds")
         if self.qps and self.pattern == "stream":
             raise ValueError("--qps applies to ping-pong only; stream keeps the pipe full")
+        self.sizes  # noqa: B018 - validates the range
+        if self.qps and self.uses_flow():
+            raise ValueError("--qps needs one size, --pipeline 1 and no --window")
+        if self.pipeline < 0 or self.window < 0 or not self.stall_timeout > 0:
+            raise ValueError("pipeline and window must be >= 0 and stall-timeout > 0")
         if self.warmup and self.duration is None:
             # A run by rounds would spend its rounds in the warm-up and measure nothing.
             raise ValueError("--warmup needs --duration")
@@ -149,29 +182,17 @@ class RateSchedule:
 
 
 def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
-    """Resolve host:port to (family, sockaddr), refusing anything but loopback."""
+    """Resolve host:port to (family, sockaddr); any address, as a load generator must."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise BenchError(f"cannot resolve {host!r}: {exc.strerror}") from exc
     family, _, _, _, sockaddr = infos[0]
-    addr = ipaddress.ip_address(sockaddr[0])
-    if not addr.is_loopback:
-        # The load generator is for this host only: it must never flood a real network.
-        raise ValueError(f"{host} ({addr}) is not a loopback address; bench targets loopback only")
     return family, sockaddr
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker side
-
-
-class _ShortRead(Exception):
-    """The peer closed the connection in the middle of an echo."""
-
-
-class _ExtraBytes(Exception):
-    """The peer sent back more bytes than were sent to it."""
 
 
 class _Orphaned(Exception):
@@ -186,8 +207,15 @@ class _Counters:
     resets: int = 0
     timeouts: int = 0
     other_errors: int = 0
+    stalled: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_verified: int = 0
+
+
+def _stalled_if_timed_out(exc: BaseException) -> BaseException:
+    """A receive that timed out (SO_RCVTIMEO, the stall timeout) is a stalled connection."""
+    return Stalled() if isinstance(exc, BlockingIOError) else exc
 
 
 def _timeval(seconds: float) -> bytes:
@@ -195,8 +223,9 @@ def _timeval(seconds: float) -> bytes:
 
 
 def _connect(
-    family: int, sockaddr: tuple[Any, ...], timeout: float, blocking: bool
+    family: int, sockaddr: tuple[Any, ...], cfg: BenchConfig, blocking: bool
 ) -> socket.socket:
+    timeout = cfg.timeout
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -205,9 +234,10 @@ def _connect(
         if blocking:
             # No Python-level timeout: CPython would poll() before every send and recv. The
             # kernel's SO_RCVTIMEO/SO_SNDTIMEO bound each call instead, at no extra syscall;
-            # an expired one surfaces as BlockingIOError.
+            # an expired one surfaces as BlockingIOError. A receive waits for the stall timeout.
             sock.settimeout(None)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            stall = _timeval(cfg.stall_timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
         else:
             sock.setblocking(False)
@@ -242,16 +272,18 @@ class _Worker:
         self.parent_pid = os.getppid()
         self.warmup_errors = 0  # failures and mismatches before measuring; kept across the switch
         self.alive = 0  # connections still open when the run ended
+        self.notes: dict[str, list[dict[str, Any]]] = {}  # mismatch offsets, stall details
+        self.live_bytes: Callable[[], tuple[int, int]] | None = None  # set by a byte stream
 
     # -- setup
 
     def connect_all(self, family: int, sockaddr: tuple[Any, ...]) -> None:
         """Open this worker's connections, timing each connect."""
-        blocking = self.cfg.pattern == "pingpong"
+        blocking = not self.cfg.uses_flow()
         times = []
         for _ in range(self.nconns):
             t0 = time.monotonic_ns()
-            self.socks.append(_connect(family, sockaddr, self.cfg.timeout, blocking))
+            self.socks.append(_connect(family, sockaddr, self.cfg, blocking))
             times.append(time.monotonic_ns() - t0)
         self.connect_hist.record_many(times)
 
@@ -308,8 +340,23 @@ class _Worker:
         self.fold(lat, raw)
         if self.cfg.progress and now >= self.next_progress:
             self.next_progress += PROGRESS_NS
-            self.out.put(("progress", self.index, self.counters.requests, self.hist.to_sparse()))
+            self.report_progress((self.next_progress - self.measure_ns) // PROGRESS_NS - 1)
         return now < self.end_ns and not self.stop_flag.value
+
+    def interrupted(self) -> bool:
+        """Whether the parent asked every worker to stop early."""
+        return bool(self.stop_flag.value)
+
+    def report_progress(self, tick: int) -> None:
+        """Send the running totals at `tick` whole intervals since measuring began."""
+        c = self.counters
+        if self.live_bytes is not None:
+            sent, received = self.live_bytes()
+        else:
+            sent = received = c.requests * self.cfg.size
+        failed = c.short_reads + c.resets + c.timeouts + c.other_errors + c.stalled + c.mismatches
+        sample = Sample(tick, c.requests, sent, received, failed, self.hist.to_sparse())
+        self.out.put(("progress", self.index, sample))
 
     def fold(self, lat: list[int], raw: list[int] | None) -> None:
         """Move collected latencies into the histograms."""
@@ -335,6 +382,7 @@ class _Worker:
             "cpu_system_s": cpu.system_s,
             "warmup_errors": self.warmup_errors,
             "connections_alive": self.alive,
+            "notes": self.notes,
         }
 
     def count_failure(self, exc: BaseException) -> None:
@@ -343,8 +391,10 @@ class _Worker:
             self.warmup_errors += 1
             return
         c = self.counters
-        if isinstance(exc, _ShortRead):
+        if isinstance(exc, ShortRead):
             c.short_reads += 1
+        elif isinstance(exc, Stalled):
+            c.stalled += 1
         elif isinstance(exc, BlockingIOError | TimeoutError):
             c.timeouts += 1
         elif isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
@@ -380,7 +430,7 @@ class _Worker:
                 got = 0
             n = sock.recv_into(view[got:])
             if n == 0:
-                raise _ShortRead()
+                raise ShortRead()
             got += n
         if buf != expect:
             self.count_mismatch()
@@ -389,8 +439,8 @@ class _Worker:
         """Receive one echo on connection i outside the hot loop; return the time or None."""
         try:
             self.finish_recv(self.socks[i], buf, 0, expect)
-        except (OSError, _ShortRead) as exc:
-            self.count_failure(exc)
+        except (OSError, ShortRead) as exc:
+            self.count_failure(_stalled_if_timed_out(exc))
             dead.add(i)
             return None
         return time.monotonic_ns()
@@ -444,8 +494,8 @@ class _Worker:
                         if n != size or buf != cur[i]:
                             self.finish_recv(socks[i], buf, n, cur[i])
                         lat.append(now() - t_send[i])
-                except (OSError, _ShortRead) as exc:
-                    self.count_failure(exc)
+                except (OSError, ShortRead) as exc:
+                    self.count_failure(_stalled_if_timed_out(exc))
                     dead.add(i)
                     for j in range(i + 1, len(socks)):
                         t = self.careful_recv(j, buf, cur[j], dead)
@@ -521,211 +571,6 @@ class _Worker:
         self.stopped_ns = now()
         self.fold(lat, raw)
 
-    # -- stream
-
-    def run_stream(self) -> None:
-        """Keep every connection's pipe full both ways; verify every byte that comes back."""
-        size = self.cfg.size
-        period = size * -(-16384 // size)  # pattern length, a whole number of messages
-        window = max(min(STREAM_WINDOW, STREAM_WINDOW_MSGS * size), 4 * size)
-        sample_every = max(1, 4096 // size)
-        ep = select.epoll()
-        streams: dict[int, _Stream] = {}
-        for sock in self.socks:
-            st = _Stream(sock, os.urandom(period), size)
-            streams[sock.fileno()] = st
-            ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
-        rbuf = bytearray(STREAM_READ)
-        lat: list[int] = []
-        now = time.monotonic_ns
-        check_at = 0
-        running = True
-        try:
-            while running and streams:
-                t = now()
-                if t >= check_at:
-                    check_at = self.next_check(t)
-                    was = self.measuring
-                    running = self.duties(t, lat, None)
-                    if self.measuring and not was:
-                        for st in streams.values():
-                            st.mark_sent = st.sent
-                            st.mark_received = st.received
-                    self.expire(streams, ep, t)
-                for fd, ev in ep.poll(min(0.05, max(0, check_at - t) / 1e9)):
-                    if fd not in streams:
-                        continue
-                    st = streams[fd]
-                    try:
-                        if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                            self.stream_read(st, rbuf, lat)
-                        if ev & select.EPOLLOUT:
-                            st.fill(window, sample_every, now)
-                        want = select.EPOLLIN | (
-                            select.EPOLLOUT if st.sent - st.received < window else 0
-                        )
-                        if want != st.events:
-                            st.events = want
-                            ep.modify(fd, want)
-                    except (OSError, _ShortRead, _ExtraBytes) as exc:
-                        self.count_failure(exc)
-                        ep.unregister(fd)
-                        self.close_stream(streams.pop(fd))
-            self.stopped_ns = now()
-            self.drain(streams, ep, rbuf)
-        finally:
-            ep.close()
-        self.fold(lat, None)
-        self.counters.requests = self.counters.bytes_received // size
-
-    def stream_read(self, st: _Stream, rbuf: bytearray, lat: list[int]) -> None:
-        """Read what is there (a few chunks at most, for fairness) and verify it."""
-        for _ in range(4):
-            try:
-                n = st.sock.recv_into(rbuf)
-            except BlockingIOError:
-                return
-            if n == 0:
-                raise _ShortRead()
-            if not st.verify(rbuf, n):
-                self.count_mismatch()
-            st.received += n
-            if st.received > st.sent:
-                raise _ExtraBytes()
-            st.last_progress = t = time.monotonic_ns()
-            samples = st.samples
-            while samples and samples[0][0] <= st.received:
-                lat.append(t - samples.popleft()[1])
-
-    def expire(self, streams: dict[int, _Stream], ep: Any, now: int) -> None:
-        """Count a timeout for a connection whose echo made no progress for --timeout."""
-        limit = int(self.cfg.timeout * 1e9)
-        for fd, st in list(streams.items()):
-            if st.sent > st.received and now - st.last_progress > limit:
-                self.count_failure(TimeoutError())
-                ep.unregister(fd)
-                self.close_stream(streams.pop(fd))
-
-    def close_stream(self, st: _Stream) -> None:
-        """Close a failed stream connection and keep its byte counts."""
-        self.add_bytes(st)
-        self.forget(st)
-
-    def forget(self, st: _Stream) -> None:
-        """Close a stream connection without counting its bytes again."""
-        st.sock.close()
-        self.socks.remove(st.sock)
-
-    def add_bytes(self, st: _Stream) -> None:
-        """Fold a connection's measured byte counts into the counters."""
-        if self.measuring:
-            self.counters.bytes_sent += st.sent - st.mark_sent
-            self.counters.bytes_received += st.received - st.mark_received
-            st.mark_sent, st.mark_received = st.sent, st.received
-
-    def drain(self, streams: dict[int, _Stream], ep: Any, rbuf: bytearray) -> None:
-        """Stop sending, count the measured bytes, then wait (bounded) for every byte in flight.
-
-        Bytes read here were sent in the measured window, so mismatches, failures and a
-        connection whose echo never completes all count; the bytes themselves were moved
-        after the window and are not added to the byte counts.
-        """
-        for st in streams.values():
-            self.add_bytes(st)
-        deadline = time.monotonic_ns() + int(min(self.cfg.timeout, 2.0) * 1e9)
-        pending: set[int] = set()
-        for fd, st in streams.items():
-            if st.received < st.sent:
-                pending.add(fd)
-                ep.modify(fd, select.EPOLLIN)
-            else:
-                ep.unregister(fd)  # owed nothing; left writable it would wake every poll
-        ignored: list[int] = []
-        while pending:
-            left = deadline - time.monotonic_ns()
-            if left <= 0:
-                break
-            for fd, _ in ep.poll(min(0.05, left / 1e9)):
-                st = streams[fd]
-                try:
-                    self.stream_read(st, rbuf, ignored)
-                except (OSError, _ShortRead, _ExtraBytes) as exc:
-                    self.count_failure(exc)
-                    self.end_drain(fd, streams, ep, pending)
-                    continue
-                if st.received >= st.sent:
-                    ep.unregister(fd)
-                    pending.discard(fd)
-            ignored.clear()
-        for fd in list(pending):
-            self.count_failure(TimeoutError())
-            self.end_drain(fd, streams, ep, pending)
-
-    def end_drain(self, fd: int, streams: dict[int, _Stream], ep: Any, pending: set[int]) -> None:
-        """Close a connection that failed while draining."""
-        ep.unregister(fd)
-        pending.discard(fd)
-        self.forget(streams.pop(fd))
-
-
-class _Stream:
-    """One stream connection: what was sent, what came back, and the pattern to check against."""
-
-    def __init__(self, sock: socket.socket, pattern: bytes, size: int) -> None:
-        self.sock = sock
-        self.period = len(pattern)
-        self.double = memoryview(pattern + pattern)
-        self.size = size
-        self.chunks = [self.double[o : o + size] for o in range(0, self.period, size)]
-        self.next_chunk = 0
-        self.pending: memoryview | None = None
-        self.sent = 0
-        self.received = 0
-        self.mark_sent = 0
-        self.mark_received = 0
-        self.events = select.EPOLLIN | select.EPOLLOUT
-        self.samples: collections.deque[tuple[int, int]] = collections.deque()
-        self.last_progress = time.monotonic_ns()
-        self.messages = 0
-
-    def fill(self, window: int, sample_every: int, now: Callable[[], int]) -> None:
-        """Send a burst of whole messages, stopping early when the window or buffer is full."""
-        send = self.sock.send
-        for _ in range(STREAM_BURST):
-            if self.sent - self.received >= window:
-                return
-            view = self.pending
-            if view is None:
-                view = self.chunks[self.next_chunk]
-                self.next_chunk = (self.next_chunk + 1) % len(self.chunks)
-            try:
-                n = send(view)
-            except BlockingIOError:
-                self.pending = view
-                return
-            self.sent += n
-            if n < len(view):
-                self.pending = view[n:]
-                return
-            self.pending = None
-            self.messages += 1
-            if self.messages % sample_every == 0:
-                self.samples.append((self.sent, now()))
-
-    def verify(self, rbuf: bytearray, n: int) -> bool:
-        """Compare the n bytes just read with the pattern at the current stream position."""
-        ok = True
-        done = 0
-        off = self.received % self.period
-        while done < n:
-            m = min(n - done, self.period)
-            # bytearray slice vs memoryview is a memcmp; memoryview == memoryview is per item.
-            if rbuf[done : done + m] != self.double[off : off + m]:
-                ok = False
-            done += m
-            off = (off + m) % self.period
-        return ok
-
 
 def _worker_main(
     cfg: BenchConfig,
@@ -760,8 +605,8 @@ def _worker_main(
     if wait > 0:
         time.sleep(wait / 1e9)
     try:
-        if cfg.pattern == "stream":
-            worker.run_stream()
+        if cfg.uses_flow():
+            Flow(worker).run()
         elif rate:
             worker.run_paced()
         else:
@@ -795,7 +640,6 @@ def _await_go(go: Any, timeout: float, parent_pid: int) -> bool:
 # Parent side
 
 
-ProgressFn = Callable[[dict[str, float]], None]
 ServerProbe = Callable[[], dict[str, Any]]
 
 
@@ -803,8 +647,6 @@ ServerProbe = Callable[[], dict[str, Any]]
 class _Collected:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     connect: Histogram = field(default_factory=Histogram)
-    progress_hists: dict[int, dict[str, Any]] = field(default_factory=dict)
-    progress_requests: dict[int, int] = field(default_factory=dict)
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -816,8 +658,13 @@ def run_bench(
     cfg: BenchConfig,
     progress: ProgressFn | None = None,
     server_probe: ServerProbe | None = None,
+    interrupt: Interrupt | None = None,
 ) -> dict[str, Any]:
-    """Run one benchmark and return the report (the `--json` object)."""
+    """Run one benchmark and return the report (the `--json` object).
+
+    With `interrupt`, a signal once measuring has begun stops the workers and the report covers
+    what was measured until then, with `interrupted` naming the signal.
+    """
     cfg.validate()
     family, sockaddr = resolve(cfg.host, cfg.port)
     nworkers = cfg.worker_count()
@@ -837,17 +684,24 @@ def run_bench(
     for p in procs:
         p.start()
     got = _Collected()
+    lines = (
+        Progress(nworkers, PROGRESS_NS / 1e9, cfg.pattern == "stream", progress)
+        if progress
+        else None
+    )
     try:
         _await_ready(cfg, out, procs, got)
         server_before = server_probe() if server_probe else None
         start_ns.value = time.monotonic_ns() + 20_000_000
         measure_ns = start_ns.value + int(cfg.warmup * 1e9)
         go.set()
-        _sleep_until(measure_ns)
+        if interrupt is not None:
+            interrupt.graceful(lambda: setattr(stop_flag, "value", 1))
+        _sleep_until(measure_ns, stop_flag)
         machine_before = machine_cpu()
         if server_probe and cfg.warmup:
             server_before = server_probe()
-        _await_done(cfg, out, procs, got, progress, measure_ns)
+        _await_done(cfg, out, procs, got, lines)
         machine_after = machine_cpu()
         server_after = server_probe() if server_probe else None
     except BaseException:
@@ -863,13 +717,14 @@ def run_bench(
     }
     if server_probe:
         report["server"] = server_delta(server_before, server_after)
+    if interrupt is not None and interrupt.name:
+        report["interrupted"] = interrupt.name
     return report
 
 
-def _sleep_until(when_ns: int) -> None:
-    gap = when_ns - time.monotonic_ns()
-    if gap > 0:
-        time.sleep(gap / 1e9)
+def _sleep_until(when_ns: int, stop_flag: Any) -> None:
+    while not stop_flag.value and (gap := when_ns - time.monotonic_ns()) > 0:
+        time.sleep(min(gap / 1e9, 0.1))
 
 
 def _reap(procs: list[Any]) -> None:
@@ -893,40 +748,18 @@ def _await_ready(cfg: BenchConfig, out: Any, procs: list[Any], got: _Collected) 
 
 
 def _await_done(
-    cfg: BenchConfig,
-    out: Any,
-    procs: list[Any],
-    got: _Collected,
-    progress: ProgressFn | None,
-    measure_ns: int,
+    cfg: BenchConfig, out: Any, procs: list[Any], got: _Collected, lines: Progress | None
 ) -> None:
     length = cfg.duration if cfg.duration is not None else MAX_RUN_S
-    deadline = time.monotonic() + cfg.warmup + length + cfg.timeout + 30
+    deadline = time.monotonic() + cfg.warmup + length + cfg.timeout + cfg.stall_timeout + 150
     while len(got.results) < len(procs):
         kind, index, *payload = _get(out, deadline, procs)
         if kind == "error":
             raise BenchError(payload[0])
         if kind == "done":
             got.results[index] = payload[0]
-        elif kind == "progress" and progress is not None:
-            got.progress_requests[index] = payload[0]
-            got.progress_hists[index] = payload[1]
-            if index == 0 or len(got.progress_hists) == len(procs):
-                progress(_progress_line(got, measure_ns))
-
-
-def _progress_line(got: _Collected, measure_ns: int) -> dict[str, float]:
-    hist = Histogram()
-    for sparse in got.progress_hists.values():
-        hist.merge_sparse(sparse)
-    elapsed = max(1e-9, (time.monotonic_ns() - measure_ns) / 1e9)
-    requests = sum(got.progress_requests.values())
-    return {
-        "elapsed_s": elapsed,
-        "requests": requests,
-        "qps": requests / elapsed,
-        "p99_us": hist.percentile(99.0) / 1000,
-    }
+        elif kind == "progress" and lines is not None:
+            lines.add(index, payload[0])
 
 
 def _get(out: Any, deadline: float, procs: list[Any]) -> tuple[Any, ...]:
@@ -965,15 +798,23 @@ def _report(cfg: BenchConfig, got: _Collected, nworkers: int) -> dict[str, Any]:
         "resets": totals["resets"],
         "timeouts": totals["timeouts"],
         "other_errors": totals["other_errors"],
+        "stalled": totals["stalled"],
         "latency_us": hist.summary(),
         "connect_us": got.connect.summary(),
         "bytes_sent": totals["bytes_sent"],
         "bytes_received": totals["bytes_received"],
+        "bytes_verified": totals["bytes_verified"],
         "duration_s": round(duration, 3),
         "connections": cfg.connections,
         "connections_alive": sum(r["connections_alive"] for r in results),
         "warmup_errors": sum(r["warmup_errors"] for r in results),
-        "size": cfg.size,
+        # One size stays a number; a range is reported as it was given, "MIN-MAX".
+        "size": cfg.size if cfg.sizes.fixed else str(cfg.sizes),
+        "size_min": cfg.sizes.low,
+        "size_max": cfg.sizes.high,
+        "pipeline": cfg.in_flight_messages(),
+        "window_bytes": cfg.in_flight_bytes(),
+        "stall_timeout_s": cfg.stall_timeout,
         "pattern": cfg.pattern,
         "workers": nworkers,
         "warmup_s": cfg.warmup,
@@ -985,14 +826,18 @@ def _report(cfg: BenchConfig, got: _Collected, nworkers: int) -> dict[str, Any]:
             }
         },
     }
-    if cfg.pattern == "pingpong":
+    if not cfg.uses_flow():
         report["bytes_sent"] = report["bytes_received"] = requests * cfg.size
+        report["bytes_verified"] = (requests - totals["mismatches"]) * cfg.size
+    for kind, key in (("mismatches", "mismatch_details"), ("stalls", "stall_details")):
+        notes = [n for r in results for n in r["notes"].get(kind, [])]
+        if notes:
+            report[key] = notes
     if cfg.qps:
         report["target_qps"] = cfg.qps
         report["latency_raw_us"] = raw.summary()
-    if cfg.pattern == "stream":
-        report["mb_per_s_sent"] = round(totals["bytes_sent"] / duration / 1e6, 2)
-        report["mb_per_s_received"] = round(totals["bytes_received"] / duration / 1e6, 2)
+    report["mb_per_s_sent"] = round(report["bytes_sent"] / duration / 1e6, 2)
+    report["mb_per_s_received"] = round(report["bytes_received"] / duration / 1e6, 2)
     return report
 
 
@@ -1003,6 +848,8 @@ def failures(report: dict[str, Any]) -> list[str]:
         reasons.append(f"{report['errors']} errors")
     if report["mismatches"]:
         reasons.append(f"{report['mismatches']} mismatches")
+    if report.get("stalled"):
+        reasons.append(f"{report['stalled']} stalled connections")
     if report.get("warmup_errors"):
         reasons.append(f"{report['warmup_errors']} errors during the warm-up")
     if not report["requests"]:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import replace
-from types import FrameType
 from typing import Any
 
 import click
@@ -25,35 +20,22 @@ from echoctl.bench import (
     failures,
     run_bench,
 )
-from echoctl.compare import CompareConfig, CompareError, plot, render_sweep, render_table
+from echoctl.benchopts import bench_config, load_options
+from echoctl.benchreport import progress_line, render_report
+from echoctl.compare import CompareConfig, CompareError, render_table
 from echoctl.compare import run_compare as _run_compare
+from echoctl.interrupt import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Interrupt,
+    Terminated,
+    catching,
+    exit_status,
+)
+from echoctl.sweepplot import plot, render_sweep
 
 EXIT_FAILED = 1  # the run finished but saw errors or mismatches, or could not run at all
 EXIT_USAGE = 2
-EXIT_TERMINATED = 128 + signal.SIGTERM
-
-
-class Terminated(SystemExit):
-    """SIGTERM arrived: unwinding runs every finally, so workers and daemons are stopped."""
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into Terminated while the block runs; later ones are ignored, to let it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        # Cleanup is bounded (joins and stops have timeouts); a second SIGTERM must not cut it.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated(EXIT_TERMINATED)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _group_control(ctx: click.Context) -> str | None:
@@ -104,102 +86,8 @@ def _csv(kind: type, text: str) -> tuple[Any, ...]:
         raise click.BadParameter(f"not a comma-separated list: {text}") from exc
 
 
-def load_options(f: Any) -> Any:
-    """Add the load-shape options shared by bench and compare."""
-    options = [
-        click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address."),
-        click.option("--port", type=click.IntRange(1, 65535), default=8888, show_default=True),
-        click.option(
-            "-c", "--connections", type=click.IntRange(min=1), default=10, show_default=True
-        ),
-        click.option(
-            "-r",
-            "--rounds",
-            type=click.IntRange(min=1),
-            default=10_000,
-            show_default=True,
-            help="Requests per connection (ignored with --duration).",
-        ),
-        click.option(
-            "-s",
-            "--size",
-            type=click.IntRange(min=1),
-            default=64,
-            show_default=True,
-            help="Message size in bytes.",
-        ),
-        click.option(
-            "-q",
-            "--qps",
-            type=click.FloatRange(min=0),
-            default=0.0,
-            help="Total requests per second on a fixed schedule; 0 = as fast as possible.",
-        ),
-        click.option(
-            "-d",
-            "--duration",
-            type=click.FloatRange(min=0, min_open=True, max=3600),
-            help="Seconds to run; overrides --rounds.",
-        ),
-        click.option(
-            "--warmup", type=click.FloatRange(min=0), default=0.0, help="Seconds not measured."
-        ),
-        click.option(
-            "--workers",
-            type=click.IntRange(min=0),
-            default=0,
-            help="Worker processes [default: one per CPU, at most one per connection].",
-        ),
-        click.option(
-            "--pattern",
-            type=click.Choice(["pingpong", "stream"]),
-            default="pingpong",
-            show_default=True,
-            help="One message at a time, or a full pipe both ways.",
-        ),
-        click.option(
-            "--timeout",
-            "io_timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=5.0,
-            show_default=True,
-            help="Seconds one send/receive may block before it counts.",
-        ),
-        click.option(
-            "--control",
-            metavar="SOCK",
-            envvar="ECHOD_CONTROL",
-            help="Daemon control socket, for server figures [env ECHOD_CONTROL].",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _config(kw: dict[str, Any], progress: bool) -> BenchConfig:
-    return BenchConfig(
-        host=kw["host"],
-        port=kw["port"],
-        connections=kw["connections"],
-        rounds=kw["rounds"],
-        size=kw["size"],
-        qps=kw["qps"],
-        duration=kw["duration"],
-        warmup=kw["warmup"],
-        workers=kw["workers"],
-        pattern=kw["pattern"],
-        timeout=kw["io_timeout"],
-        progress=progress,
-    )
-
-
-def _progress(line: dict[str, float]) -> None:
-    click.echo(
-        f"{line['elapsed_s']:6.1f} s  {line['qps']:>12,.0f} req/s  p99 {line['p99_us']:,.1f} µs",
-        err=True,
-    )
+def _progress(line: dict[str, Any]) -> None:
+    click.echo(progress_line(line), err=True)
 
 
 @click.command()
@@ -210,27 +98,33 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     as_json = kw["as_json"] or _group_json(ctx)
     progress = not as_json and sys.stderr.isatty()
     try:
-        cfg = _config(kw, progress)
+        cfg = bench_config(kw, progress)
         cfg.validate()
     except ValueError as exc:
         raise _usage(str(exc), as_json) from exc
     try:
-        with sigterm_unwinds():
+        with catching(Interrupt()) as interrupt:
             cfg, control = _bench_target(ctx, kw, cfg)
             probe = control_probe(control) if control else None
-            report = run_bench(cfg, progress=_progress if progress else None, server_probe=probe)
+            show = _progress if progress else None
+            report = run_bench(cfg, progress=show, server_probe=probe, interrupt=interrupt)
     except ValueError as exc:
         raise _usage(str(exc), as_json) from exc
     except BenchError as exc:
         raise _fail("bench", str(exc), as_json) from None
     except KeyboardInterrupt:
-        raise _fail("bench", "interrupted", as_json, "interrupted") from None
+        raise _fail("bench", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
     except Terminated:
         raise _fail("bench", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
     if as_json:
         _emit(report)
     else:
         click.echo(render_report(report))
+    if interrupt.signum is not None:
+        # What was measured until the signal is printed above, marked as interrupted.
+        if not as_json:
+            click.echo(f"echoctl: bench: interrupted by {interrupt.name}", err=True)
+        raise click.exceptions.Exit(exit_status(interrupt.signum))
     reasons = failures(report)
     if reasons:
         if not as_json:
@@ -256,75 +150,6 @@ def _bench_target(
         click.echo(f"echoctl: bench: no server figures: {exc}", err=True)
         return cfg, None
     return replace(cfg, host=host, port=port), control
-
-
-def _lat(summary: dict[str, float]) -> str:
-    keys = (("avg", "avg"), ("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9"))
-    parts = [f"{label} {summary[key]:,.1f}" for key, label in keys]
-    return "  ".join(parts) + f"  max {summary['max']:,.1f} µs"
-
-
-def render_report(r: dict[str, Any]) -> str:
-    """Return a bench report as a short aligned table with units."""
-    rows = [
-        (
-            "load",
-            f"{r['pattern']}, {r['connections']} conn x {r['size']} B, "
-            f"{r['workers']} workers, {r['duration_s']:.2f} s measured",
-        ),
-        ("connections", f"{r['connections_alive']} of {r['connections']} open at the end"),
-        ("requests", f"{r['requests']:,}"),
-        (
-            "rate",
-            f"{r['qps']:,.0f} req/s"
-            + (f" (target {r['target_qps']:,.0f})" if "target_qps" in r else ""),
-        ),
-    ]
-    if r["pattern"] == "stream":
-        rows.append(
-            (
-                "bandwidth",
-                f"sent {r['mb_per_s_sent']:,.1f} MB/s, received {r['mb_per_s_received']:,.1f} MB/s",
-            )
-        )
-    rows += [
-        (
-            "errors",
-            f"{r['errors']} (short reads {r['short_reads']}, resets {r['resets']}, "
-            f"timeouts {r['timeouts']}, other {r['other_errors']})",
-        ),
-        ("mismatches", str(r["mismatches"])),
-        ("warm-up errors", str(r["warmup_errors"])),
-        ("latency" + (" (corrected)" if "latency_raw_us" in r else ""), _lat(r["latency_us"])),
-    ]
-    if "latency_raw_us" in r:
-        rows.append(("latency (raw)", _lat(r["latency_raw_us"])))
-    rows.append(("connect", _lat(r["connect_us"])))
-    client = r["cpu"]["client"]
-    rows.append(("client CPU", f"user {client['user_s']:.2f} s, sys {client['system_s']:.2f} s"))
-    m = r["cpu"]["machine"]
-    total = m["total"] or 1.0
-    kinds = ("user", "system", "softirq", "irq", "iowait", "steal", "idle")
-    share = ", ".join(f"{k} {100 * m.get(k, 0.0) / total:.0f}%" for k in kinds if m.get(k))
-    rows.append(("machine CPU", f"{share} ({m['cpus']} CPUs)"))
-    if "server" in r:
-        s = r["server"]
-        if "error" in s and "mode" not in s:
-            rows.append(("server", f"no figures: {s['error']}"))
-        else:
-            text = f"{s.get('mode')} mode"
-            if "cpu_user_s" in s:
-                text += f", CPU user {s['cpu_user_s']:.2f} s, sys {s['cpu_system_s']:.2f} s"
-            if "ctx_voluntary" in s:
-                text += (
-                    f", ctx switches {s['ctx_voluntary']:,} voluntary, "
-                    f"{s['ctx_involuntary']:,} involuntary"
-                )
-            if "error" in s:
-                text += f" ({s['error']})"
-            rows.append(("server", text))
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
 
 
 @click.command()
@@ -359,7 +184,7 @@ def compare(ctx: click.Context, **kw: Any) -> None:
     plot_path = kw["plot_path"]
     try:
         cfg = CompareConfig(
-            bench=_config(kw, progress=False),
+            bench=bench_config(kw, progress=False),
             modes=_csv(str, kw["modes"]),
             repeat=kw["repeat"],
             sizes=_csv(int, kw["sizes"]),
@@ -382,14 +207,14 @@ def compare(ctx: click.Context, **kw: Any) -> None:
             click.echo(text, err=True)
 
     try:
-        with sigterm_unwinds():
+        with catching(Interrupt()):
             result = _run_compare(cfg, say)
     except ValueError as exc:
         raise _usage(str(exc), as_json) from exc
     except CompareError as exc:
         raise _fail("compare", str(exc), as_json) from None
     except KeyboardInterrupt:
-        raise _fail("compare", "interrupted", as_json, "interrupted") from None
+        raise _fail("compare", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
     except Terminated:
         raise _fail("compare", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
     plot_error = None

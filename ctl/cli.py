@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -14,7 +15,7 @@ import click
 
 from echoctl import render
 from echoctl.benchcmd import bench, compare
-from echoctl.client import ControlClient, ControlError, DaemonUnreachable, default_control_path
+from echoctl.client import ControlClient, ControlError, DaemonUnreachable, client_control_path
 
 # LSB init-script conventions (docs/protocol.md, "Exit codes").
 EXIT_OK = 0
@@ -41,14 +42,14 @@ class Options:
 
 
 def json_option(f: F) -> F:
-    """Add `--json` to a command (it is accepted on the group as well)."""
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
+    """Add `-j/--json` to a command (it is accepted on the group as well)."""
+    return click.option("-j", "--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
 
 
 def _options(ctx: click.Context, as_json: bool) -> Options:
     opts = ctx.find_object(Options)
     if opts is None:  # a command invoked without the group, as in some tests
-        opts = Options(default_control_path(), False, 10.0)
+        opts = Options(client_control_path(), False, 10.0)
     if as_json:
         opts.json = True
     return opts
@@ -113,7 +114,8 @@ def _call(
     envvar="ECHOD_CONTROL",
     metavar="SOCK",
     help="Control socket [env ECHOD_CONTROL; default /run/echod/control.sock as root, "
-    "else $XDG_RUNTIME_DIR/echod/control.sock].",
+    "else $XDG_RUNTIME_DIR/echod/control.sock, or /run/echod/control.sock when that is "
+    "absent].",
 )
 @click.option(
     "--timeout",
@@ -127,7 +129,7 @@ def _call(
 @click.pass_context
 def cli(ctx: click.Context, control: str | None, timeout: float, as_json: bool) -> None:
     """Control, watch and benchmark an echod daemon."""
-    ctx.obj = Options(control or default_control_path(), as_json, timeout)
+    ctx.obj = Options(control or client_control_path(), as_json, timeout)
 
 
 @cli.command()
@@ -155,7 +157,10 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     if opts.json:
         _emit_json(result)
     else:
-        click.echo(render.render_stats(result))
+        # Whether the kernel keeps BPF run figures is in `status`; without it, show them as is.
+        status = _call(opts, "stats", "status")
+        enabled = (status.get("bpf") or {}).get("stats_enabled")
+        click.echo(render.render_stats(result, enabled if isinstance(enabled, bool) else None))
 
 
 @cli.command()
@@ -168,27 +173,71 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     help="Seconds between updates.",
 )
 @click.option("--count", "-n", type=click.IntRange(min=1), help="Stop after N updates.")
-@json_option
+@click.option(
+    "--reconnect",
+    is_flag=True,
+    help="When the daemon goes away (a restart), wait for it and resume.",
+)
+@click.option("-j", "--json", "as_json", is_flag=True, help="Print one JSON object per line.")
 @click.pass_context
-def watch(ctx: click.Context, interval: float, count: int | None, as_json: bool) -> None:
-    """Stream live figures (a table on a terminal, JSON lines otherwise)."""
+def watch(
+    ctx: click.Context, interval: float, count: int | None, reconnect: bool, as_json: bool
+) -> None:
+    """Stream live figures (a table on a terminal, one JSON object per line otherwise)."""
     opts = _options(ctx, as_json)
     lines = opts.json or not sys.stdout.isatty()
+    shown = Shown()
     try:
-        with ControlClient(opts.control, timeout=opts.timeout) as client:
-            stream = client.subscribe("watch", {"interval": interval})
-            if lines:
-                _watch_lines(stream, count)
-            else:
-                _watch_live(stream, count, interval)
-    except ControlError as err:
-        _fail(opts, err, "watch")
+        while True:
+            try:
+                _watch_once(opts, interval, count, lines, shown)
+                return
+            except ControlError as err:
+                if not reconnect or err.code not in RECONNECT_CODES:
+                    _fail(opts, err, "watch")
+                click.echo(f"echoctl: watch: {err.message}; waiting for the daemon", err=True)
+                _wait_for_daemon(opts, interval)
+                click.echo("echoctl: watch: reconnected", err=True)
     except KeyboardInterrupt:
         # Ctrl-C is how a watch normally ends.
         pass
     except BrokenPipeError:
         # The reader went away (`echoctl watch | head -1`): as normal an end as Ctrl-C.
         _discard_stdout()
+
+
+# Errors after which `watch --reconnect` waits for the daemon: it stopped, restarted or is busy.
+RECONNECT_CODES = ("unreachable", "disconnected", "timeout", "busy", "not_serving")
+
+
+@dataclass
+class Shown:
+    """Updates shown so far, over every connection of one `watch`."""
+
+    n: int = 0
+
+
+def _watch_once(
+    opts: Options, interval: float, count: int | None, lines: bool, shown: Shown
+) -> None:
+    """Watch over one connection until `count` updates in all have been shown."""
+    with ControlClient(opts.control, timeout=opts.timeout) as client:
+        stream = client.subscribe("watch", {"interval": interval})
+        if lines:
+            _watch_lines(stream, count, shown)
+        else:
+            _watch_live(stream, count, interval, shown)
+
+
+def _wait_for_daemon(opts: Options, interval: float) -> None:
+    """Poll until the control socket answers `status` again (Ctrl-C ends the wait)."""
+    while True:
+        try:
+            with ControlClient(opts.control, timeout=opts.timeout) as client:
+                client.call("status")
+            return
+        except (ControlError, OSError):
+            time.sleep(interval)
 
 
 def _discard_stdout() -> None:
@@ -200,21 +249,23 @@ def _discard_stdout() -> None:
         os.close(devnull)
 
 
-def _watch_lines(stream: Any, count: int | None) -> None:
-    for n, snapshot in enumerate(stream, 1):
+def _watch_lines(stream: Any, count: int | None, shown: Shown) -> None:
+    for snapshot in stream:
         click.echo(json.dumps(snapshot, default=str, sort_keys=True))
         sys.stdout.flush()
-        if count is not None and n >= count:
+        shown.n += 1
+        if count is not None and shown.n >= count:
             return
 
 
-def _watch_live(stream: Any, count: int | None, interval: float) -> None:
+def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -> None:
     from rich.live import Live
 
     prev: Mapping[str, Any] | None = None
     live: Live | None = None
     try:
-        for n, snapshot in enumerate(stream, 1):
+        for snapshot in stream:
+            shown.n += 1
             table = render.watch_table(snapshot, render.rates_between(prev, snapshot), interval)
             if live is None:
                 live = Live(table, auto_refresh=False)
@@ -222,7 +273,7 @@ def _watch_live(stream: Any, count: int | None, interval: float) -> None:
             else:
                 live.update(table, refresh=True)
             prev = snapshot
-            if count is not None and n >= count:
+            if count is not None and shown.n >= count:
                 return
     finally:
         if live is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import time
 from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
@@ -14,12 +16,34 @@ import msgpack
 # One definition of the default path, shared with the daemon.
 from echod.config import default_control_path
 
-__all__ = ["ControlClient", "ControlError", "DaemonUnreachable", "default_control_path"]
+__all__ = [
+    "ControlClient",
+    "ControlError",
+    "DaemonUnreachable",
+    "client_control_path",
+    "default_control_path",
+]
 
 API_VERSION = 1
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 # Replies are not capped by the server the way requests are; this only bounds a broken peer.
 MAX_REPLY = 16 * 1024 * 1024
+SYSTEM_CONTROL_PATH = "/run/echod/control.sock"  # the system daemon's, under systemd
+BUSY_RETRY_S = 2.0  # how long connect retries while the listen backlog is full
+
+
+def client_control_path() -> str:
+    """Return the control socket `echoctl` uses when none is given.
+
+    The per-user socket when it exists; otherwise the system daemon's, which an admin-group
+    member may use. A path that exists neither way is returned as the per-user one, so the
+    error names the socket the user would have started.
+    """
+    path = default_control_path()
+    if path != SYSTEM_CONTROL_PATH and not os.path.exists(path):
+        if os.path.exists(SYSTEM_CONTROL_PATH):
+            return SYSTEM_CONTROL_PATH
+    return path
 
 
 class ControlError(Exception):
@@ -39,7 +63,12 @@ class DaemonUnreachable(ControlError, OSError):
 
     def __init__(self, path: str, reason: str, err: int | None = None) -> None:
         code = "permission_denied" if err in (errno.EACCES, errno.EPERM) else "unreachable"
-        super().__init__(code, f"cannot connect to {path}: {reason}")
+        message = f"cannot connect to {path}: {reason}"
+        if err == errno.EAGAIN:
+            # The daemon runs, but its listen backlog is full: a busy daemon, not a dead one.
+            code = "busy"
+            message = f"{path} is busy (its listen backlog stayed full); try again"
+        super().__init__(code, message)
         self.path = path
         self.reason = reason
         self.errno = err
@@ -78,14 +107,7 @@ class ControlClient:
         """Connect and call `hello`; return its result (also kept in `self.server`)."""
         if self._sock is not None:
             return self.server
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise DaemonUnreachable(self.path, exc.strerror or str(exc), exc.errno) from exc
-        self._sock = sock
+        self._sock = self._connect()
         try:
             hello = self._call("hello", {})
         except BaseException:
@@ -96,6 +118,24 @@ class ControlClient:
             raise ControlError("protocol", f"unsupported control API: {hello!r}")
         self.server = hello
         return hello
+
+    def _connect(self) -> socket.socket:
+        """Connect, retrying for a short while when the listen backlog is full (EAGAIN)."""
+        deadline = time.monotonic() + min(self.timeout, BUSY_RETRY_S)
+        pause = 0.01
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EAGAIN and time.monotonic() + pause < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.2)
+                    continue
+                raise DaemonUnreachable(self.path, exc.strerror or str(exc), exc.errno) from exc
+            return sock
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Call `method` and return its result; raise ControlError on an error reply."""

@@ -29,6 +29,7 @@ from echoctl.bench import (
     run_bench,
     status_target,
 )
+from echoctl.benchreport import plural
 from echoctl.client import ControlClient
 from echoctl.sysstat import cpu_count
 
@@ -328,6 +329,7 @@ def _sweep_point(
         connections=1,
         workers=1,
         size=size,
+        size_max=0,
         qps=0.0,
         duration=cfg.sweep_duration,
         warmup=0.0,
@@ -349,12 +351,12 @@ def _median(values: list[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
-def cpu_per_1k(report: dict[str, Any]) -> dict[str, float | None]:
-    """Return CPU milliseconds per 1,000 requests: the daemon, softirq, the whole machine."""
+def cpu_per_request(report: dict[str, Any]) -> dict[str, float | None]:
+    """Return CPU µs per request: the daemon, softirq, the whole machine."""
     requests = report.get("requests") or 0
     if not requests:
         return {"daemon": None, "softirq": None, "machine": None}
-    scale = 1e6 / requests  # seconds per request * 1000 requests * 1000 ms
+    scale = 1e6 / requests  # seconds to µs, per request
     server = report.get("server") or {}
     daemon = None
     if "cpu_user_s" in server and "cpu_system_s" in server:
@@ -368,13 +370,13 @@ def cpu_per_1k(report: dict[str, Any]) -> dict[str, float | None]:
 
 
 ROWS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
-    ("qps", "QPS", lambda r: r["qps"]),
+    ("qps", "rate (req/s)", lambda r: r["qps"]),
     ("avg_us", "latency avg (µs)", lambda r: r["latency_us"]["avg"]),
     ("p50_us", "latency p50 (µs)", lambda r: r["latency_us"]["p50"]),
     ("p99_us", "latency p99 (µs)", lambda r: r["latency_us"]["p99"]),
-    ("cpu_daemon_ms", "CPU/1k req, daemon (ms)", lambda r: cpu_per_1k(r)["daemon"]),
-    ("cpu_softirq_ms", "CPU/1k req, softirq (ms)", lambda r: cpu_per_1k(r)["softirq"]),
-    ("cpu_machine_ms", "CPU/1k req, machine (ms)", lambda r: cpu_per_1k(r)["machine"]),
+    ("cpu_daemon_us", "CPU per request, daemon (µs)", lambda r: cpu_per_request(r)["daemon"]),
+    ("cpu_softirq_us", "CPU per request, softirq (µs)", lambda r: cpu_per_request(r)["softirq"]),
+    ("cpu_machine_us", "CPU per request, machine (µs)", lambda r: cpu_per_request(r)["machine"]),
 )
 
 
@@ -463,33 +465,15 @@ def render_table(result: dict[str, Any]) -> str:
     load = result["load"]
     length = f"{load['duration_s']:g} s" if load["duration_s"] else f"{load['rounds']} rounds"
     title = (
-        f"{load['connections']} connections x {load['size']} B {load['pattern']}, {length} per "
+        f"{plural(load['connections'], 'connection')} x {load['size']} B {load['pattern']}, "
+        f"{length} per "
         f"run, median of {result['repeat']} (modes alternated)"
     )
-    return title + "\n" + _align(rows)
+    return title + "\n" + align(rows)
 
 
-def render_sweep(result: dict[str, Any]) -> str:
-    """Return the size sweep (1 connection) as an aligned text table."""
-    sweep = result["sweep"]
-    modes = result["modes"]
-    header = ["size (B)"]
-    header += [f"p50 µs {m}" for m in modes] + [f"MB/s {m}" for m in modes]
-    rows = [header]
-    for size in sweep["sizes"]:
-        cells = [sweep["modes"][m][str(size)] for m in modes]
-        row = [str(size)]
-        row += [f"{c['p50_us']['median']:,.1f}" for c in cells]
-        row += [f"{c['mb_per_s']['median']:,.1f}" for c in cells]
-        rows.append(row)
-    title = (
-        f"size sweep, 1 connection, {sweep['duration_s']:g} s per point: ping-pong p50 latency "
-        f"and stream bandwidth (received), median of {result['repeat']}"
-    )
-    return title + "\n" + _align(rows)
-
-
-def _align(rows: list[list[str]]) -> str:
+def align(rows: list[list[str]]) -> str:
+    """Return rows as text columns: the first left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
@@ -498,39 +482,3 @@ def _align(rows: list[list[str]]) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: str) -> None:
-    """Draw latency and bandwidth against message size, one line per mode, with min-max bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; must precede the pyplot import
-    import matplotlib.pyplot as plt
-
-    sweep = result["sweep"]
-    sizes = sweep["sizes"]
-    fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in result["modes"]:
-        cells = [sweep["modes"][mode][str(s)] for s in sizes]
-        for ax, key in ((ax_lat, "p50_us"), (ax_bw, "mb_per_s")):
-            med = [c[key]["median"] for c in cells]
-            low = [c[key]["median"] - c[key]["min"] for c in cells]
-            high = [c[key]["max"] - c[key]["median"] for c in cells]
-            ax.errorbar(sizes, med, yerr=[low, high], marker="o", capsize=3, label=mode)
-    for ax in (ax_lat, ax_bw):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("message size (bytes)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    ax_lat.set_ylabel("ping-pong p50 latency (µs)")
-    ax_lat.set_title("latency, 1 connection")
-    ax_bw.set_ylabel("stream bandwidth received (MB/s)")
-    ax_bw.set_title("bandwidth, 1 connection")
-    machine = result["machine"]
-    fig.suptitle(
-        f"echod modes, Linux {machine['kernel']}, {machine['cpus']} CPUs; "
-        f"bars: min-max of {result['repeat']}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -190,8 +190,22 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
-def render_stats(stats: Mapping[str, Any]) -> str:
-    """`echoctl stats` output: counters, rates, process figures and BPF programs."""
+BPF_STATS_OFF = "unavailable (needs kernel.bpf_stats_enabled=1)"
+
+
+def _insert_failed_text(conns: Mapping[str, Any]) -> str:
+    reasons = conns.get("insert_failed_reasons") or {}
+    why = ", ".join(f"{k} {fmt_count(v)}" for k, v in sorted(reasons.items()))
+    text = fmt_count(conns.get("insert_failed", 0))
+    return text + (f" ({why}; served on the user path)" if why else "")
+
+
+def render_stats(stats: Mapping[str, Any], bpf_stats_enabled: bool | None = None) -> str:
+    """`echoctl stats` output: counters, rates, process figures and BPF programs.
+
+    `bpf_stats_enabled` is `status.bpf.stats_enabled`: when False the kernel keeps no run
+    figures, so they show as unavailable rather than as zeros.
+    """
     conns = stats.get("connections") or {}
     refused = conns.get("refused") or {}
     refused_n = sum(v for v in refused.values() if _num(v) is not None) if refused else 0
@@ -201,6 +215,9 @@ def render_stats(stats: Mapping[str, Any]) -> str:
         ("accepted", fmt_count(conns.get("accepted"))),
         ("closed", fmt_count(conns.get("closed"))),
         ("refused", fmt_count(refused_n) + (f" ({refused_why})" if refused_why else "")),
+        # The one case where echod drops bytes on purpose: a peer that never read its echoes.
+        ("aborted (backlog)", fmt_count(conns.get("aborted_backlog", 0))),
+        ("insert failed", _insert_failed_text(conns)),
         (
             "user",
             f"{fmt_bytes(_get(stats, 'user', 'bytes'))}, "
@@ -248,19 +265,22 @@ def render_stats(stats: Mapping[str, Any]) -> str:
     out = kv(rows)
     progs = stats.get("bpf_programs") or []
     if progs:
+        off = bpf_stats_enabled is False
         prog_rows = [
             [
                 str(p.get("id", DASH)),
                 str(p.get("name", DASH)),
-                fmt_count(p.get("run_cnt")),
-                fmt_ns(p.get("run_time_ns")),
-                fmt_ns(p.get("ns_per_run")),
+                "unavailable" if off else fmt_count(p.get("run_cnt")),
+                "unavailable" if off else fmt_ns(p.get("run_time_ns")),
+                "unavailable" if off else fmt_ns(p.get("ns_per_run")),
             ]
             for p in progs
         ]
         out += "\n\n" + table(
             ["id", "program", "runs", "run time", "per run"], prog_rows, (0, 2, 3, 4)
         )
+        if off:
+            out += f"\nrun figures {BPF_STATS_OFF}"
     return out
 
 
@@ -343,11 +363,17 @@ def watch_rows(snapshot: Mapping[str, Any], rates: Rates) -> list[tuple[str, str
     status = snapshot.get("status") or {}
     stats = snapshot.get("stats") or {}
     proc = stats.get("process") or {}
+    conns = stats.get("connections") or {}
     share = rates.kernel_share
+    verdict = fmt_ns(rates.ns_per_verdict)
+    if _get(status, "bpf", "stats_enabled") is False:
+        verdict = "unavailable"
     return [
         ("state", str(status.get("state", DASH))),
         ("mode", mode_text(status)),
-        ("connections", fmt_count(_get(stats, "connections", "active"))),
+        ("connections", fmt_count(conns.get("active"))),
+        ("aborted (backlog)", fmt_count(conns.get("aborted_backlog", 0))),
+        ("insert failed", fmt_count(conns.get("insert_failed", 0))),
         ("requests", fmt_rate(rates.req_per_s)),
         ("throughput", fmt_byte_rate(rates.bytes_per_s)),
         (
@@ -356,7 +382,7 @@ def watch_rows(snapshot: Mapping[str, Any], rates: Rates) -> list[tuple[str, str
         ),
         ("cpu", fmt_percent(proc.get("cpu_percent"))),
         ("rss", fmt_bytes(proc.get("rss_bytes"))),
-        ("per verdict", fmt_ns(rates.ns_per_verdict)),
+        ("per verdict", verdict),
     ]
 
 

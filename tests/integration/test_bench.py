@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import shlex
 import signal
 import socket
 import struct
@@ -23,8 +24,9 @@ from click.testing import CliRunner
 from echoctl import benchcmd
 from echoctl.bench import BenchConfig
 from echoctl.benchcmd import bench, compare
-from echoctl.compare import CompareError, render_sweep, render_table
+from echoctl.compare import CompareError, render_table
 from echoctl.compare import _bench as compare_one
+from echoctl.sweepplot import render_sweep
 from tests.integration.conftest import Echod, free_port
 
 CONTRACT = ("qps", "requests", "errors", "mismatches", "latency_us")
@@ -255,7 +257,15 @@ def test_unreachable_server_is_one_line() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["--host", "192.0.2.1"], ["-c", "0"], ["--pattern", "stream", "-q", "100"], ["-s", "x"]],
+    [
+        ["-c", "0"],
+        ["--pattern", "stream", "-q", "100"],
+        ["-s", "x"],
+        ["-s", "10-5"],
+        ["-s", "64", "--pipeline", "4", "-q", "100"],
+        ["--window", "lots"],
+        ["--stall-timeout", "0"],
+    ],
 )
 def test_bad_input_is_a_usage_error(args: list[str]) -> None:
     result = CliRunner().invoke(bench, [*args, "-r", "1"])
@@ -287,9 +297,15 @@ def test_compare_table_json_and_plot(echod_factory: Factory, tmp_path: Path) -> 
             assert cell["mb_per_s"]["median"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = render_table(out)
-    for row in ("QPS", "latency p50", "latency p99", "CPU/1k req, softirq", "kernel vs user"):
+    for row in (
+        "req/s",
+        "latency p50",
+        "latency p99",
+        "CPU per request, softirq",
+        "kernel vs user",
+    ):
         assert row in table
-    assert "4096" in render_sweep(out)
+    assert "4 KiB" in render_sweep(out)
     status = d.status()  # compare put the daemon back in the mode it was asked for before
     assert (status["mode"], status["requested_mode"]) == ("user", "user")
 
@@ -298,7 +314,7 @@ def test_compare_spawns_its_own_daemon() -> None:
     args = ["--spawn", "--modes", "user", "--repeat", "2", "-c", "2", "-d", "0.3"]
     result = CliRunner().invoke(compare, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "QPS" in result.stdout
+    assert "req/s" in result.stdout
     assert "median of 2" in result.stdout
     assert "[2/2] user" in result.stderr
 
@@ -334,20 +350,22 @@ def test_reset_during_warmup_fails_the_run() -> None:
 
 
 @pytest.mark.parametrize(
-    ("serve", "counter"),
+    ("serve", "counters"),
     [
-        (echo_then_swallow(65536), "timeouts"),  # echoes never come back: timed out in the drain
-        (echo_then_swallow(65536, reset_after=0.8), "resets"),  # reset while draining
-        (echo_twice, "other_errors"),  # more bytes back than were sent
+        (echo_then_swallow(65536), ("stalled",)),  # echoes never come back
+        (echo_then_swallow(65536, reset_after=0.8), ("resets",)),  # reset while draining
+        # Every segment twice: the copy is caught as a mismatch where it lands in the stream,
+        # or as extra bytes when nothing more was owed.
+        (echo_twice, ("mismatches", "other_errors")),
     ],
 )
-def test_stream_counts_what_never_came_back(serve: Serve, counter: str) -> None:
+def test_stream_counts_what_never_came_back(serve: Serve, counters: tuple[str, ...]) -> None:
     with fake_server(serve) as server:
         args = ["--port", str(server.port), "--pattern", "stream", "-c", "2", "-s", "1024"]
-        code, r = run_bench(*args, "-d", "0.3", "--timeout", "2")
+        code, r = run_bench(*args, "-d", "0.3", "--stall-timeout", "2")
     assert code == 1
-    assert r[counter] == 2
-    assert r["errors"] == 2
+    assert sum(r[c] for c in counters) == 2
+    assert r["errors"] + r["stalled"] + r["mismatches"] == 2
     assert r["connections_alive"] == 0
 
 
@@ -434,7 +452,7 @@ def test_a_failed_plot_still_prints_the_results(
     args += ["--sweep-duration", "0.2", "--plot", str(tmp_path / "sweep.png")]
     result = CliRunner().invoke(compare, args, catch_exceptions=False)
     assert result.exit_code == 1
-    assert "QPS" in result.stdout
+    assert "req/s" in result.stdout
     assert "Traceback" not in result.output
     assert result.stderr.strip().splitlines()[-1].endswith("No space left on device")
 
@@ -536,3 +554,281 @@ def test_sigterm_stops_the_spawned_daemon() -> None:
         reader.join(timeout=5)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Soak features: random sizes, pipelining, long byte-checked streams, the stall detector
+
+
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=pytest.mark.bpf), "user"])
+def test_random_sizes_are_byte_checked(echod_factory: Factory, mode: str) -> None:
+    d = echod_factory(mode=mode)
+    code, r = run_bench(*target(d), "-c", "4", "-s", "1-1048576", "-d", "1.5")
+    assert code == 0, r
+    assert (r["size"], r["size_min"], r["size_max"]) == ("1-1048576", 1, 1048576)
+    assert r["errors"] == r["mismatches"] == r["stalled"] == 0
+    assert r["requests"] > 50
+    # Every byte sent in the measured window came back and was compared at its offset.
+    assert r["bytes_verified"] == r["bytes_sent"] > 0
+    # Log-uniform: the mean message is far below the range's midpoint (512 KiB).
+    assert r["bytes_sent"] / r["requests"] < 256 * 1024
+
+
+def batching(batch: int) -> Serve:
+    """Echo only in whole batches of `batch` bytes: a client with fewer in flight would stall."""
+
+    def serve(conn: socket.socket, index: int) -> None:
+        held = b""
+        while data := conn.recv(65536):
+            held += data
+            cut = len(held) - len(held) % batch
+            if cut:
+                conn.sendall(held[:cut])
+                held = held[cut:]
+
+    return serve
+
+
+def test_pipeline_keeps_n_messages_in_flight() -> None:
+    with fake_server(batching(16 * 64)) as server:
+        args = ["--port", str(server.port), "-c", "3", "-s", "64", "--workers", "1"]
+        code, r = run_bench(*args, "--pipeline", "16", "-r", "1600", "--stall-timeout", "2")
+        assert code == 0, r
+        assert r["requests"] == 3 * 1600
+        assert r["pipeline"] == 16
+        assert r["bytes_verified"] == r["bytes_sent"] == 3 * 1600 * 64
+        # One message in flight never fills a batch: every connection stalls.
+        code, r = run_bench(*args, "-r", "10", "--stall-timeout", "0.5")
+    assert code == 1
+    assert r["stalled"] == 3
+
+
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=pytest.mark.bpf), "user"])
+def test_pipelined_random_sizes_against_the_daemon(echod_factory: Factory, mode: str) -> None:
+    d = echod_factory(mode=mode)
+    args = ["-c", "4", "-s", "1-65536", "--pipeline", "8", "-r", "300", "--seed", "7"]
+    code, r = run_bench(*target(d), *args)
+    assert code == 0, r
+    assert r["requests"] == 4 * 300
+    assert r["errors"] == r["mismatches"] == r["stalled"] == 0
+    assert r["bytes_verified"] == r["bytes_sent"] == r["bytes_received"]
+
+
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=pytest.mark.bpf), "user"])
+def test_stream_soak_checks_every_byte(echod_factory: Factory, mode: str) -> None:
+    d = echod_factory(mode=mode)
+    args = ["--pattern", "stream", "-c", "4", "-s", "1-1M", "--window", "1M"]
+    started = time.monotonic()
+    code, r = run_bench(*target(d), *args, "-d", "3", "--stall-timeout", "3")
+    assert time.monotonic() - started < 30
+    assert code == 0, r
+    assert r["errors"] == r["mismatches"] == r["stalled"] == 0
+    assert r["connections_alive"] == 4
+    assert r["window_bytes"] == 1 << 20
+    assert r["bytes_verified"] == r["bytes_sent"] > 10_000_000
+    assert r["mb_per_s_sent"] > 0
+    assert r["mb_per_s_received"] > 0
+
+
+@pytest.mark.parametrize("pattern", ["pingpong", "stream"])
+@pytest.mark.parametrize("sizes", ["64", "1-65536"])
+def test_a_stall_is_detected(pattern: str, sizes: str) -> None:
+    # The server echoes the first 64 KiB, then reads and drops: the connections stall.
+    with fake_server(echo_then_swallow(65536, reset_after=20)) as server:
+        args = ["--port", str(server.port), "-c", "2", "-s", sizes, "--pattern", pattern]
+        started = time.monotonic()
+        code, r = run_bench(*args, "-d", "4", "--stall-timeout", "1")
+        took = time.monotonic() - started
+    assert code == 1
+    assert r["stalled"] == 2
+    assert r["errors"] == r["mismatches"] == 0
+    assert r["connections_alive"] == 0
+    assert took < 15
+    if sizes != "64" or pattern == "stream":
+        details = r["stall_details"]
+        assert len(details) == 2
+        assert all(s["sent"] > s["received"] >= 0 and s["idle_s"] >= 1 for s in details)
+
+
+def corrupt_at(offset: int) -> Serve:
+    """Echo, but flip one bit of the byte at stream `offset`."""
+
+    def serve(conn: socket.socket, index: int) -> None:
+        seen = 0
+        while data := conn.recv(65536):
+            if seen <= offset < seen + len(data):
+                i = offset - seen
+                data = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+            seen += len(data)
+            conn.sendall(data)
+
+    return serve
+
+
+@pytest.mark.parametrize("pattern", ["pingpong", "stream"])
+def test_a_mismatch_names_its_stream_offset(pattern: str) -> None:
+    with fake_server(corrupt_at(100_003)) as server:
+        args = ["--port", str(server.port), "-c", "2", "-s", "1-4096", "--pattern", pattern]
+        code, r = run_bench(*args, "-d", "1", "--pipeline", "4")
+    assert code == 1
+    assert r["mismatches"] == 2
+    assert sorted(m["offset"] for m in r["mismatch_details"]) == [100_003, 100_003]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption, progress, and a target beyond loopback
+
+
+def start_bench(port: int, *args: str) -> subprocess.Popen[str]:
+    cmd = echoctl_command("bench", "--port", str(port), "-c", "2", "--workers", "2", *args)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "pattern"),
+    [
+        (signal.SIGINT, 130, "pingpong"),
+        (signal.SIGTERM, 143, "pingpong"),
+        (signal.SIGINT, 130, "stream"),
+    ],
+)
+def test_a_signal_prints_what_was_measured(signum: int, status: int, pattern: str) -> None:
+    with fake_server(echo) as server:
+        proc = start_bench(server.port, "--pattern", pattern, "-s", "1-4096", "-d", "30", "-j")
+        try:
+            time.sleep(1.5)  # connected and measuring well before this
+            sent = time.monotonic()
+            proc.send_signal(signum)
+            out, err = proc.communicate(timeout=15)
+            took = time.monotonic() - sent
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, err
+    assert took < 3
+    r = json.loads(out)
+    assert r["interrupted"] == signal.Signals(signum).name
+    assert r["requests"] > 0
+    assert r["errors"] == r["mismatches"] == r["stalled"] == 0
+    assert 0.5 < r["duration_s"] < 5
+
+
+def test_human_interrupted_report_is_marked() -> None:
+    with fake_server(echo) as server:
+        proc = start_bench(server.port, "-d", "30")
+        try:
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert out.startswith("load (interrupted)")
+    assert "2 workers" in out
+    assert "interrupted by SIGINT" in err
+
+
+def test_progress_is_one_line_per_interval() -> None:
+    with fake_server(echo) as server:
+        cmd = echoctl_command("bench", "--port", str(server.port), "-c", "4", "--workers", "2")
+        line = shlex.join([*cmd, "-d", "3.5"])
+        # A terminal on stderr turns progress on; `script` provides one.
+        r = subprocess.run(
+            ["script", "-qec", line, "/dev/null"], capture_output=True, text=True, timeout=60
+        )
+    assert r.returncode == 0, r
+    ticks = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip().endswith(" µs")]
+    ticks = [t for t in ticks if t.replace(".", "").isdigit()]
+    assert ticks == ["1.0", "2.0", "3.0"]
+
+
+def test_compare_stops_within_a_second() -> None:
+    cmd = echoctl_command("compare", "--spawn", "--modes", "user", "--repeat", "1", "-c", "2")
+    proc = subprocess.Popen([*cmd, "-d", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stderr or ():
+            lines.put(line.decode())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not lines.get(timeout=max(0.1, deadline - time.monotonic())).startswith("[1/1]"):
+            pass
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 130
+        assert time.monotonic() - sent < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def veth_namespace() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to this one by a veth pair in 198.18.0.0/15.
+
+    Yields (namespace, host address, namespace address); everything is removed afterwards.
+    """
+    n = os.getpid()
+    ns, veth = f"echod-bench-{n}", f"eb{n % 10**8}"
+    # A /30 of its own per test process, so that concurrent runs do not collide.
+    base = f"198.18.{n % 256}.{4 * ((n >> 8) % 64)}"
+    prefix, last = base.rsplit(".", 1)
+    host_ip, ns_ip = f"{prefix}.{int(last) + 1}", f"{prefix}.{int(last) + 2}"
+    try:
+        ip("netns", "add", ns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", veth)
+        ip("link", "set", veth, "up")
+        ip("-n", ns, "addr", "add", f"{ns_ip}/30", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, host_ip, ns_ip
+    finally:
+        ip("link", "del", veth, check=False)
+        ip("netns", "del", ns, check=False)
+
+
+def test_bench_measures_a_daemon_beyond_loopback(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    with veth_namespace() as (ns, _host_ip, ns_ip):
+        port = free_port()
+        control = str(tmp_path / "control.sock")
+        echod = str(Path(sys.executable).parent / "echod")
+        argv = ["ip", "netns", "exec", ns, echod, "--mode", "user", "--host", ns_ip]
+        log = open(tmp_path / "echod.log", "wb")  # noqa: SIM115 - closed in finally
+        proc = subprocess.Popen(
+            [*argv, "--port", str(port), "--control", control], stdout=log, stderr=log
+        )
+        try:
+            wait_for(lambda: os.path.exists(control), 15)
+            args = ["--host", ns_ip, "--port", str(port), "--control", control]
+            code, r = run_bench(*args, "-c", "4", "-d", "1")
+            assert code == 0, (r, (tmp_path / "echod.log").read_text())
+            assert r["errors"] == r["mismatches"] == r["stalled"] == 0
+            assert r["requests"] > 100
+            assert r["server"]["mode"] == "user"
+            code, r = run_bench(*args, "-c", "2", "-s", "1-65536", "--pattern", "stream", "-d", "1")
+            assert code == 0, r
+            assert r["bytes_verified"] == r["bytes_sent"] > 0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Echod
+from tests.integration.conftest import Echod, spawn
 from tests.integration.echo_util import connect, roundtrip
 
 Factory = Callable[..., Echod]
@@ -240,3 +241,118 @@ def test_watch_ends_quietly_when_the_reader_goes(echod_factory: Factory) -> None
     while d.status()["control"]["watchers"]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_short_json_flag(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    for args in (["-j", "status"], ["status", "-j"]):
+        assert ok_json(echoctl(d, *args))["state"] == "serving"
+    r = echoctl(d, "watch", "--help")
+    assert "one JSON object per line" in " ".join(r.stdout.split())
+
+
+def test_stats_show_dropped_bytes_and_bpf_figures(echod_factory: Factory) -> None:
+    d = echod_factory(mode="kernel")
+    r = echoctl(d, "stats")
+    assert r.returncode == 0, r
+    assert "aborted (backlog)" in r.stdout
+    assert "insert failed" in r.stdout
+    if d.status()["bpf"].get("stats_enabled") is False:
+        assert "unavailable" in r.stdout
+
+
+def test_watch_reconnect_resumes_after_a_restart(tmp_path: Path) -> None:
+    first = spawn(tmp_path, "user")
+    second: Echod | None = None
+    args = ["watch", "-i", "0.2", "-n", "6", "--reconnect"]
+    proc = subprocess.Popen(
+        [ECHOCTL, "--control", first.control, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        snaps = [json.loads(proc.stdout.readline())]
+        assert first.stop() == 0
+        second = spawn(tmp_path, "user")  # the same control socket path
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        snaps += [json.loads(line) for line in out.splitlines()]
+        assert len(snaps) == 6
+        pids = [s["status"]["pid"] for s in snaps]
+        assert pids[0] == first.proc.pid
+        assert pids[-1] == second.proc.pid
+        assert "waiting for the daemon" in err
+    finally:
+        proc.kill()
+        proc.wait()
+        first.stop()
+        if second is not None:
+            assert second.stop() == 0
+
+
+def test_full_listen_backlog_is_busy_not_stopped(tmp_path: Path) -> None:
+    path = str(tmp_path / "full.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(0)  # never accepts: the backlog fills
+        queued: list[socket.socket] = []
+        try:
+            for _ in range(64):
+                s = socket.socket(socket.AF_UNIX)
+                s.setblocking(False)
+                queued.append(s)
+                try:
+                    s.connect(path)
+                except BlockingIOError:
+                    break
+            else:
+                pytest.fail("the listen backlog never filled")
+            r = echoctl(path, "--timeout", "1", "status")
+            assert r.returncode == 1, r
+            assert "busy" in r.stderr
+            assert "is echod running" not in r.stderr
+            err = ok_json_rc(echoctl(path, "--timeout", "1", "-j", "status"), 1)
+            assert err["error"]["code"] == "busy"
+        finally:
+            for s in queued:
+                s.close()
+
+
+FALLBACK = """
+import os, socket, subprocess, sys
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
+os.mkdir("/run/echod", 0o755)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind("/run/echod/control.sock")
+os.chmod("/run/echod/control.sock", 0o666)
+listener.listen(8)
+code = (
+    "import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['echoctl', *sys.argv[2:]]; "
+    "from echoctl.cli import main; main()"
+)
+r = subprocess.run(
+    ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+     "env", "XDG_RUNTIME_DIR=/nonexistent", "/usr/bin/python3", "-c", code, sys.argv[1],
+     "--timeout", "1", "status"],
+    capture_output=True, text=True, timeout=30, cwd="/",
+)
+print(r.stderr, end="")
+"""
+
+
+def test_a_user_without_a_socket_falls_back_to_the_system_one() -> None:
+    # A private mount namespace with its own /run: the machine's /run is never touched.
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("needs a system python3 that uid 65534 can run")
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", FALLBACK, site],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r
+    assert "/run/echod/control.sock" in r.stdout, r
+    assert "nonexistent" not in r.stdout

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from echoctl import render
+from echoctl import render, sweepplot
+from echoctl.sizes import size_label
 
 
 @pytest.mark.parametrize(
@@ -153,12 +154,96 @@ def test_render_stats_and_reload() -> None:
         "bpf_programs": [],
     }
     out = render.render_stats(stats)
-    assert "accepted      1.5k" in out
-    assert "refused       2 (allow 0, max_connections 2)" in out
-    assert "kernel        -" in out
+    rows = {line[:19].strip(): line[19:] for line in out.splitlines()}
+    assert rows["accepted"] == "1.5k"
+    assert rows["refused"] == "2 (allow 0, max_connections 2)"
+    assert rows["kernel"] == "-"
     assert "1.2k req/s, 12.3 MB/s, 0 conn/s" in out
-    assert "rss           48.0 MiB" in out
+    assert rows["rss"] == "48.0 MiB"
+    assert rows["aborted (backlog)"] == "0"
+    assert rows["insert failed"] == "0"
     assert render.render_reload({"applied": [], "needs_restart": []}) == "configuration unchanged"
     assert render.render_reload({"applied": ["log_level"], "needs_restart": ["port"]}) == (
         "applied        log_level\nneeds restart  port"
     )
+
+
+PROGS = [{"id": 7, "name": "echo_verdict", "run_cnt": 0, "run_time_ns": 0, "ns_per_run": 0}]
+
+
+def test_stats_show_dropped_bytes_and_why_inserts_failed() -> None:
+    conns = {
+        "active": 1,
+        "aborted_backlog": 3,
+        "insert_failed": 2,
+        "insert_failed_reasons": {"peer_gone": 2},
+    }
+    out = render.render_stats({"connections": conns, "bpf_programs": PROGS})
+    assert "aborted (backlog)  3" in out
+    assert "insert failed      2 (peer_gone 2; served on the user path)" in out
+
+
+def test_bpf_run_figures_unavailable_rather_than_zero() -> None:
+    off = render.render_stats({"connections": {}, "bpf_programs": PROGS}, bpf_stats_enabled=False)
+    assert "unavailable" in off
+    assert "kernel.bpf_stats_enabled=1" in off
+    on = render.render_stats({"connections": {}, "bpf_programs": PROGS}, bpf_stats_enabled=True)
+    assert "unavailable" not in on
+
+
+def test_watch_rows_show_drops_and_unavailable_verdict_time() -> None:
+    snap = {
+        "time": 1.0,
+        "status": {"state": "serving", "mode": "kernel", "bpf": {"stats_enabled": False}},
+        "stats": {"connections": {"active": 2, "aborted_backlog": 1, "insert_failed": 4}},
+    }
+    rows = dict(render.watch_rows(snap, render.Rates(ns_per_verdict=0.0)))
+    assert rows["aborted (backlog)"] == "1"
+    assert rows["insert failed"] == "4"
+    assert rows["per verdict"] == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(1, "1 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (1 << 20, "1 MiB")],
+)
+def test_size_labels(n: int, text: str) -> None:
+    assert size_label(n) == text
+
+
+def _sweep_result() -> dict[str, Any]:
+    sizes = [1, 64, 4096, 65536]
+
+    def cell(v: float) -> dict[str, float]:
+        return {"median": v, "min": v * 0.9, "max": v * 1.1}
+
+    modes = {
+        m: {str(s): {"p50_us": cell(40.0 + s / 1000), "mb_per_s": cell(s / 10)} for s in sizes}
+        for m in ("user", "kernel")
+    }
+    return {
+        "modes": ["user", "kernel"],
+        "repeat": 3,
+        "machine": {"kernel": "6.18", "cpus": 2},
+        "sweep": {"sizes": sizes, "duration_s": 1.0, "modes": modes},
+    }
+
+
+def test_sweep_plot_scales_and_labels() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    fig = sweepplot.draw(_sweep_result())
+    try:
+        ax_lat, ax_bw = fig.axes
+        assert ax_lat.get_xscale() == "log"
+        assert ax_bw.get_xscale() == "log"
+        assert ax_bw.get_yscale() == "log"
+        assert ax_lat.get_ylim()[0] == 0
+        assert "lower is better" in ax_lat.get_title()
+        assert "higher is better" in ax_bw.get_title()
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax_lat.get_xticklabels()]
+        assert labels == ["1 B", "64 B", "4 KiB", "64 KiB"]
+    finally:
+        plt.close(fig)

@@ -1,0 +1,148 @@
+"""The human `echoctl bench` report and its progress lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def plural(n: int, word: str) -> str:
+    """Return `n word`, with an s unless n is 1."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def latency(summary: dict[str, float]) -> str:
+    """Return a latency summary on one line, in µs."""
+    keys = (("avg", "avg"), ("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9"))
+    parts = [f"{label} {summary[key]:,.1f}" for key, label in keys]
+    return "  ".join(parts) + f"  max {summary['max']:,.1f} µs"
+
+
+def progress_line(line: dict[str, Any]) -> str:
+    """Return one progress line: the interval's figures, summed over every worker."""
+    text = f"{line['elapsed_s']:6.1f} s  {line['qps']:>12,.0f} req/s"
+    if line.get("stream"):
+        text = (
+            f"{line['elapsed_s']:6.1f} s  sent {line['mb_per_s_sent']:>9,.1f} MB/s  "
+            f"received {line['mb_per_s_received']:>9,.1f} MB/s"
+        )
+    elif line.get("requests_interval") and line.get("p99_us") is not None:
+        text += f"  p99 {line['p99_us']:,.1f} µs"
+    if line.get("stalled") or line.get("failed"):
+        text += f"  stalled {line.get('stalled', 0)}, failed {line.get('failed', 0)}"
+    return text
+
+
+def _load(r: dict[str, Any]) -> str:
+    shape = f"{r['pattern']}, {plural(r['connections'], 'connection')} x {r['size']} B"
+    bounds = []
+    if r.get("pipeline", 1) > 1:
+        bounds.append(f"{r['pipeline']} messages")
+    if r.get("window_bytes"):
+        bounds.append(f"{r['window_bytes']:,} B")
+    if bounds:
+        shape += f" ({' or '.join(bounds)} in flight)"
+    return f"{shape}, {plural(r['workers'], 'worker')}, {r['duration_s']:.2f} s measured"
+
+
+def render_report(r: dict[str, Any]) -> str:
+    """Return a bench report as a short aligned table with units."""
+    stream = r["pattern"] == "stream"
+    title = "load (interrupted)" if r.get("interrupted") else "load"
+    rows = [
+        (title, _load(r)),
+        ("connections", f"{r['connections_alive']} of {r['connections']} open at the end"),
+    ]
+    if stream:
+        # A full pipe has no request rate worth the name: bytes per second is the figure.
+        rows += [
+            (
+                "bandwidth",
+                f"sent {r['mb_per_s_sent']:,.1f} MB/s, received {r['mb_per_s_received']:,.1f} MB/s",
+            ),
+            ("messages", f"{r['requests']:,} echoed whole"),
+        ]
+    else:
+        rows += [
+            ("requests", f"{r['requests']:,}"),
+            (
+                "rate",
+                f"{r['qps']:,.0f} req/s"
+                + (f" (target {r['target_qps']:,.0f})" if "target_qps" in r else ""),
+            ),
+        ]
+    rows += [
+        (
+            "bytes",
+            f"sent {r['bytes_sent']:,}, received {r['bytes_received']:,}, "
+            f"verified {r.get('bytes_verified', 0):,}",
+        ),
+        (
+            "errors",
+            f"{r['errors']} (short reads {r['short_reads']}, resets {r['resets']}, "
+            f"timeouts {r['timeouts']}, other {r['other_errors']})",
+        ),
+        ("stalled", _stalled(r)),
+        ("mismatches", _mismatches(r)),
+        ("warm-up errors", str(r["warmup_errors"])),
+    ]
+    if stream:
+        # Defined per message, but in a full pipe it is mostly the wait behind the window.
+        rows.append(("message round trip", latency(r["latency_us"])))
+    else:
+        label = "latency" + (" (corrected)" if "latency_raw_us" in r else "")
+        rows.append((label, latency(r["latency_us"])))
+    if "latency_raw_us" in r:
+        rows.append(("latency (raw)", latency(r["latency_raw_us"])))
+    rows.append(("connect", latency(r["connect_us"])))
+    rows += _cpu_rows(r)
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+
+def _stalled(r: dict[str, Any]) -> str:
+    text = f"{r.get('stalled', 0)} (no bytes back for {r.get('stall_timeout_s', 0):g} s)"
+    details = r.get("stall_details") or []
+    if details:
+        first = details[0]
+        text += (
+            f"; first: connection {first['connection']}, {first['sent'] - first['received']:,} "
+            f"B owed at offset {first['received']:,}"
+        )
+    return text
+
+
+def _mismatches(r: dict[str, Any]) -> str:
+    text = str(r["mismatches"])
+    details = r.get("mismatch_details") or []
+    if details:
+        shown = ", ".join(f"{d['connection']} at offset {d['offset']:,}" for d in details[:3])
+        text += f" (first wrong byte: {shown})"
+    return text
+
+
+def _cpu_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    client = r["cpu"]["client"]
+    rows = [("client CPU", f"user {client['user_s']:.2f} s, sys {client['system_s']:.2f} s")]
+    m = r["cpu"].get("machine")
+    if m:
+        total = m["total"] or 1.0
+        kinds = ("user", "system", "softirq", "irq", "iowait", "steal", "idle")
+        share = ", ".join(f"{k} {100 * m.get(k, 0.0) / total:.0f}%" for k in kinds if m.get(k))
+        rows.append(("machine CPU", f"{share} ({m['cpus']} CPUs)"))
+    if "server" in r:
+        s = r["server"]
+        if "error" in s and "mode" not in s:
+            rows.append(("server", f"no figures: {s['error']}"))
+        else:
+            text = f"{s.get('mode')} mode"
+            if "cpu_user_s" in s:
+                text += f", CPU user {s['cpu_user_s']:.2f} s, sys {s['cpu_system_s']:.2f} s"
+            if "ctx_voluntary" in s:
+                text += (
+                    f", ctx switches {s['ctx_voluntary']:,} voluntary, "
+                    f"{s['ctx_involuntary']:,} involuntary"
+                )
+            if "error" in s:
+                text += f" ({s['error']})"
+            rows.append(("server", text))
+    return rows

@@ -1,0 +1,85 @@
+"""The size sweep of `echoctl compare --sizes`: its table, and the `--plot` figure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from echoctl.compare import align
+from echoctl.sizes import size_label
+
+
+def render_sweep(result: dict[str, Any]) -> str:
+    """Return the size sweep (1 connection) as an aligned text table."""
+    sweep = result["sweep"]
+    modes = result["modes"]
+    header = ["size"]
+    header += [f"p50 µs {m}" for m in modes] + [f"MB/s {m}" for m in modes]
+    rows = [header]
+    for size in sweep["sizes"]:
+        cells = [sweep["modes"][m][str(size)] for m in modes]
+        row = [size_label(size)]
+        row += [f"{c['p50_us']['median']:,.1f}" for c in cells]
+        row += [f"{c['mb_per_s']['median']:,.1f}" for c in cells]
+        rows.append(row)
+    title = (
+        f"size sweep, 1 connection, {sweep['duration_s']:g} s per point: ping-pong p50 latency "
+        f"and stream bandwidth (received), median of {result['repeat']}"
+    )
+    return title + "\n" + align(rows)
+
+
+def draw(result: dict[str, Any]) -> Any:
+    """Return the figure: p50 latency and stream bandwidth per mode, with min-max bars.
+
+    Sizes and bandwidth span several powers of two, so both use log scales (on a linear scale
+    1-256 B sit flat at zero); latency starts at 0 so that the gap between modes is honest.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede the pyplot import
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    sweep = result["sweep"]
+    sizes = sweep["sizes"]
+    fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for mode in result["modes"]:
+        cells = [sweep["modes"][mode][str(s)] for s in sizes]
+        for ax, key in ((ax_lat, "p50_us"), (ax_bw, "mb_per_s")):
+            med = [c[key]["median"] for c in cells]
+            low = [c[key]["median"] - c[key]["min"] for c in cells]
+            high = [c[key]["max"] - c[key]["median"] for c in cells]
+            ax.errorbar(sizes, med, yerr=[low, high], marker="o", capsize=3, label=mode)
+    for ax in (ax_lat, ax_bw):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: size_label(int(round(x)))))
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.set_xlabel("message size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax_lat.set_ylim(bottom=0)
+    ax_lat.set_ylabel("ping-pong p50 latency (µs)")
+    ax_lat.set_title("latency, 1 connection (lower is better)")
+    ax_bw.set_yscale("log")
+    ax_bw.set_ylabel("stream bandwidth received (MB/s, log scale)")
+    ax_bw.set_title("bandwidth, 1 connection (higher is better)")
+    machine = result["machine"]
+    fig.suptitle(
+        f"echod modes, Linux {machine['kernel']}, {machine['cpus']} CPUs; "
+        f"bars: min-max of {result['repeat']}"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Draw the sweep to the PNG file `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = draw(result)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
