@@ -1,4 +1,5 @@
 # echod: the developer entry points. `make run` and `make test` are the README's two commands.
+# The dev venv (.venv, with the dev and plot extras) uses PY; `make install` uses ECHOD_PYTHON.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,plot]'
 	touch $@
 
 # System packages the build check and the integration tests use (Debian; root only).
@@ -25,8 +26,10 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# Extra daemon flags: make run ARGS="--port 9000 --mode user"
+ARGS ?=
 run: venv
-	$(BIN)/echod
+	$(BIN)/echod $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check echod ctl tests

@@ -1,7 +1,8 @@
 # echod: operations targets, included by the top Makefile (which defines PY, VENV, BIN).
 #
 #   make install     (root) self-contained venv in /opt/echod, /usr/local/bin links, user echod,
-#                    /etc/echod/echod.toml (only if absent), the systemd unit
+#                    /etc/echod/echod.toml (only if absent), the systemd unit; then checks that
+#                    the echod user can run echod before saying it is ready to start
 #   make uninstall   (root) removes exactly what install recorded in its manifest
 #   make check-unit  systemd-analyze verify + offline security score of systemd/echod.service
 #
@@ -14,6 +15,9 @@ ECHOD_ETC      ?= /etc/echod
 ECHOD_BINDIR   ?= /usr/local/bin
 ECHOD_UNITDIR  ?= /etc/systemd/system
 ECHOD_USER     ?= echod
+# The interpreter the /opt/echod venv is built from. It must be one the echod user can run and
+# the unit can see: not a pyenv or other build under /root or /home, which ProtectHome= hides.
+ECHOD_PYTHON   ?= /usr/bin/python3
 ECHOD_MANIFEST := $(ECHOD_OPT)/.install-manifest
 # The highest `systemd-analyze security` exposure check-unit accepts, x10 (25 = 2.5).
 ECHOD_MAX_EXPOSURE ?= 25
@@ -31,8 +35,18 @@ install:
 		echo "make install: $(ECHOD_OPT) exists but has no install manifest; not touching it" >&2; \
 		exit 1; \
 	fi; \
-	echo "venv: $(ECHOD_OPT)"; \
-	$(PY) -m venv $(ECHOD_OPT); \
+	py=$$(command -v $(ECHOD_PYTHON)) || { \
+		echo "make install: no interpreter $(ECHOD_PYTHON); set ECHOD_PYTHON=/path/to/python3" >&2; \
+		exit 1; }; \
+	want=$$(readlink -f "$$py"); \
+	have=$$(readlink -f $(ECHOD_OPT)/bin/python3 2>/dev/null || true); \
+	if [ -n "$$have" ] && [ "$$have" != "$$want" ]; then \
+		echo "venv: rebuilding $(ECHOD_OPT) on $$want (was $$have)"; \
+		rm -rf $(ECHOD_OPT)/bin $(ECHOD_OPT)/lib $(ECHOD_OPT)/lib64 $(ECHOD_OPT)/include \
+			$(ECHOD_OPT)/pyvenv.cfg; \
+	fi; \
+	echo "venv: $(ECHOD_OPT) (python: $$want)"; \
+	"$$py" -m venv $(ECHOD_OPT); \
 	$(ECHOD_OPT)/bin/pip install --quiet .; \
 	install -D -m 0644 docs/operations.md $(ECHOD_OPT)/share/doc/echod/operations.md; \
 	for tool in echod echoctl; do \
@@ -63,6 +77,18 @@ install:
 	install -m 0644 systemd/echod.service $(ECHOD_UNITDIR)/echod.service; \
 	record file $(ECHOD_UNITDIR)/echod.service; \
 	echo "unit: $(ECHOD_UNITDIR)/echod.service"; \
+	fail() { \
+		echo "make install: the $(ECHOD_USER) user cannot start $(ECHOD_BINDIR)/echod: $$1" >&2; \
+		echo "  the venv's interpreter is $$want; rebuild it from one under /usr," \
+			"e.g. make install ECHOD_PYTHON=/usr/bin/python3" >&2; \
+		exit 1; }; \
+	if ! out=$$(cd / && runuser -u $(ECHOD_USER) -- $(ECHOD_BINDIR)/echod --version 2>&1); then \
+		fail "$$(echo "$$out" | tail -n 1)"; \
+	fi; \
+	case $$want in \
+	/root/*|/home/*|/run/user/*) fail "ProtectHome=yes in echod.service hides $$want";; \
+	esac; \
+	echo "check: $$out, runs as $(ECHOD_USER)"; \
 	if [ -d /run/systemd/system ]; then \
 		systemctl daemon-reload; \
 		echo "next: systemctl enable --now echod   (or: systemctl restart echod)"; \
@@ -96,11 +122,13 @@ uninstall:
 	done; \
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
-# verify needs ExecStart= to exist: check a copy that points at a binary that surely does.
+# verify needs ExecStart= and ExecReload= to exist: check a copy that points them at a binary
+# that surely does.
 check-unit:
 	@set -eu; \
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	sed 's|^ExecStart=[^ ]*|ExecStart=/bin/true|' systemd/echod.service > "$$tmp/echod.service"; \
+	sed 's|^\(Exec[A-Za-z]*=\)/usr/local/bin/[^ ]*|\1/bin/true|' systemd/echod.service \
+		> "$$tmp/echod.service"; \
 	systemd-analyze verify "$$tmp/echod.service"; \
 	systemd-analyze security --offline=true --threshold=$(ECHOD_MAX_EXPOSURE) \
 		systemd/echod.service | tail -n 1
