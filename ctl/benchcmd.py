@@ -245,7 +245,7 @@ def compare(ctx: click.Context, **kw: Any) -> None:
 def _check_plot_path(path: str) -> None:
     """Refuse a --plot file that cannot be written, or no matplotlib, before any run starts."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
+        raise ValueError("--plot needs the plot extra: pip install 'echod[plot]' (or matplotlib)")
     existed = os.path.exists(path)
     try:
         with open(path, "ab"):

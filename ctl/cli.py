@@ -16,6 +16,7 @@ import click
 from echoctl import render
 from echoctl.benchcmd import bench, compare
 from echoctl.client import ControlClient, ControlError, DaemonUnreachable, client_control_path
+from echod.config import MODES
 
 # LSB init-script conventions (docs/protocol.md, "Exit codes").
 EXIT_OK = 0
@@ -281,7 +282,7 @@ def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -
 
 
 @cli.command()
-@click.option("--mode", type=click.Choice(["auto", "kernel", "user"]), help="Echo mode.")
+@click.option("--mode", type=click.Choice(MODES), help="Echo mode.")
 @click.option("--port", type=click.IntRange(1, 65535), help="TCP port to listen on.")
 @json_option
 @click.pass_context
@@ -302,7 +303,7 @@ def stop(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--mode", type=click.Choice(["auto", "kernel", "user"]), help="Echo mode.")
+@click.option("--mode", type=click.Choice(MODES), help="Echo mode.")
 @json_option
 @click.pass_context
 def restart(ctx: click.Context, mode: str | None, as_json: bool) -> None:

@@ -32,8 +32,8 @@ from echoctl.bench import (
 from echoctl.benchreport import plural
 from echoctl.client import ControlClient
 from echoctl.sysstat import cpu_count
+from echod.config import EFFECTIVE_MODES
 
-MODES = ("user", "kernel")
 SPAWN_TIMEOUT = 30.0
 SWITCH_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -50,7 +50,7 @@ class CompareConfig:
     """What to compare: modes, repeats, the load, and an optional size sweep."""
 
     bench: BenchConfig
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = tuple(reversed(EFFECTIVE_MODES))  # user first, then kernel
     repeat: int = 3
     sizes: tuple[int, ...] = ()
     sweep_duration: float = 2.0
@@ -61,8 +61,8 @@ class CompareConfig:
 
     def validate(self) -> None:
         """Raise ValueError when the configuration makes no sense."""
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"modes must be a list of {', '.join(MODES)}")
+        if not self.modes or any(m not in EFFECTIVE_MODES for m in self.modes):
+            raise ValueError(f"modes must be a list of {', '.join(EFFECTIVE_MODES)}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError("each mode may appear once")
         if self.repeat < 1:

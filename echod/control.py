@@ -20,6 +20,7 @@ import msgpack
 import structlog
 
 from echod import __version__
+from echod.config import MODES
 from echod.errors import RequestError
 from echod.logs import RateLimited
 from echod.peercred import PeerCred, is_admin, peer_cred
@@ -66,7 +67,6 @@ LISTEN_BACKLOG = 1024
 FD_RESERVE = MAX_CLIENTS + RESERVED_CLIENTS + 64
 # Per-uid log events (control.denied, control.busy): this many per period, then a count.
 LOG_BURST, LOG_PERIOD = 5, 5.0
-MODES = ("auto", "kernel", "user")
 MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 60.0, 1.0
 
 READ_ONLY_METHODS = ("hello", "status", "stats", "watch")

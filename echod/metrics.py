@@ -16,14 +16,13 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from echod.config import parse_address
+from echod.config import EFFECTIVE_MODES, parse_address
 
 __all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "start_metrics_server"]
 
 Snapshot = Mapping[str, Any]
 SnapshotFn = Callable[[], Snapshot]
 
-MODES = ("kernel", "user")
 REFUSAL_REASONS = ("max_connections", "allow", "per_ip")
 
 
@@ -58,7 +57,7 @@ def _mode(snap: Snapshot) -> Iterator[Metric]:
     gauge = GaugeMetricFamily(
         "echod_mode", "Effective echo mode: 1 for the mode in use.", labels=["mode"]
     )
-    for mode in MODES:
+    for mode in EFFECTIVE_MODES:
         gauge.add_metric([mode], 1.0 if snap.get("mode") == mode else 0.0)
     yield gauge
 

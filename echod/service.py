@@ -20,7 +20,7 @@ from typing import Any, cast
 import structlog
 
 from echod import __version__
-from echod.config import Config
+from echod.config import LIVE_KEYS, Config
 from echod.control import echo_fd_budget
 from echod.errors import RequestError
 from echod.logs import RateLimited
@@ -554,8 +554,6 @@ class Service:
 
     def apply_live(self, config: Config) -> None:
         """Take the settings that can change while serving."""
-        from echod.daemon import LIVE_KEYS
-
         self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
         self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
 
