@@ -39,6 +39,7 @@ class Daemon:
         self._snapshot: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[None]] = set()
+        self._stop_grace: float | None = None  # None: the config's shutdown_grace
 
     @contextlib.contextmanager
     def signal_handlers(self) -> Iterator[None]:
@@ -65,52 +66,58 @@ class Daemon:
         task.add_done_callback(self._reloads.discard)
 
     async def run(self) -> int:
-        """Start, serve until asked to stop, shut down; returns the process exit code."""
+        """Start, serve until asked to stop, shut down; returns the process exit code.
+
+        One AsyncExitStack owns what start-up builds and unwinds it in reverse: metrics, then
+        the service (stop and drain, then release), then the control socket. Control goes
+        last so that `status` keeps answering while connections drain.
+        """
         _raise_fd_limit()
-        service = self.service = Service(self.config)
-        service.reload_hook = self.reload
-        control = ControlServer(
-            self.config.control,
-            service,
-            group=self.config.control_group,
-            admin_group=self.config.admin_group,
-        )
-        with self.signal_handlers():
+        async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(self.signal_handlers())
+            service = self.service = Service(self.config)
+            service.reload_hook = self.reload
+            control = ControlServer(
+                self.config.control,
+                service,
+                group=self.config.control_group,
+                admin_group=self.config.admin_group,
+            )
+            stack.push_async_callback(control.close)
+            stack.callback(service.close)
+            stack.push_async_callback(self._stop_service)
             try:
                 await service.start()
                 await self._start_control(control)
                 self.metrics = self._start_metrics(self.config.metrics)
+                stack.callback(self._stop_metrics)
             except (RequestError, OSError) as exc:
                 message = exc.message if isinstance(exc, RequestError) else describe(exc)
                 log.error("daemon.start_failed", error=message)
                 # One plain line as well, whatever the log format: the reason must be readable
                 # on a terminal, in `systemctl status` and in a CI log alike.
                 logs.write_line(f"echod: {message}")
-                with contextlib.suppress(RequestError):
-                    await service.stop(grace=0.1)
-                await control.close()
-                service.close()
+                self._stop_grace = 0.1
                 return 1
             systemd.ready(self.summary())
             log.info("daemon.ready", pid=service.status()["pid"], control=self.config.control)
-            ticker = asyncio.create_task(self._tick())
-            guard = asyncio.create_task(self._guard_backlogs())
-            try:
+            async with asyncio.TaskGroup() as tasks:
+                ticker = tasks.create_task(self._tick())
+                guard = tasks.create_task(self._guard_backlogs())
                 await self.should_exit.wait()
-            finally:
                 systemd.stopping()
-                for task in (ticker, guard):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                log.info("daemon.shutting_down")
-                if service.state != "stopped":
-                    await service.stop()
-                await control.close()
-                self._stop_metrics()
-                service.close()
+                ticker.cancel()
+                guard.cancel()
+            log.info("daemon.shutting_down")
         log.info("daemon.exited")
         return 0
+
+    async def _stop_service(self) -> None:
+        """Stop the service if it serves (configured grace; a short one after a failed start)."""
+        assert self.service is not None
+        if self.service.state != "stopped":
+            with contextlib.suppress(RequestError):
+                await self.service.stop(grace=self._stop_grace)
 
     async def _start_control(self, control: ControlServer) -> None:
         try:
@@ -123,9 +130,8 @@ class Daemon:
         """One line for systemd's STATUS=."""
         assert self.service is not None
         st = self.service.status()
-        rate = self.service._rates.get("user_messages_per_s", 0) + self.service._rates.get(
-            "kernel_redirected_packets_per_s", 0
-        )
+        rates = self.service.rates
+        rate = rates.get("user_messages_per_s", 0) + rates.get("kernel_redirected_packets_per_s", 0)
         return (
             f"{st['state']}, mode {st['mode']}, {st['connections']} connections, {rate:.0f} msg/s"
         )

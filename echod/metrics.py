@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -214,3 +215,35 @@ class MetricsServer:
 def start_metrics_server(addr: str, snapshot: SnapshotFn) -> MetricsServer:
     """Serve /metrics on addr ("127.0.0.1:9108", "[::1]:9108", or a bare port for 127.0.0.1)."""
     return MetricsServer(addr, snapshot)
+
+
+def process_figures() -> dict[str, Any]:
+    """The daemon's own figures from psutil."""
+    import psutil
+
+    proc = psutil.Process()
+    with proc.oneshot():
+        cpu = proc.cpu_times()
+        ctx = proc.num_ctx_switches()
+        mem = proc.memory_info()
+        faults = _page_faults()
+        return {
+            "cpu_percent": proc.cpu_percent(interval=None),
+            "cpu_user_s": cpu.user,
+            "cpu_system_s": cpu.system,
+            "rss_bytes": mem.rss,
+            "ctx_voluntary": ctx.voluntary,
+            "ctx_involuntary": ctx.involuntary,
+            "page_faults_minor": faults[0],
+            "page_faults_major": faults[1],
+            # Linux 6.2+ gives the count as the directory's size; listing it costs ~15 ms at 19k.
+            "open_fds": os.stat("/proc/self/fd").st_size or proc.num_fds(),
+            "threads": proc.num_threads(),
+        }
+
+
+def _page_faults() -> tuple[int, int]:
+    # /proc/self/stat fields 10 (minflt) and 12 (majflt); the command name may hold spaces.
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[9])

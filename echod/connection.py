@@ -1,0 +1,272 @@
+"""One accepted connection: its socket, the kernel path's watch and drain, and the user path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
+import time
+from typing import Protocol, cast
+
+import structlog
+
+from echod.kernelpath import HangupWatcher
+
+log = structlog.get_logger("echod.connection")
+
+# User-space write buffer: stop reading from a peer that does not read once this much is queued.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
+RECV_SIZE = 256 * 1024
+DRAIN_POLL = 0.002
+DRAIN_POLL_MAX = 0.1
+DRAIN_TIMEOUT = 10.0
+# struct tcp_info (uapi/linux/tcp.h): tcpi_bytes_acked at 120, tcpi_bytes_received at 128.
+_TCP_INFO_LEN = 136
+_BYTES_ACKED_RECEIVED = struct.Struct("=QQ")
+
+
+def _outq(sock: socket.socket) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    return int.from_bytes(buf, "little", signed=True)
+
+
+class Host(Protocol):
+    """What a connection needs from the service that owns it."""
+
+    loop: asyncio.AbstractEventLoop
+    hangups: HangupWatcher
+
+    def count_user(self, nbytes: int) -> None:
+        """Account bytes echoed in user space."""
+
+    def map_in(self, conn: Connection) -> None:
+        """conn's socket has just entered the sockhash."""
+
+    def unmap(self, conn: Connection) -> None:
+        """Remove conn's socket from the sockhash (it is closing)."""
+
+    def forget(self, conn: Connection, reason: str) -> None:
+        """conn is closed: drop it from the table."""
+
+    async def serve_user(self, conn: Connection) -> None:
+        """Serve conn on the user path."""
+
+
+class Connection:
+    """One accepted connection. Owns its socket, until a user-path transport takes the fd over."""
+
+    def __init__(self, host: Host, sock: socket.socket, peer: str) -> None:
+        self.host = host
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.in_map = False
+        self.transport: asyncio.Transport | None = None
+        self.protocol: UserEcho | None = None
+        self.migrating = False
+        self.writing = False
+        self.out = bytearray()
+        self.eof = False
+        self.closed = False
+        self.done = asyncio.get_running_loop().create_future()
+
+    @property
+    def path(self) -> str:
+        """Where this connection's bytes are echoed: kernel, or user."""
+        return "kernel" if self.in_map else "user"
+
+    # -- kernel path: the socket is in the sockhash; user space only watches it -------------
+
+    def watch(self) -> None:
+        """Watch a kernel-path socket for EOF and errors only.
+
+        It is not watched for input: the psock wakes its readers after every skb it redirects,
+        so an EPOLLIN watch would wake the daemon once per echoed message. Bytes that miss the
+        redirect are found by the 100 ms guard (kernelpath.BacklogGuard).
+        """
+        self.host.hangups.add(self)
+
+    def _unwatch(self) -> None:
+        self.host.hangups.discard(self)
+
+    @property
+    def watched(self) -> bool:
+        """Whether the hang-up watch is registered for this socket."""
+        return self.host.hangups.has(self)
+
+    def read_available(self) -> None:
+        """Echo what user space can read now; on EOF, finish the connection."""
+        for _ in range(64):  # bounded, so one busy socket cannot starve the loop
+            if self.closed or len(self.out) >= WRITE_HIGH:
+                return
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(reason=type(exc).__name__)
+                return
+            if not data:
+                self.eof = True
+                self._unwatch()
+                self.host.loop.create_task(self.finish())
+                return
+            self.host.count_user(len(data))
+            self.out += data
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        try:
+            sent = self.sock.send(self.out) if self.out else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.close(reason=type(exc).__name__)
+            return
+        del self.out[:sent]
+        loop = self.host.loop
+        if self.out:
+            if not self.writing:
+                self.writing = True
+                loop.add_writer(self.fd, self._flush)
+            if len(self.out) >= WRITE_HIGH:
+                self._unwatch()  # flow control: the peer is not reading
+        else:
+            self._unwrite()
+            if not self.watched and not self.eof:
+                self.watch()
+
+    def _unwrite(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.host.loop.remove_writer(self.fd)
+
+    def backlog(self) -> int:
+        """Bytes received but not yet written back: what sits in the psock and in self.out.
+
+        acked + queued-in-send-buffer counts what was written; bytes_received counts what came
+        in, plus one for a FIN. In kernel mode this is the only view of the psock queue, which
+        the kernel does not bound (a peer that never reads makes it grow without limit).
+        """
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+            acked, received = _BYTES_ACKED_RECEIVED.unpack_from(info, 120)
+            written = acked + _outq(self.sock)
+        except OSError:
+            return 0  # the socket is gone: nothing left to deliver
+        # self.out was received and not yet written, so it is already in the difference.
+        return max(received - (1 if self.eof else 0) - written, 0)
+
+    def drained(self) -> bool:
+        """Every byte received has been written back to the socket (kernel and user paths)."""
+        return not self.out and self.backlog() == 0
+
+    async def finish(self, within: float = DRAIN_TIMEOUT) -> None:
+        """Wait until all echo is written (bounded), then remove from the map and close."""
+        deadline = time.monotonic() + within
+        pause = DRAIN_POLL
+        while not self.closed and not self.drained():
+            if time.monotonic() >= deadline:
+                log.warning("conn.drain_timeout", peer=self.peer, pending=self.backlog())
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, DRAIN_POLL_MAX)  # a peer that never reads costs little
+        self.close(reason="eof" if self.eof else "shutdown")
+
+    # -- user path ----------------------------------------------------------------------------
+
+    async def serve_user(self) -> None:
+        """Hand the socket to a uvloop transport that echoes it (UserEcho sets self.transport)."""
+        transport, _ = await self.host.loop.connect_accepted_socket(
+            lambda: UserEcho(self), self.sock
+        )
+        if self.closed:  # stopped while the transport was being made
+            transport.abort()
+
+    def set_migrating(self, on: bool) -> None:
+        """Hold reading off while a move to the kernel waits for the write buffer to empty."""
+        self.migrating = on
+        if self.transport is not None and self.protocol is not None:
+            self.protocol.update_reading()
+
+    def abort(self, reason: str) -> None:
+        """Close with a reset: the pending echo is dropped on purpose."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close(reason=reason)
+
+    def close(self, reason: str = "closed") -> None:
+        """Remove from the map, close the socket and forget the connection; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._unwatch()
+        self._unwrite()
+        if self.in_map:
+            self.host.unmap(self)
+        if self.transport is not None:
+            self.transport.abort()  # closes the fd it took over
+            self.transport = None
+        self.sock.close()  # a no-op once a transport has detached it
+        self.host.forget(self, reason)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class UserEcho(asyncio.Protocol):
+    """The user-space echo: write back what arrives; stop reading while the peer does not read."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.host = conn.host
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if self.conn.closed:  # stopped before the transport was ready
+            self.transport.abort()
+            return
+        self.conn.transport, self.conn.protocol = self.transport, self
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        if self.conn.out:  # echo a failed move to the kernel read but could not write yet
+            self.transport.write(bytes(self.conn.out))
+            self.conn.out.clear()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.host.count_user(len(data))
+
+    def update_reading(self) -> None:
+        """Read only while neither flow control nor a migration holds reading off."""
+        assert self.transport is not None
+        if self.write_paused or self.conn.migrating:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.update_reading()
+
+    def eof_received(self) -> bool:
+        # Falsy: the transport closes once what is buffered has been written.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn.transport is self.transport and self.transport is not None:
+            self.conn.transport = self.conn.protocol = None
+            self.conn.close(reason="reset" if exc else "eof")

@@ -1,0 +1,100 @@
+"""Moving connections between modes: user path → kernel path, live, nothing lost or repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Iterable
+
+import structlog
+
+from echod.connection import DRAIN_POLL, RECV_SIZE, Connection
+from echod.sockmap import KernelEcho, read_queue_empty
+
+log = structlog.get_logger("echod.migrate")
+
+MIGRATE_TIMEOUT = 5.0
+# A move to the kernel reads the receive queue empty first; past this much it gives up.
+SETTLE_LIMIT = 16 * 1024 * 1024
+
+
+async def migrate_to_kernel(conns: Iterable[Connection], kernel: KernelEcho) -> int:
+    """Move every user-path connection at once, under one deadline; returns how many moved."""
+    deadline = time.monotonic() + MIGRATE_TIMEOUT
+    movers = [to_kernel(c, kernel, deadline) for c in list(conns) if c.transport]
+    return sum(await asyncio.gather(*movers))
+
+
+async def to_kernel(conn: Connection, kernel: KernelEcho, deadline: float) -> bool:
+    """Move a user-path connection to the kernel: flush, detach the transport, insert."""
+    tr = conn.transport
+    if tr is None or conn.closed or tr.is_closing():
+        return False
+    conn.set_migrating(True)
+    try:
+        while tr.get_write_buffer_size() and not conn.closed:
+            if time.monotonic() >= deadline:
+                return False  # the peer is not reading: it stays on the user path
+            await asyncio.sleep(DRAIN_POLL)
+        if conn.closed:
+            return False
+        # uvloop owns the fd and closes it with the transport: keep a dup to stay connected.
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fd))
+        except OSError as exc:
+            log.warning("conn.migrate_failed", peer=conn.peer, error=str(exc))
+            return False
+    finally:
+        conn.set_migrating(False)
+    conn.sock, conn.fd = sock, sock.fileno()
+    conn.sock.setblocking(False)
+    conn.transport = conn.protocol = None
+    tr.abort()
+    if not await _settle(conn, deadline):
+        conn.host.loop.create_task(conn.host.serve_user(conn))
+        return False
+    try:
+        kernel.add(conn.sock)
+    except OSError as exc:
+        log.info("conn.migrate_failed", peer=conn.peer, error=str(exc))
+        conn.host.loop.create_task(conn.host.serve_user(conn))
+        return False
+    conn.host.map_in(conn)
+    return True
+
+
+async def _settle(conn: Connection, deadline: float) -> bool:
+    """Empty the receive queue and write it back, so the kernel path starts on a fresh skb.
+
+    uvloop reads at most its buffer's size, so the skb at the head of the receive queue may
+    be partly read. The verdict path (tcp_read_skb) hands the whole head skb to the verdict
+    without regard to how much of it user space has read: inserting such a socket echoes the
+    read part a second time and moves copied_seq past rcv_nxt, which stalls the connection.
+    Once a read finds the queue empty, the next byte to arrive starts a new skb. What is read
+    here is written back before the insert, so the kernel's redirects follow it in order.
+    False (the connection stays on the user path, unsent bytes first) on EOF, an error, or
+    a peer that does not read before the deadline.
+    """
+    try:
+        data, emptied = read_queue_empty(conn.sock, SETTLE_LIMIT, RECV_SIZE)
+    except OSError:
+        return False
+    if data:
+        conn.host.count_user(len(data))
+        conn.out += data
+    if not emptied:
+        return False  # EOF (the user path reads it again), or a peer that outpaces us
+    while conn.out:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL)
+            continue
+        except OSError:
+            return False
+        del conn.out[:sent]
+    return True
