@@ -217,7 +217,7 @@ def echod_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         assert_clean_exit(d)
 
 
-@pytest.fixture(scope="module", params=["kernel", "user"])
+@pytest.fixture(scope="module", params=[pytest.param("kernel", marks=pytest.mark.bpf), "user"])
 def daemon(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Echod]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import socket
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +21,18 @@ def wait_for(pred: Callable[[], bool], timeout: float = TIMEOUT, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def unacked(sock: socket.socket) -> int:
+    """Bytes (and a FIN) sent on sock that the peer's kernel has not yet acknowledged."""
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    return int.from_bytes(buf, "little", signed=True)
+
+
+def wait_delivered(sock: socket.socket) -> None:
+    """Wait until everything sent on sock, a FIN included, sits in the peer's kernel."""
+    wait_for(lambda: unacked(sock) == 0, what="the peer's kernel to acknowledge what was sent")
 
 
 def connect(host: str, port: int, timeout: float = TIMEOUT) -> socket.socket:
@@ -45,6 +59,7 @@ def roundtrip(sock: socket.socket, payload: bytes) -> None:
     sender.start()
     got = recv_exact(sock, len(payload))
     sender.join(TIMEOUT)
+    assert not sender.is_alive(), "the send did not finish"
     assert got == payload, "echo differs from what was sent"
 
 

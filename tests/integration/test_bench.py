@@ -24,10 +24,12 @@ from click.testing import CliRunner
 from echoctl import benchcmd
 from echoctl.bench import BenchConfig
 from echoctl.benchcmd import bench, compare
+from echoctl.client import ControlClient
 from echoctl.compare import CompareError, render_table
 from echoctl.compare import _bench as compare_one
 from echoctl.sweepplot import render_sweep
 from tests.integration.conftest import Echod, free_port
+from tests.integration.echo_util import wait_for
 
 CONTRACT = ("qps", "requests", "errors", "mismatches", "latency_us")
 LATENCY_KEYS = ("avg", "p50", "p90", "p99", "p999", "max")
@@ -255,24 +257,6 @@ def test_unreachable_server_is_one_line() -> None:
     assert "cannot connect" in lines[0]
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["-c", "0"],
-        ["--pattern", "stream", "-q", "100"],
-        ["-s", "x"],
-        ["-s", "10-5"],
-        ["-s", "64", "--pipeline", "4", "-q", "100"],
-        ["--window", "lots"],
-        ["--stall-timeout", "0"],
-    ],
-)
-def test_bad_input_is_a_usage_error(args: list[str]) -> None:
-    result = CliRunner().invoke(bench, [*args, "-r", "1"])
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output
-
-
 @pytest.mark.bpf
 def test_compare_table_json_and_plot(echod_factory: Factory, tmp_path: Path) -> None:
     d = echod_factory(mode="user")
@@ -319,24 +303,10 @@ def test_compare_spawns_its_own_daemon() -> None:
     assert "[2/2] user" in result.stderr
 
 
-def test_compare_refuses_an_unknown_mode() -> None:
-    result = CliRunner().invoke(compare, ["--spawn", "--modes", "user,turbo"])
-    assert result.exit_code == 2
-
-
-def test_json_failures_print_an_error_object() -> None:
+def test_json_failure_prints_an_error_object() -> None:
     result = CliRunner().invoke(bench, ["--port", str(free_port()), "-r", "1", "--json"])
     assert result.exit_code == 1
     assert json.loads(result.stdout)["error"]["code"] == "failed"
-    result = CliRunner().invoke(bench, ["--pattern", "stream", "-q", "100", "--json"])
-    assert result.exit_code == 2
-    assert json.loads(result.stdout)["error"]["code"] == "usage"
-
-
-def test_warmup_needs_a_duration() -> None:
-    result = CliRunner().invoke(bench, ["-r", "10", "--warmup", "0.1"])
-    assert result.exit_code == 2
-    assert "--warmup needs --duration" in result.output
 
 
 def test_reset_during_warmup_fails_the_run() -> None:
@@ -433,14 +403,6 @@ def test_compare_fails_without_server_figures() -> None:
             compare_one(cfg, lambda: {"error": "no daemon here"}, "user")
 
 
-def test_compare_checks_the_plot_path_first() -> None:
-    args = ["--spawn", "--sizes", "64", "--plot", "/nonexistent/dir/sweep.png"]
-    result = CliRunner().invoke(compare, args)
-    assert result.exit_code == 2
-    assert "cannot write" in result.output
-    assert "starting" not in result.output  # refused before any daemon was started
-
-
 def test_a_failed_plot_still_prints_the_results(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -482,13 +444,13 @@ def running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-    return value
+def daemon_connections(control: str) -> int:
+    """The daemon's open echo connections, or 0 while its control socket does not answer."""
+    try:
+        with ControlClient(control, timeout=5) as client:
+            return int(client.call("status")["connections"])
+    except OSError:
+        return 0
 
 
 def echoctl_command(command: str, *args: str) -> list[str]:
@@ -502,12 +464,13 @@ def test_sigterm_stops_the_bench_workers() -> None:
         proc = subprocess.Popen([*cmd, "-d", "30"], stdout=subprocess.DEVNULL)
         workers: dict[int, str] = {}
         try:
-            workers = wait_for(lambda: len(children(proc.pid)) >= 2 and children(proc.pid), 10)
+            wait_for(lambda: len(children(proc.pid)) >= 2, 10, what="two bench workers")
+            workers = children(proc.pid)
             assert len(workers) >= 2
-            time.sleep(1.0)
+            wait_for(lambda: len(server.conns) >= 2, what="the workers to connect")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 128 + signal.SIGTERM
-            assert wait_for(lambda: not any(running(w) for w in workers), 5)
+            wait_for(lambda: not any(running(w) for w in workers), 5, what="the workers to exit")
         finally:
             proc.kill()
             proc.wait()
@@ -540,10 +503,10 @@ def test_sigterm_stops_the_spawned_daemon() -> None:
         daemons = [pid for pid, cmdline in children(proc.pid).items() if "echod" in cmdline]
         assert control
         assert len(daemons) == 1
-        time.sleep(0.5)
+        wait_for(lambda: daemon_connections(control) >= 2, what="the bench to connect")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 128 + signal.SIGTERM
-        assert wait_for(lambda: not running(daemons[0]), 5)
+        wait_for(lambda: not running(daemons[0]), 5, what="the spawned daemon to exit")
         assert not Path(control).parent.exists()
     finally:
         proc.kill()
@@ -696,7 +659,8 @@ def test_a_signal_prints_what_was_measured(signum: int, status: int, pattern: st
     with fake_server(echo) as server:
         proc = start_bench(server.port, "--pattern", pattern, "-s", "1-4096", "-d", "30", "-j")
         try:
-            time.sleep(1.5)  # connected and measuring well before this
+            wait_for(lambda: len(server.conns) >= 2, what="the bench to connect")
+            time.sleep(1.0)  # measuring for a while: the reported duration is checked
             sent = time.monotonic()
             proc.send_signal(signum)
             out, err = proc.communicate(timeout=15)
@@ -717,7 +681,7 @@ def test_human_interrupted_report_is_marked() -> None:
     with fake_server(echo) as server:
         proc = start_bench(server.port, "-d", "30")
         try:
-            time.sleep(1.5)
+            wait_for(lambda: len(server.conns) >= 2, what="the bench to connect")
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=15)
         finally:
@@ -755,10 +719,15 @@ def test_compare_stops_within_a_second() -> None:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
+        control = ""
         deadline = time.monotonic() + 30
-        while not lines.get(timeout=max(0.1, deadline - time.monotonic())).startswith("[1/1]"):
-            pass
-        time.sleep(1.0)
+        while not (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))).startswith(
+            "[1/1]"
+        ):
+            if line.startswith("starting "):
+                control = line.split("--control ")[1].strip()
+        assert control
+        wait_for(lambda: daemon_connections(control) >= 2, what="the bench to connect")
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 130
@@ -814,7 +783,7 @@ def test_bench_measures_a_daemon_beyond_loopback(tmp_path: Path) -> None:
             [*argv, "--port", str(port), "--control", control], stdout=log, stderr=log
         )
         try:
-            wait_for(lambda: os.path.exists(control), 15)
+            wait_for(lambda: os.path.exists(control), 15, what="the daemon's control socket")
             args = ["--host", ns_ip, "--port", str(port), "--control", control]
             code, r = run_bench(*args, "-c", "4", "-d", "1")
             assert code == 0, (r, (tmp_path / "echod.log").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -9,7 +10,6 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
@@ -22,6 +22,7 @@ from tests.integration.echo_util import (
     recv_exact,
     roundtrip,
     send_without_reading,
+    wait_delivered,
     wait_for,
 )
 
@@ -61,6 +62,7 @@ def test_echo_path_matches_mode(daemon: Echod) -> None:
         assert after["kernel"] is None
 
 
+@pytest.mark.bpf
 def test_kernel_packets_count_requests_not_the_fin(echod_factory: Callable[..., Echod]) -> None:
     """100 ping-pong messages are 100 redirected packets; the FIN's empty skb is counted apart."""
     daemon = echod_factory(mode="kernel")
@@ -85,38 +87,40 @@ def test_send_immediately_after_connect(daemon: Echod, host: str) -> None:
 
 def test_data_queued_before_accept(daemon: Echod) -> None:
     """Freeze the daemon so bytes sit in the receive queue before the accept and the insert."""
-    os.kill(daemon.proc.pid, signal.SIGSTOP)
-    try:
-        socks = [connect("127.0.0.1", daemon.port) for _ in range(20)]
-        payloads = [os.urandom(3000) for _ in socks]
+    with contextlib.ExitStack() as stack:
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            socks = [stack.enter_context(connect("127.0.0.1", daemon.port)) for _ in range(20)]
+            payloads = [os.urandom(3000) for _ in socks]
+            for sock, payload in zip(socks, payloads, strict=True):
+                sock.sendall(payload)
+            for sock in socks:
+                wait_delivered(sock)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
         for sock, payload in zip(socks, payloads, strict=True):
-            sock.sendall(payload)
-        time.sleep(0.1)
-    finally:
-        os.kill(daemon.proc.pid, signal.SIGCONT)
-    for sock, payload in zip(socks, payloads, strict=True):
-        assert recv_exact(sock, len(payload)) == payload
-        roundtrip(sock, os.urandom(500))  # and the connection keeps echoing afterwards
-        sock.close()
+            assert recv_exact(sock, len(payload)) == payload
+            roundtrip(sock, os.urandom(500))  # and the connection keeps echoing afterwards
 
 
 @pytest.mark.parametrize("how", ["close", "shut_wr"])
 def test_peer_close_frees_connection(daemon: Echod, how: str) -> None:
     baseline = daemon.stats()
-    socks = [connect("127.0.0.1", daemon.port) for _ in range(10)]
-    for sock in socks:
-        roundtrip(sock, os.urandom(2048))
-    wait_for(lambda: daemon.status()["connections"] == 10, what="10 connections")
-    if daemon.status()["mode"] == "kernel":
-        assert daemon.stats()["kernel_sockets"] == 10
-    for sock in socks:
-        if how == "shut_wr":
-            payload = os.urandom(50_000)
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            assert recv_exact(sock, len(payload)) == payload
-            expect_eof(sock)
-        sock.close()
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(connect("127.0.0.1", daemon.port)) for _ in range(10)]
+        for sock in socks:
+            roundtrip(sock, os.urandom(2048))
+        wait_for(lambda: daemon.status()["connections"] == 10, what="10 connections")
+        if daemon.status()["mode"] == "kernel":
+            assert daemon.stats()["kernel_sockets"] == 10
+        for sock in socks:
+            if how == "shut_wr":
+                payload = os.urandom(50_000)
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_exact(sock, len(payload)) == payload
+                expect_eof(sock)
+            sock.close()
     wait_for(lambda: daemon.status()["connections"] == 0, what="connections to close")
     stats = daemon.stats()
     assert stats["kernel_sockets"] == 0
@@ -138,18 +142,18 @@ def _thaw(d: Echod) -> None:
 def test_peer_half_closed_before_insert(daemon: Echod) -> None:
     """Sent and SHUT_WR before the daemon inserts it: served in user space, echo then EOF."""
     before = daemon.stats()
-    _frozen(daemon)
-    try:
-        sock = connect("127.0.0.1", daemon.port)
-        payload = os.urandom(10_000)
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        time.sleep(0.1)
-    finally:
-        _thaw(daemon)
-    assert recv_exact(sock, len(payload)) == payload
-    expect_eof(sock)
-    sock.close()
+    with contextlib.ExitStack() as stack:
+        _frozen(daemon)
+        try:
+            sock = stack.enter_context(connect("127.0.0.1", daemon.port))
+            payload = os.urandom(10_000)
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            wait_delivered(sock)
+        finally:
+            _thaw(daemon)
+        assert recv_exact(sock, len(payload)) == payload
+        expect_eof(sock)
     after = daemon.stats()
     if daemon.status()["mode"] == "kernel":
         assert after["connections"]["insert_failed"] > before["connections"]["insert_failed"]
@@ -162,12 +166,15 @@ def test_peer_gone_before_insert(daemon: Echod, how: str) -> None:
     _frozen(daemon)
     try:
         for _ in range(50):
-            sock = socket.create_connection(("127.0.0.1", daemon.port))
-            if how == "reset":
-                sock.sendall(b"gone")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-        time.sleep(0.1)
+            with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+                if how == "reset":
+                    sock.sendall(b"gone")
+                    wait_delivered(sock)
+                    # Closing with a zero linger sends the RST in this call.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    sock.shutdown(socket.SHUT_WR)
+                    wait_delivered(sock)
     finally:
         _thaw(daemon)
     with connect("127.0.0.1", daemon.port) as sock:
@@ -204,20 +211,20 @@ def test_peer_that_never_reads(daemon: Echod) -> None:
 
 def test_max_connections_refuses_and_counts(echod_factory: Callable[..., Echod]) -> None:
     d = echod_factory(mode="user", args=["--max-connections", "5"])
-    kept = [connect("127.0.0.1", d.port) for _ in range(5)]
-    for sock in kept:
-        roundtrip(sock, b"ok")
-    for _ in range(3):
-        with connect("127.0.0.1", d.port) as extra:
-            try:
-                assert extra.recv(1) == b""
-            except ConnectionResetError:
-                pass
-    stats = d.stats()
-    assert stats["connections"]["refused"]["max_connections"] == 3
-    for sock in kept:
-        roundtrip(sock, b"still served")
-        sock.close()
+    with contextlib.ExitStack() as stack:
+        kept = [stack.enter_context(connect("127.0.0.1", d.port)) for _ in range(5)]
+        for sock in kept:
+            roundtrip(sock, b"ok")
+        for _ in range(3):
+            with connect("127.0.0.1", d.port) as extra:
+                try:
+                    assert extra.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+        stats = d.stats()
+        assert stats["connections"]["refused"]["max_connections"] == 3
+        for sock in kept:
+            roundtrip(sock, b"still served")
     assert "conn.refused" in d.log()
 
 
@@ -234,6 +241,7 @@ def _sockhash_id(d: Echod) -> int:
     raise AssertionError("no echo_sockets map")
 
 
+@pytest.mark.bpf
 def test_socket_removed_from_map_behind_our_back(echod_factory: Callable[..., Echod]) -> None:
     """Bytes that no longer meet the verdict (the socket left the map) are echoed in user space."""
     d = echod_factory(mode="kernel")

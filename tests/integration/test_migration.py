@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 
-from tests.integration.conftest import Echod, require_bpf
+import pytest
+
+from tests.integration.conftest import Echod
 from tests.integration.echo_util import (
     connect,
     recv_exact,
@@ -64,18 +67,17 @@ class Streamer(threading.Thread):
                     chunk = os.urandom(8192)
                     self.sent += chunk
                     sock.sendall(chunk)
-                    time.sleep(0.0005)
-                sock.shutdown(1)
+                    time.sleep(0.0005)  # pacing: a steady stream, not one burst
+                sock.shutdown(socket.SHUT_WR)
                 reader.join(20)
+                if reader.is_alive():
+                    raise AssertionError("the reader did not see the end of the echo")
                 if self.received != len(self.sent):
                     raise AssertionError(f"received {self.received} of {len(self.sent)} bytes")
         except BaseException as exc:
             self.error = exc
 
-    def _read(self, sock: object) -> None:
-        import socket
-
-        assert isinstance(sock, socket.socket)
+    def _read(self, sock: socket.socket) -> None:
         while True:
             chunk = sock.recv(1 << 16)
             if not chunk:
@@ -87,8 +89,8 @@ class Streamer(threading.Thread):
             self.received += len(chunk)
 
 
+@pytest.mark.bpf
 def test_restart_switches_modes_under_traffic(echod_factory: Callable[..., Echod]) -> None:
-    require_bpf()
     d = echod_factory(mode="user")
     clients: list[PingPong | Streamer] = [PingPong(d.port, s) for s in (1, 64, 1500, 30000)]
     clients.append(Streamer(d.port))
@@ -121,6 +123,7 @@ def test_restart_switches_modes_under_traffic(echod_factory: Callable[..., Echod
     assert stats["kernel"]["redirected_bytes"] > 0
 
 
+@pytest.mark.bpf
 def test_new_connections_follow_the_mode_and_old_ones_keep_their_path(
     echod_factory: Callable[..., Echod],
 ) -> None:
@@ -141,26 +144,26 @@ def test_new_connections_follow_the_mode_and_old_ones_keep_their_path(
     wait_for(lambda: not d.status()["bpf"]["attached"], what="BPF to unload after the last close")
 
 
+@pytest.mark.bpf
 def test_restart_with_a_peer_that_never_reads_stays_bounded(
     echod_factory: Callable[..., Echod],
 ) -> None:
     """A user-path peer that never reads cannot be moved (its buffer never drains); flow
     control must still hold, and the switch must finish within its deadline."""
-    require_bpf()
     d = echod_factory(mode="user")
-    hog = connect("127.0.0.1", d.port)
-    send_without_reading(hog, 1 << 40, seconds=3.0)  # fill until pushed back
-    rss_before = d.stats()["process"]["rss_bytes"]
-    began = time.monotonic()
-    st = d.call("restart", {"mode": "kernel"})
-    assert time.monotonic() - began < 10
-    assert st["connections_by_path"] == {"kernel": 0, "user": 1}
-    pushed, _ = send_without_reading(hog, 64 * 1024 * 1024, seconds=3.0)
-    assert pushed < 16 * 1024 * 1024, "flow control was lost by the failed migration"
-    assert d.stats()["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
-    hog.close()
+    with connect("127.0.0.1", d.port) as hog:
+        send_without_reading(hog, 1 << 40, seconds=3.0)  # fill until pushed back
+        rss_before = d.stats()["process"]["rss_bytes"]
+        began = time.monotonic()
+        st = d.call("restart", {"mode": "kernel"})
+        assert time.monotonic() - began < 10
+        assert st["connections_by_path"] == {"kernel": 0, "user": 1}
+        pushed, _ = send_without_reading(hog, 64 * 1024 * 1024, seconds=3.0)
+        assert pushed < 16 * 1024 * 1024, "flow control was lost by the failed migration"
+        assert d.stats()["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
 
 
+@pytest.mark.bpf
 def test_stop_drains_a_kernel_path_connection_kept_across_a_switch(
     echod_factory: Callable[..., Echod],
 ) -> None:

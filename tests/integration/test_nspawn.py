@@ -339,7 +339,7 @@ def run(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     return Run(results, outdir, context)
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(BOOT_TIMEOUT + 300)]
+pytestmark = [pytest.mark.slow, pytest.mark.bpf, pytest.mark.timeout(BOOT_TIMEOUT + 300)]
 
 
 def test_install_and_uninstall(run: Run) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,17 +16,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import BIN, Echod, free_port, spawn
-from tests.integration.echo_util import connect, roundtrip, send_without_reading
+from tests.integration.echo_util import connect, roundtrip, send_without_reading, wait_for
 
 
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(10)
-    yield sock, path
-    sock.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        yield sock, path
 
 
 def read_until(sock: socket.socket, needle: str, timeout: float = 10.0) -> list[str]:
@@ -40,6 +40,7 @@ def read_until(sock: socket.socket, needle: str, timeout: float = 10.0) -> list[
     raise AssertionError(f"{needle!r} never arrived; saw {seen}")
 
 
+@pytest.mark.bpf
 def test_sd_notify_lifecycle(
     echod_factory: Callable[..., Echod], notify_socket: tuple[socket.socket, str]
 ) -> None:
@@ -112,10 +113,9 @@ def test_reload_refuses_a_bad_file_and_keeps_running_config(
 
 def wait_for_log(d: Echod, needle: str, count: int = 1, timeout: float = 10.0) -> str:
     """The daemon's log once needle has appeared `count` times in it."""
-    deadline = time.monotonic() + timeout
-    while d.log().count(needle) < count:
-        assert time.monotonic() < deadline, f"{needle!r} x{count} never logged:\n{d.log()}"
-        time.sleep(0.05)
+    wait_for(
+        lambda: d.log().count(needle) >= count, timeout, what=f"{needle!r} x{count} in the log"
+    )
     return d.log()
 
 
@@ -184,17 +184,15 @@ def test_allow_list_over_ipv4_and_ipv6(
 def test_max_connections_per_ip(echod_factory: Callable[..., Echod], tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "echod.toml", "max_connections_per_ip = 2\n")
     d = echod_factory(mode="user", args=["--config", str(cfg)])
-    a, b = connect("127.0.0.1", d.port), connect("127.0.0.1", d.port)
-    roundtrip(a, b"a")
-    roundtrip(b, b"b")
-    with connect("127.0.0.1", d.port) as c:
-        assert c.recv(1) == b""
-    # Another loopback source address is another peer.
-    with socket.create_connection(("127.0.0.1", d.port), 10, ("127.0.0.2", 0)) as other_ip:
-        roundtrip(other_ip, b"c")
-    assert d.stats()["connections"]["refused"]["per_ip"] == 1
-    a.close()
-    b.close()
+    with connect("127.0.0.1", d.port) as a, connect("127.0.0.1", d.port) as b:
+        roundtrip(a, b"a")
+        roundtrip(b, b"b")
+        with connect("127.0.0.1", d.port) as c:
+            assert c.recv(1) == b""
+        # Another loopback source address is another peer.
+        with socket.create_connection(("127.0.0.1", d.port), 10, ("127.0.0.2", 0)) as other_ip:
+            roundtrip(other_ip, b"c")
+        assert d.stats()["connections"]["refused"]["per_ip"] == 1
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -207,7 +205,7 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["kernel", "user"])
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=pytest.mark.bpf), "user"])
 def test_metrics_move_with_traffic(echod_factory: Callable[..., Echod], mode: str) -> None:
     port = free_port()
     d = echod_factory(mode=mode, args=["--metrics", f"127.0.0.1:{port}"])
@@ -216,14 +214,18 @@ def test_metrics_move_with_traffic(echod_factory: Callable[..., Echod], mode: st
     with connect("127.0.0.1", d.port) as sock:
         for _ in range(10):
             roundtrip(sock, os.urandom(1000))
-    time.sleep(1.5)  # the scrape reads the snapshot the daemon takes every second
+    path = "kernel" if mode == "kernel" else "user"
+    key = f"echod_bytes_total{{path={path}}}"
+    # The scrape reads the snapshot the daemon takes every second.
+    wait_for(
+        lambda: scrape(port).get(key, 0) - before.get(key, 0) >= 10_000,
+        what="the next metrics snapshot",
+    )
     after = scrape(port)
     assert (
         after["echod_connections_accepted_total{}"]
         >= before["echod_connections_accepted_total{}"] + 1
     )
-    path = "kernel" if mode == "kernel" else "user"
-    key = f"echod_bytes_total{{path={path}}}"
     assert after[key] - before.get(key, 0) >= 10_000
     assert any(k.startswith("echod_build_info") for k in after)
 
@@ -286,6 +288,7 @@ def test_unknown_control_group_is_a_config_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.bpf
 def test_total_kernel_backlog_is_bounded(
     echod_factory: Callable[..., Echod], tmp_path: Path
 ) -> None:
@@ -297,20 +300,18 @@ def test_total_kernel_backlog_is_bounded(
         f"kernel_backlog_limit = {16 * mib}\nkernel_backlog_total = {16 * mib}\n",
     )
     d = echod_factory(mode="kernel", args=["--config", str(cfg)])
-    hogs = []
-    for _ in range(3):
-        hog = connect("127.0.0.1", d.port)
-        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, hold little
-        # Up to ~4 MiB of echo sits in the daemon's send buffer, which counts as written.
-        send_without_reading(hog, 12 * mib, seconds=5.0)
-        hogs.append(hog)
-    deadline = time.monotonic() + 5
-    while d.stats()["connections"]["aborted_backlog"] < 1:
-        assert time.monotonic() < deadline, "the total backlog was never bounded"
-        time.sleep(0.05)
-    assert d.stats()["connections"]["aborted_backlog"] <= 2
-    assert "conn.backlog_exceeded" in d.log()
-    with connect("127.0.0.1", d.port) as other:
-        roundtrip(other, b"others are still served")
-    for hog in hogs:
-        hog.close()
+    with contextlib.ExitStack() as stack:
+        for _ in range(3):
+            hog = stack.enter_context(connect("127.0.0.1", d.port))
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, hold little
+            # Up to ~4 MiB of echo sits in the daemon's send buffer, which counts as written.
+            send_without_reading(hog, 12 * mib, seconds=5.0)
+        wait_for(
+            lambda: d.stats()["connections"]["aborted_backlog"] >= 1,
+            timeout=5,
+            what="the total backlog to be bounded",
+        )
+        assert d.stats()["connections"]["aborted_backlog"] <= 2
+        assert "conn.backlog_exceeded" in d.log()
+        with connect("127.0.0.1", d.port) as other:
+            roundtrip(other, b"others are still served")

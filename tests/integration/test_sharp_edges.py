@@ -9,8 +9,18 @@ import termios
 import threading
 import time
 
+import pytest
+
+from echod.sockmap import KernelEcho
 from tests.integration.conftest import Echod
-from tests.integration.echo_util import connect, expect_eof, recv_exact, roundtrip
+from tests.integration.echo_util import connect, expect_eof, recv_exact, roundtrip, wait_for
+
+
+def fionread(sock: socket.socket) -> int:
+    """Bytes FIONREAD says are ready to read on sock."""
+    avail = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, avail)
+    return int.from_bytes(avail, "little")
 
 
 def test_slow_reader_gets_every_byte(daemon: Echod) -> None:
@@ -25,6 +35,7 @@ def test_slow_reader_gets_every_byte(daemon: Echod) -> None:
             if len(got) < 2 * 1024 * 1024:
                 time.sleep(0.002)  # slow at first, so the send buffer is full for a while
         sender.join(10)
+        assert not sender.is_alive(), "the send did not finish"
         assert bytes(got) == payload
 
 
@@ -53,26 +64,40 @@ def test_urgent_data_does_not_wedge_the_connection(daemon: Echod) -> None:
             roundtrip(sock, os.urandom(100))
 
 
-def test_fionread_on_the_client_counts_the_echo(daemon: Echod) -> None:
-    """FIONREAD misreports on sockhash sockets with sk_msg; the client's own view is exact."""
-    with connect("127.0.0.1", daemon.port) as sock:
-        sock.sendall(b"x" * 1000)
-        deadline = time.monotonic() + 5
-        avail = bytearray(4)
-        while time.monotonic() < deadline:
-            fcntl.ioctl(sock.fileno(), termios.FIONREAD, avail)
-            if int.from_bytes(avail, "little") == 1000:
-                break
-            time.sleep(0.01)
-        assert int.from_bytes(avail, "little") == 1000
-        assert recv_exact(sock, 1000) == b"x" * 1000
+@pytest.mark.bpf
+def test_fionread_on_a_sockhash_socket_counts_only_what_user_space_can_read() -> None:
+    """FIONREAD has misreported on sockhash sockets: while the verdict redirects, it must not
+    count the bytes it took; once the socket leaves the map, it counts what arrives."""
+    with KernelEcho() as kernel, socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            server, _ = listener.accept()
+            with server:
+                kernel.add(server)
+                client.sendall(b"x" * 1000)
+                wait_for(lambda: fionread(client) == 1000, what="the client to count the echo")
+                assert recv_exact(client, 1000) == b"x" * 1000
+                assert kernel.counters()["redirected_bytes"] == 1000
+                assert fionread(server) == 0, "FIONREAD counts bytes the verdict redirected"
+                server.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    server.recv(1)
+                kernel.remove(server)
+                client.sendall(b"y" * 500)
+                wait_for(lambda: fionread(server) == 500, what="FIONREAD to count 500 bytes")
+                server.setblocking(True)
+                assert recv_exact(server, 500) == b"y" * 500
 
 
-def test_zero_length_and_fin_only_segments(daemon: Echod) -> None:
-    """Empty writes and a bare FIN (empty skbs) neither hang nor corrupt the echo."""
+def test_fin_only_segment(daemon: Echod) -> None:
+    """A bare FIN is an empty skb for the verdict: it neither hangs nor corrupts the echo."""
+    before = daemon.stats()
     with connect("127.0.0.1", daemon.port) as sock:
-        for _ in range(50):
-            sock.send(b"")
-        roundtrip(sock, b"after empty writes")
+        roundtrip(sock, b"before the FIN")
         sock.shutdown(socket.SHUT_WR)  # a FIN with no data
         expect_eof(sock)
+    if daemon.status()["mode"] == "kernel":
+        wait_for(lambda: daemon.status()["connections"] == 0, what="the connection to close")
+        after = daemon.stats()["kernel"]
+        assert after["empty_packets"] > before["kernel"]["empty_packets"], "no empty skb seen"

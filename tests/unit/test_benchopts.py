@@ -1,7 +1,8 @@
-"""Size ranges, byte counts and the bench options that carry them (no network, no daemon)."""
+"""Size ranges, byte counts, bench and compare options and their usage errors (no daemon)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from echoctl.bench import STREAM_WINDOW, BenchConfig
+from echoctl.benchcmd import bench, compare
 from echoctl.benchopts import bench_config, load_options
 from echoctl.sizes import SizeRange, parse_bytes
 
@@ -114,15 +116,47 @@ def test_stream_defaults_bound_the_window() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["-s", "0"], ["-s", "9-3"], ["--pipeline", "0"], ["--window", "x"], ["--stall-timeout", "0"]],
+    [
+        ["-c", "0"],
+        ["--pattern", "stream", "-q", "100"],
+        ["-s", "x"],
+        ["-s", "0"],
+        ["-s", "10-5"],
+        ["-s", "64", "--pipeline", "4", "-q", "100"],
+        ["--pipeline", "0"],
+        ["--window", "lots"],
+        ["--stall-timeout", "0"],
+    ],
 )
-def test_bad_soak_options_are_usage_errors(args: list[str]) -> None:
-    @click.command()
-    @load_options
-    def cmd(**kw: Any) -> None:
-        pass
+def test_bad_input_is_a_usage_error(args: list[str]) -> None:
+    result = CliRunner().invoke(bench, [*args, "-r", "1"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
 
-    assert CliRunner().invoke(cmd, args).exit_code == 2
+
+def test_json_usage_error_prints_an_error_object() -> None:
+    result = CliRunner().invoke(bench, ["--pattern", "stream", "-q", "100", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]["code"] == "usage"
+
+
+def test_warmup_needs_a_duration() -> None:
+    result = CliRunner().invoke(bench, ["-r", "10", "--warmup", "0.1"])
+    assert result.exit_code == 2
+    assert "--warmup needs --duration" in result.output
+
+
+def test_compare_refuses_an_unknown_mode() -> None:
+    result = CliRunner().invoke(compare, ["--spawn", "--modes", "user,turbo"])
+    assert result.exit_code == 2
+
+
+def test_compare_checks_the_plot_path_first() -> None:
+    args = ["--spawn", "--sizes", "64", "--plot", "/nonexistent/dir/sweep.png"]
+    result = CliRunner().invoke(compare, args)
+    assert result.exit_code == 2
+    assert "cannot write" in result.output
+    assert "starting" not in result.output  # refused before any daemon was started
 
 
 def test_pacing_needs_plain_ping_pong() -> None:

@@ -29,6 +29,7 @@ from echod.control import ControlServer, PeerCred, is_admin, validate_params
 from echod.errors import RequestError
 from echod.logs import RateLimited
 from echod.peercred import peer_cred
+from tests.integration.echo_util import wait_for
 
 
 def test_request_golden_bytes() -> None:
@@ -57,10 +58,38 @@ def test_notification_golden_bytes() -> None:
     assert control.encode_notification("stats", {"time": 1}) == b"\x93\x02\xa5stats\x81\xa4time\x01"
 
 
-def test_client_request_bytes_match_server_encoding() -> None:
+def test_client_request_bytes_match_server_encoding(tmp_path: Path) -> None:
     # The client packs its own frames (it must not import the daemon); both must agree.
-    assert msgpack.packb([0, 5, "watch", {"interval": 0.5}]) == control.encode_request(
-        5, "watch", {"interval": 0.5}
+    path = str(tmp_path / "c.sock")
+    received = bytearray()
+    replies = [
+        control.encode_response(1, None, {"api_version": control.API_VERSION}),
+        control.encode_response(2, None, {}),
+    ]
+
+    def serve(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            unpacker = msgpack.Unpacker()
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+                unpacker.feed(chunk)
+                for _ in unpacker:
+                    conn.sendall(replies.pop(0))
+
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(10)
+        thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+        thread.start()
+        with ControlClient(path, timeout=5) as c:
+            assert c.call("watch", {"interval": 0.5}) == {}
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the fake server did not see the client close"
+    assert bytes(received) == control.encode_request(1, "hello", {}) + control.encode_request(
+        2, "watch", {"interval": 0.5}
     )
 
 
@@ -294,13 +323,6 @@ def srv(tmp_path: Path) -> Iterator[Running]:
     assert not os.path.exists(running.path)
 
 
-def _wait_for(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_socket_file_mode(srv: Running) -> None:
     st = os.stat(srv.path)
     assert stat.S_ISSOCK(st.st_mode)
@@ -468,7 +490,7 @@ def test_idle_connection_is_closed(srv: Running, monkeypatch: pytest.MonkeyPatch
         idle.connect(srv.path)
         partial.connect(srv.path)
         partial.sendall(control.encode_request(1, "status")[:3])
-        _wait_for(lambda: srv.counts() == (2, 0))
+        wait_for(lambda: srv.counts() == (2, 0), what="two clients")
         replies = _drain_until_closed(idle)
         assert time.monotonic() - t0 < 3.0
         assert replies[0][2] == {
@@ -477,7 +499,7 @@ def test_idle_connection_is_closed(srv: Running, monkeypatch: pytest.MonkeyPatch
         }
         # A first frame left incomplete is cut by the same deadline.
         assert _drain_until_closed(partial)[0][2]["message"] == "incomplete frame timed out"
-    _wait_for(lambda: srv.counts() == (0, 0))
+    wait_for(lambda: srv.counts() == (0, 0), what="clients to be closed")
     # A client that has sent a request may then stay quiet.
     with ControlClient(srv.path) as c:
         c.connect()
@@ -504,7 +526,7 @@ def test_watch_stream_and_cleanup(srv: Running) -> None:
         snaps = [next(stream) for _ in range(3)]
         assert all(b["time"] > a["time"] for a, b in zip([first, *snaps], snaps, strict=False))
         assert srv.counts() == (1, 1)
-    _wait_for(lambda: srv.counts() == (0, 0))
+    wait_for(lambda: srv.counts() == (0, 0), what="clients to be closed")
 
 
 def test_second_watch_on_same_connection_is_refused(srv: Running) -> None:
@@ -537,9 +559,8 @@ def test_close_ends_watchers(tmp_path: Path) -> None:
 
 def test_stale_socket_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(path))
-    stale.close()  # the file stays, nothing listens
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # closed, the file stays and nothing listens
     running = Running(path)
     try:
         with ControlClient(running.path) as c:
@@ -571,9 +592,8 @@ def test_refuses_over_a_live_daemon_with_a_full_backlog(tmp_path: Path) -> None:
 
 def test_refuses_a_socket_it_may_not_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.sock"
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(path))
-    stale.close()
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))
 
     def denied(self: socket.socket, address: Any) -> None:
         # What a non-root daemon gets for another user's 0660 socket (root bypasses the mode).
