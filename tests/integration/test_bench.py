@@ -479,7 +479,8 @@ def test_sigterm_stops_the_bench_workers() -> None:
                     os.kill(w, signal.SIGKILL)
 
 
-def test_sigterm_stops_the_spawned_daemon() -> None:
+def start_long_compare() -> tuple[subprocess.Popen[bytes], queue.Queue[str], threading.Thread]:
+    """A 30 s `compare --spawn` in user mode, a queue of its stderr lines, and their reader."""
     cmd = echoctl_command("compare", "--spawn", "--modes", "user", "--repeat", "1", "-c", "2")
     proc = subprocess.Popen([*cmd, "-d", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lines: queue.Queue[str] = queue.Queue()
@@ -490,6 +491,11 @@ def test_sigterm_stops_the_spawned_daemon() -> None:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return proc, lines, reader
+
+
+def test_sigterm_stops_the_spawned_daemon() -> None:
+    proc, lines, reader = start_long_compare()
     daemons: list[int] = []
     try:
         control = ""
@@ -708,16 +714,7 @@ def test_progress_is_one_line_per_interval() -> None:
 
 
 def test_compare_stops_within_a_second() -> None:
-    cmd = echoctl_command("compare", "--spawn", "--modes", "user", "--repeat", "1", "-c", "2")
-    proc = subprocess.Popen([*cmd, "-d", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stderr or ():
-            lines.put(line.decode())
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    proc, lines, reader = start_long_compare()
     try:
         control = ""
         deadline = time.monotonic() + 30

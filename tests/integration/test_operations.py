@@ -60,6 +60,16 @@ def test_sd_notify_lifecycle(
     assert d.proc.wait(20) == 0
 
 
+def reload_json(control: str) -> subprocess.CompletedProcess[str]:
+    """`echoctl --json reload`, as an operator runs it."""
+    return subprocess.run(
+        [str(BIN / "echoctl"), "--control", control, "--json", "reload"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -125,12 +135,7 @@ def test_deeply_nested_config_is_rejected_on_reload_and_sighup(
     cfg = write_config(tmp_path / "echod.toml", "max_connections = 100\n")
     d = echod_factory(mode="user", args=["--config", str(cfg)])
     write_config(cfg, "x = " + "[" * 50_000 + "]" * 50_000 + "\n")
-    proc = subprocess.run(
-        [str(BIN / "echoctl"), "--control", d.control, "--json", "reload"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = reload_json(d.control)
     assert proc.returncode == 1
     assert '"invalid_config"' in proc.stdout, proc.stdout + proc.stderr
     assert "nested too deeply" in proc.stdout
@@ -265,12 +270,7 @@ def test_reload_to_a_busy_metrics_port_keeps_the_old_one(
         taken.listen(1)
         busy = taken.getsockname()[1]
         write_config(cfg, f'[metrics]\naddress = "127.0.0.1:{busy}"\n')
-        proc = subprocess.run(
-            [str(BIN / "echoctl"), "--control", d.control, "--json", "reload"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        proc = reload_json(d.control)
     assert proc.returncode == 1
     assert '"invalid_config"' in proc.stdout
     assert scrape(old)["echod_mode{mode=user}"] == 1  # the old endpoint still serves
