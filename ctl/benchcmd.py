@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import replace
@@ -12,18 +11,14 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from echoctl.bench import (
-    BenchConfig,
-    BenchError,
-    control_probe,
-    control_target,
-    failures,
-    run_bench,
-)
-from echoctl.benchopts import bench_config, load_options
-from echoctl.benchreport import progress_line, render_report
-from echoctl.compare import CompareConfig, CompareError, render_table
+from echoctl.bench.config import BenchConfig, BenchError
+from echoctl.bench.options import bench_config, load_options
+from echoctl.bench.report import failures, progress_line, render_report
+from echoctl.bench.runner import control_probe, run_bench
+from echoctl.bench.target import control_target
+from echoctl.compare import CompareConfig, CompareError
 from echoctl.compare import run_compare as _run_compare
+from echoctl.comparerender import plot, render_sweep, render_table
 from echoctl.interrupt import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -32,10 +27,7 @@ from echoctl.interrupt import (
     catching,
     exit_status,
 )
-from echoctl.sweepplot import plot, render_sweep
-
-EXIT_FAILED = 1  # the run finished but saw errors or mismatches, or could not run at all
-EXIT_USAGE = 2
+from echoctl.output import EXIT_ERROR, emit_json, error_object, failed, usage
 
 
 def _group_control(ctx: click.Context) -> str | None:
@@ -47,30 +39,6 @@ def _group_control(ctx: click.Context) -> str | None:
 
 def _group_json(ctx: click.Context) -> bool:
     return bool(getattr(ctx.find_object(object), "json", False))
-
-
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, sort_keys=True))
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    """Return the `--json` failure object, the same shape as the other commands' (cli.py)."""
-    return {"error": {"code": code, "message": message}}
-
-
-def _fail(
-    command: str, message: str, as_json: bool, code: str = "failed", status: int = EXIT_FAILED
-) -> click.exceptions.Exit:
-    if as_json:
-        _emit(_error(code, message))
-    click.echo(f"echoctl: {command}: {message}", err=True)
-    return click.exceptions.Exit(status)
-
-
-def _usage(message: str, as_json: bool) -> click.UsageError:
-    if as_json:
-        _emit(_error("usage", message))
-    return click.UsageError(message)
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -101,7 +69,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
         cfg = bench_config(kw, progress)
         cfg.validate()
     except ValueError as exc:
-        raise _usage(str(exc), as_json) from exc
+        raise usage(str(exc), as_json) from exc
     try:
         with catching(Interrupt()) as interrupt:
             cfg, control = _bench_target(ctx, kw, cfg)
@@ -109,15 +77,15 @@ def bench(ctx: click.Context, **kw: Any) -> None:
             show = _progress if progress else None
             report = run_bench(cfg, progress=show, server_probe=probe, interrupt=interrupt)
     except ValueError as exc:
-        raise _usage(str(exc), as_json) from exc
+        raise usage(str(exc), as_json) from exc
     except BenchError as exc:
-        raise _fail("bench", str(exc), as_json) from None
+        raise failed("bench", str(exc), as_json) from None
     except KeyboardInterrupt:
-        raise _fail("bench", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
+        raise failed("bench", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
     except Terminated:
-        raise _fail("bench", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
+        raise failed("bench", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
     if as_json:
-        _emit(report)
+        emit_json(report)
     else:
         click.echo(render_report(report))
     if interrupt.signum is not None:
@@ -129,7 +97,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     if reasons:
         if not as_json:
             click.echo(f"echoctl: bench: failed: {', '.join(reasons)}", err=True)
-        raise click.exceptions.Exit(EXIT_FAILED)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
 def _bench_target(
@@ -200,7 +168,7 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         if plot_path:
             _check_plot_path(plot_path)
     except (ValueError, click.BadParameter) as exc:
-        raise _usage(str(exc), as_json) from exc
+        raise usage(str(exc), as_json) from exc
 
     def say(text: str) -> None:
         if not as_json:
@@ -210,13 +178,13 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         with catching(Interrupt()):
             result = _run_compare(cfg, say)
     except ValueError as exc:
-        raise _usage(str(exc), as_json) from exc
+        raise usage(str(exc), as_json) from exc
     except CompareError as exc:
-        raise _fail("compare", str(exc), as_json) from None
+        raise failed("compare", str(exc), as_json) from None
     except KeyboardInterrupt:
-        raise _fail("compare", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
+        raise failed("compare", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
     except Terminated:
-        raise _fail("compare", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
+        raise failed("compare", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
     plot_error = None
     if plot_path:
         try:
@@ -224,9 +192,9 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         except (OSError, ImportError) as exc:
             plot_error = f"cannot draw {plot_path}: {exc}"
             # One JSON object even so: the results, with the failure where scripts look for it.
-            result["error"] = _error("plot_failed", plot_error)["error"]
+            result["error"] = error_object("plot_failed", plot_error)["error"]
     if as_json:
-        _emit(result)
+        emit_json(result)
     else:
         click.echo(render_table(result))
         if result["sweep"]:
@@ -239,7 +207,7 @@ def compare(ctx: click.Context, **kw: Any) -> None:
     if result["failures"] and not as_json:
         click.echo(f"echoctl: compare: failed: {'; '.join(result['failures'])}", err=True)
     if plot_error or result["failures"]:
-        raise click.exceptions.Exit(EXIT_FAILED)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
 def _check_plot_path(path: str) -> None:

@@ -9,21 +9,23 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from echoctl import render
 from echoctl.benchcmd import bench, compare
-from echoctl.client import ControlClient, ControlError, DaemonUnreachable, client_control_path
+from echoctl.client import ControlClient, ControlError, client_control_path
+from echoctl.output import (
+    EXIT_ERROR,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    control_failed,
+    emit_json,
+    error_object,
+)
 from echod.config import MODES
-
-# LSB init-script conventions (docs/protocol.md, "Exit codes").
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-EXIT_PERMISSION = 4
 
 # Starting and stopping wait for listeners, BPF attach and connection draining.
 MUTATE_TIMEOUT = 60.0
@@ -69,32 +71,6 @@ class Seconds(click.FloatRange):
         return seconds
 
 
-def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, default=str, sort_keys=True))
-
-
-def exit_code(err: ControlError, command: str) -> int:
-    """Map an error to the exit status of `command`."""
-    if err.code == "permission_denied":
-        return EXIT_PERMISSION
-    if err.code in ("invalid_params", "usage"):
-        return EXIT_USAGE
-    if command == "status" and err.code in ("unreachable", "disconnected"):
-        return EXIT_NOT_RUNNING
-    return EXIT_ERROR
-
-
-def _fail(opts: Options, err: ControlError, command: str) -> NoReturn:
-    if opts.json:
-        _emit_json({"error": {"code": err.code, "message": err.message}})
-    elif isinstance(err, DaemonUnreachable):
-        hint = " (is echod running?)" if err.code == "unreachable" else ""
-        click.echo(f"echoctl: {err.message}{hint}", err=True)
-    else:
-        click.echo(f"echoctl: {command}: {err.message} [{err.code}]", err=True)
-    raise click.exceptions.Exit(exit_code(err, command))
-
-
 def _call(
     opts: Options,
     command: str,
@@ -106,7 +82,7 @@ def _call(
         with ControlClient(opts.control, timeout=timeout or opts.timeout) as client:
             return client.call(method, params)
     except ControlError as err:
-        _fail(opts, err, command)
+        control_failed(err, command, opts.json)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,7 +117,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     opts = _options(ctx, as_json)
     result = _call(opts, "status", "status")
     if opts.json:
-        _emit_json(result)
+        emit_json(result)
     else:
         click.echo(render.render_status(result))
     if result.get("state") != "serving":
@@ -156,7 +132,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     opts = _options(ctx, as_json)
     result = _call(opts, "stats", "stats")
     if opts.json:
-        _emit_json(result)
+        emit_json(result)
     else:
         # Whether the kernel keeps BPF run figures is in `status`; without it, show them as is.
         status = _call(opts, "stats", "status")
@@ -195,7 +171,7 @@ def watch(
                 return
             except ControlError as err:
                 if not reconnect or err.code not in RECONNECT_CODES:
-                    _fail(opts, err, "watch")
+                    control_failed(err, "watch", opts.json)
                 click.echo(f"echoctl: watch: {err.message}; waiting for the daemon", err=True)
                 _wait_for_daemon(opts, interval)
                 click.echo("echoctl: watch: reconnected", err=True)
@@ -321,14 +297,14 @@ def reload(ctx: click.Context, as_json: bool) -> None:
     opts = _options(ctx, as_json)
     result = _call(opts, "reload", "reload", None, MUTATE_TIMEOUT)
     if opts.json:
-        _emit_json(result)
+        emit_json(result)
     else:
         click.echo(render.render_reload(result))
 
 
 def _report(opts: Options, status: Mapping[str, Any]) -> None:
     if opts.json:
-        _emit_json(status)
+        emit_json(status)
     else:
         click.echo(render.summary(status))
 
@@ -344,7 +320,7 @@ def main() -> None:
         code = cli.main(args=argv, prog_name="echoctl", standalone_mode=False)
     except click.UsageError as exc:
         if "--json" in argv:
-            _emit_json({"error": {"code": "usage", "message": exc.format_message()}})
+            emit_json(error_object("usage", exc.format_message()))
         else:
             exc.show()
         sys.exit(EXIT_USAGE)

@@ -13,8 +13,15 @@ from typing import Any
 
 import msgpack
 
-# One definition of the default path, shared with the daemon.
+# One definition of the default path and of the wire format, shared with the daemon.
 from echod.config import default_control_path
+from echod.protocol import (
+    API_VERSION,
+    NOTIFICATION,
+    describe_exception,
+    encode_request,
+    well_formed_reply,
+)
 
 __all__ = [
     "ControlClient",
@@ -24,8 +31,6 @@ __all__ = [
     "default_control_path",
 ]
 
-API_VERSION = 1
-REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 # Replies are not capped by the server the way requests are; this only bounds a broken peer.
 MAX_REPLY = 16 * 1024 * 1024
 SYSTEM_CONTROL_PATH = "/run/echod/control.sock"  # the system daemon's, under systemd
@@ -164,7 +169,7 @@ class ControlClient:
     def _call(self, method: str, params: dict[str, Any]) -> Any:
         self._msgid = (self._msgid + 1) % 2**32
         msgid = self._msgid
-        self._send(msgpack.packb([REQUEST, msgid, method, params]))
+        self._send(encode_request(msgid, method, params))
         while True:
             frame = self._read_frame()
             if frame[0] == NOTIFICATION:
@@ -208,9 +213,11 @@ class ControlClient:
                 pass
             except (ValueError, msgpack.UnpackException) as exc:
                 self.close()
-                raise ControlError("protocol", f"undecodable reply: {_describe(exc)}") from exc
+                raise ControlError(
+                    "protocol", f"undecodable reply: {describe_exception(exc)}"
+                ) from exc
             else:
-                if not _well_formed(frame):
+                if not well_formed_reply(frame):
                     self.close()
                     raise ControlError("protocol", f"unexpected frame: {frame!r:.200}")
                 return list(frame)
@@ -237,17 +244,3 @@ class ControlClient:
             raise ControlError(
                 "protocol", f"reply from {self.path} exceeds {MAX_REPLY} bytes"
             ) from exc
-
-
-def _describe(exc: BaseException) -> str:
-    # msgpack's exceptions often have no message: the class name is then all there is.
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _well_formed(frame: Any) -> bool:
-    if not isinstance(frame, list) or not frame:
-        return False
-    if frame[0] == RESPONSE:
-        return len(frame) == 4 and (frame[2] is None or isinstance(frame[2], dict))
-    return frame[0] == NOTIFICATION and len(frame) == 3

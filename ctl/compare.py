@@ -6,37 +6,23 @@ lands on every mode alike; each figure reported is the median of the repeats.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from echoctl.bench import (
-    BenchConfig,
-    BenchError,
-    control_probe,
-    failures,
-    run_bench,
-    status_target,
-)
-from echoctl.benchreport import plural
+from echoctl.bench.config import BenchConfig, BenchError
+from echoctl.bench.report import failures
+from echoctl.bench.runner import control_probe, run_bench
+from echoctl.bench.target import status_target
 from echoctl.client import ControlClient
+from echoctl.spawn import SpawnError, private_echod
 from echoctl.sysstat import cpu_count
 from echod.config import EFFECTIVE_MODES
 
-SPAWN_TIMEOUT = 30.0
 SWITCH_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
 
 Say = Callable[[str], None]
 
@@ -75,92 +61,7 @@ class CompareConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The daemon: spawn a private one, switch its mode
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on `host` a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Spawned:
-    """A private echod started for this comparison."""
-
-    host: str
-    port: int
-    control: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def echod_binary() -> Path:
-    """Return the echod next to the running interpreter (the same venv as echoctl)."""
-    return Path(sys.executable).parent / "echod"
-
-
-@contextlib.contextmanager
-def spawn_daemon(mode: str, say: Say) -> Iterator[Spawned]:
-    """Start a private echod on a free loopback port with a temporary control socket."""
-    binary = echod_binary()
-    if not binary.exists():
-        raise CompareError(f"{binary} not found: install the project (make venv) first")
-    with tempfile.TemporaryDirectory(prefix="echoctl-compare-") as tmp:
-        control = os.path.join(tmp, "control.sock")
-        log = Path(tmp) / "echod.log"
-        port = free_port()
-        cmd = [str(binary), "--mode", mode, "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--control", control]
-        say(f"starting {' '.join(cmd)}")
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        daemon = Spawned("127.0.0.1", port, control, proc, log)
-        try:
-            _wait_serving(daemon)
-            yield daemon
-        finally:
-            _stop(proc)
-
-
-def _log_tail(log: Path) -> str:
-    try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-def _wait_serving(daemon: Spawned) -> None:
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    last = ""
-    while time.monotonic() < deadline:
-        if daemon.proc.poll() is not None:
-            raise CompareError(
-                f"echod exited with {daemon.proc.returncode}: {_log_tail(daemon.log)}"
-            )
-        if os.path.exists(daemon.control):
-            try:
-                status = control_call(daemon.control, "status", timeout=5.0)
-            except CompareError as exc:
-                last = str(exc)
-            else:
-                if status.get("state") == "serving":
-                    return
-                last = f"state {status.get('state')}"
-        time.sleep(0.1)
-    raise CompareError(f"echod did not start serving within {SPAWN_TIMEOUT:g} s ({last})")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT)
+# The daemon: a private one, or the one behind --control; switching its mode
 
 
 def control_call(
@@ -220,9 +121,12 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     """Run the whole comparison and return its result (the `--json` object)."""
     cfg.validate()
     if cfg.spawn:
-        with spawn_daemon(cfg.modes[0], say) as daemon:
-            bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
-            return _run(replace(cfg, bench=bench), daemon.control, say)
+        try:
+            with private_echod(cfg.modes[0], say=say) as daemon:
+                bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
+                return _run(replace(cfg, bench=bench), daemon.control, say)
+        except SpawnError as exc:
+            raise CompareError(str(exc)) from exc
     control = cfg.control
     assert control is not None
     status = control_call(control, "status")
@@ -431,54 +335,3 @@ def sweep_summary(cfg: CompareConfig, points: list[dict[str, Any]]) -> dict[str,
 
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-def _fmt(value: float | None, key: str) -> str:
-    if value is None:
-        return "-"
-    if key == "qps":
-        return f"{value:,.0f}"
-    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:,.2f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.1f}%"
-
-
-def render_table(result: dict[str, Any]) -> str:
-    """Return the mode comparison as an aligned text table."""
-    modes = result["modes"]
-    header = ["", *modes] + [f"{m} vs {modes[0]}" for m in modes[1:]]
-    rows = [header]
-    for key, label, _ in ROWS:
-        row = [label] + [_fmt(result["summary"][m][key], key) for m in modes]
-        row += [_pct(result["change_pct"][m][key]) for m in modes[1:]]
-        rows.append(row)
-    rows.append(
-        ["errors / mismatches"]
-        + [
-            f"{result['summary'][m]['errors']} / {result['summary'][m]['mismatches']}"
-            for m in modes
-        ]
-        + [""] * (len(modes) - 1)
-    )
-    load = result["load"]
-    length = f"{load['duration_s']:g} s" if load["duration_s"] else f"{load['rounds']} rounds"
-    title = (
-        f"{plural(load['connections'], 'connection')} x {load['size']} B {load['pattern']}, "
-        f"{length} per "
-        f"run, median of {result['repeat']} (modes alternated)"
-    )
-    return title + "\n" + align(rows)
-
-
-def align(rows: list[list[str]]) -> str:
-    """Return rows as text columns: the first left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)

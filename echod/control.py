@@ -1,52 +1,51 @@
-"""Unix-socket control server speaking MessagePack-RPC (see docs/protocol.md)."""
+"""The control socket's server: MessagePack-RPC on a Unix socket (see docs/protocol.md).
+
+It owns the socket file (created with its mode and group before it is visible, a stale one
+replaced only when nothing answers it, removed at close), the slots per uid, framing with its
+deadlines, and the watch streams. The wire format is protocol.py's; what each method does is
+the target's (the daemon).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import grp
-import math
 import os
-import resource
-import socket
-import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 import structlog
 
 from echod import __version__
-from echod.config import MODES
-from echod.errors import RequestError
+from echod.limits import slot_refusal
 from echod.logs import RateLimited
 from echod.peercred import PeerCred, is_admin, peer_cred
+from echod.protocol import (
+    API_VERSION,
+    MAX_FRAME,
+    METHODS,
+    MIN_INTERVAL,
+    MUTATING_METHODS,
+    ControlTarget,
+    RequestError,
+    describe_exception,
+    encode_notification,
+    encode_response,
+    error_body,
+    parse_request,
+    request_msgid,
+    validate_params,
+)
+from echod.sockfile import SocketFile, resolve_group
 
 log = structlog.get_logger("echod.control")
 
-API_VERSION = 1
-REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 
-# Every `code` a response error can carry; docs/protocol.md explains each one.
-ERROR_CODES = (
-    "invalid_request",
-    "unknown_method",
-    "invalid_params",
-    "frame_too_large",
-    "permission_denied",
-    "bad_state",
-    "invalid_config",
-    "not_supported",
-    "listen_failed",
-    "busy",
-    "internal",
-)
-
-MAX_FRAME = 64 * 1024
 READ_CHUNK = 4096
+LISTEN_BACKLOG = 1024
 # A peer may pause between frames for ever, but must finish a frame once started: a deadline
 # for the whole frame from its first byte, not a timeout that each byte renews.
 PARTIAL_FRAME_TIMEOUT = 10.0
@@ -56,212 +55,8 @@ IDLE_TIMEOUT = 5.0
 # A peer that stops reading its replies is dropped (its transport aborted) once one write has
 # waited this long for the kernel to take it.
 WRITE_TIMEOUT = 30.0
-# Slots: MAX_CLIENTS for everyone, of which one unprivileged uid may hold MAX_CLIENTS_PER_UID;
-# RESERVED_CLIENTS more are for admins only (root, the daemon's uid, the admin group).
-MAX_CLIENTS = 64
-MAX_CLIENTS_PER_UID = 8
-RESERVED_CLIENTS = 16
-LISTEN_BACKLOG = 1024
-# Descriptors the echo service leaves free (it refuses connections this far below
-# RLIMIT_NOFILE): every control slot, plus the daemon's own files (BPF, epoll, metrics, ...).
-FD_RESERVE = MAX_CLIENTS + RESERVED_CLIENTS + 64
 # Per-uid log events (control.denied, control.busy): this many per period, then a count.
 LOG_BURST, LOG_PERIOD = 5, 5.0
-MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 60.0, 1.0
-
-READ_ONLY_METHODS = ("hello", "status", "stats", "watch")
-MUTATING_METHODS = ("start", "stop", "restart", "reload")
-METHODS = READ_ONLY_METHODS + MUTATING_METHODS
-
-
-class ControlTarget(Protocol):
-    """What the control server drives: the daemon's service object."""
-
-    def status(self) -> dict[str, Any]: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]: ...
-
-    async def stop(self) -> dict[str, Any]: ...
-
-    async def restart(self, mode: str | None = None) -> dict[str, Any]: ...
-
-    async def reload(self) -> dict[str, Any]: ...
-
-
-def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
-    """Pack a request frame."""
-    return msgpack.packb([REQUEST, msgid, method, params or {}])
-
-
-def encode_response(msgid: int | None, error: dict[str, str] | None, result: Any) -> bytes:
-    """Pack a response frame; `msgid` is None when the request could not be read."""
-    return msgpack.packb([RESPONSE, msgid, error, result])
-
-
-def encode_notification(method: str, params: Any) -> bytes:
-    """Pack a notification frame."""
-    return msgpack.packb([NOTIFICATION, method, params])
-
-
-def error_body(code: str, message: str) -> dict[str, str]:
-    """Build the error map of a response."""
-    return {"code": code, "message": message}
-
-
-def _check_keys(params: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = sorted(str(k) for k in params if k not in allowed)
-    if unknown:
-        raise RequestError("invalid_params", f"unknown parameter(s): {', '.join(unknown)}")
-
-
-def _opt_mode(params: dict[str, Any]) -> str | None:
-    mode = params.get("mode")
-    if mode is None:
-        return None
-    if not isinstance(mode, str) or mode not in MODES:
-        raise RequestError("invalid_params", f"mode must be one of {', '.join(MODES)}")
-    return mode
-
-
-def _opt_port(params: dict[str, Any]) -> int | None:
-    port = params.get("port")
-    if port is None:
-        return None
-    # bool is an int subclass; True is not a port.
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise RequestError("invalid_params", "port must be an integer in 1..65535")
-    return port
-
-
-def _interval(params: dict[str, Any]) -> float:
-    value = params.get("interval", DEFAULT_INTERVAL)
-    if value is None:
-        return DEFAULT_INTERVAL
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError("invalid_params", "interval must be a number of seconds")
-    if not MIN_INTERVAL <= value <= MAX_INTERVAL:
-        raise RequestError(
-            "invalid_params", f"interval must be between {MIN_INTERVAL} and {MAX_INTERVAL} s"
-        )
-    return float(value)
-
-
-def validate_params(method: str, params: Any) -> dict[str, Any]:
-    """Check a request's params for `method` and return the keyword arguments to call with."""
-    if method not in METHODS:
-        raise RequestError("unknown_method", f"unknown method {method!r}")
-    # An empty array is what generic MessagePack-RPC clients send for "no arguments".
-    if params is None or params == []:
-        params = {}
-    if not isinstance(params, dict):
-        raise RequestError("invalid_params", "params must be a map of named parameters")
-    if method == "start":
-        _check_keys(params, ("mode", "port"))
-        return {"mode": _opt_mode(params), "port": _opt_port(params)}
-    if method == "restart":
-        _check_keys(params, ("mode",))
-        return {"mode": _opt_mode(params)}
-    if method == "watch":
-        _check_keys(params, ("interval",))
-        return {"interval": _interval(params)}
-    _check_keys(params, ())
-    return {}
-
-
-def _valid_msgid(msgid: Any) -> bool:
-    # bool is an int subclass; True is not a msgid.
-    return not isinstance(msgid, bool) and isinstance(msgid, int) and 0 <= msgid < 2**32
-
-
-def request_msgid(frame: Any) -> int | None:
-    """The msgid of a frame that starts like a request `[0, msgid, ...]`, else None."""
-    if isinstance(frame, list | tuple) and len(frame) >= 2 and frame[0] == REQUEST:
-        if _valid_msgid(frame[1]):
-            return int(frame[1])
-    return None
-
-
-def parse_request(frame: Any) -> tuple[int, str, Any]:
-    """Split a decoded request frame into (msgid, method, params) or raise invalid_request."""
-    if not isinstance(frame, list | tuple) or len(frame) != 4 or frame[0] != REQUEST:
-        raise RequestError("invalid_request", "expected a request [0, msgid, method, params]")
-    _, msgid, method, params = frame
-    if not _valid_msgid(msgid):
-        raise RequestError("invalid_request", "msgid must be an unsigned 32-bit integer")
-    if not isinstance(method, str):
-        raise RequestError("invalid_request", "method must be a string")
-    return msgid, method, params
-
-
-def describe_exception(exc: BaseException) -> str:
-    """The class name of `exc`, and its message when it has one (msgpack's are often empty)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def slot_refusal(admin: bool, uid: int, total: int, of_uid: int) -> str | None:
-    """Why a new client gets no slot, or None; `total` and `of_uid` are the slots held now."""
-    if admin:
-        if total >= MAX_CLIENTS + RESERVED_CLIENTS:
-            return "too many control clients"
-        return None
-    if total >= MAX_CLIENTS:
-        return "too many control clients"
-    if of_uid >= MAX_CLIENTS_PER_UID:
-        return f"too many control clients for uid {uid} (at most {MAX_CLIENTS_PER_UID})"
-    return None
-
-
-def echo_fd_budget() -> int:
-    """Descriptors the echo service may use: RLIMIT_NOFILE's soft limit less FD_RESERVE."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
-
-
-def check_fd_budget(max_connections: int) -> None:
-    """Warn when max_connections cannot be reached under the fd limit."""
-    budget = echo_fd_budget()
-    if max_connections > budget:
-        log.warning(
-            "daemon.fd_limit_low",
-            max_connections=max_connections,
-            nofile=budget + FD_RESERVE,
-            fd_reserve=FD_RESERVE,
-            connections_possible=max(budget, 0),
-            hint="raise LimitNOFILE= (ulimit -n) or lower max_connections",
-        )
-
-
-def _resolve_group(group: str | None) -> int | None:
-    if group is None:
-        return None
-    if group.isdigit():
-        return int(group)
-    return grp.getgrnam(group).gr_gid
-
-
-def _answers(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket at `path` (OSError: can't tell)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except (BlockingIOError, TimeoutError):
-            # A full backlog (EAGAIN on a Unix socket) still means a live listener.
-            return True
-        except OSError as exc:
-            # EACCES (a socket we may not connect to), EPROTOTYPE (a datagram socket), ...: we
-            # cannot tell whether it is in use, so it is not ours to remove.
-            raise OSError(
-                exc.errno,
-                f"{path} exists and cannot be probed ({exc.strerror or exc}); "
-                "not removing it: remove it by hand if no daemon uses it",
-                path,
-            ) from exc
-    return True
 
 
 LINGER_TIMEOUT = 1.0
@@ -326,11 +121,10 @@ class ControlServer:
         self.mode = mode
         self.group = group
         self.admin_group = admin_group
-        self._gid = _resolve_group(group)
-        self._admin_gid = _resolve_group(admin_group)
+        self._file = SocketFile(path, mode, resolve_group(group))
+        self._admin_gid = resolve_group(admin_group)
         self._own_uid = os.geteuid()
         self._server: asyncio.AbstractServer | None = None
-        self._inode: int | None = None
         self._conns: dict[asyncio.Task[Any], _Conn] = {}
         self._slots: Counter[int] = Counter()  # slots held, by uid
         self._limiter = RateLimited(burst=LOG_BURST, period=LOG_PERIOD)
@@ -358,68 +152,17 @@ class ControlServer:
 
     async def start(self) -> None:
         """Bind the socket (chmod/chgrp before it becomes visible) and start accepting."""
-        sock = self._bind()
+        sock = self._file.bind(LISTEN_BACKLOG)
         try:
             self._server = await asyncio.start_unix_server(
                 self._on_connect, sock=sock, backlog=LISTEN_BACKLOG
             )
         except BaseException:
             sock.close()
-            self._unlink()
+            self._file.unlink()
             raise
         self._housekeeping = asyncio.create_task(self._report_suppressed())
         log.info("control.listening", path=self.path, mode=oct(self.mode), group=self.group)
-        # The target is the service: its config says how many echo connections it may hold.
-        max_connections = getattr(getattr(self.target, "config", None), "max_connections", None)
-        if isinstance(max_connections, int):
-            check_fd_budget(max_connections)
-
-    def _bind(self) -> socket.socket:
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        self._remove_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            sock.bind(tmp)
-            # Permissions are set on a private name, then renamed in: no window where the
-            # socket is reachable with the umask's permissions.
-            os.chmod(tmp, self.mode)
-            if self._gid is not None:
-                os.chown(tmp, -1, self._gid)
-            sock.listen(LISTEN_BACKLOG)
-            os.rename(tmp, self.path)
-            self._inode = os.stat(self.path).st_ino
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return sock
-
-    def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket", self.path)
-        if _answers(self.path):
-            raise OSError(errno.EADDRINUSE, f"another daemon answers on {self.path}", self.path)
-        log.info("control.stale_socket_removed", path=self.path)
-        os.unlink(self.path)
-
-    def _unlink(self) -> None:
-        # Only remove the file we bound: a newer daemon may already own the path.
-        if self._inode is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        self._inode = None
 
     async def close(self) -> None:
         """Stop accepting, end every client and watch stream, and remove the socket file."""
@@ -439,7 +182,7 @@ class ControlServer:
                         await self._server.wait_closed()
         finally:
             self._server = self._housekeeping = None
-            self._unlink()
+            self._file.unlink()
             log.info("control.closed", path=self.path)
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

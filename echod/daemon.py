@@ -16,7 +16,8 @@ from echod import __version__, logs, systemd
 from echod.config import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
 from echod.configsource import resolve
 from echod.control import ControlServer
-from echod.errors import RequestError
+from echod.limits import check_fd_budget
+from echod.protocol import RequestError
 from echod.service import Service
 
 log = structlog.get_logger("echod.daemon")
@@ -28,7 +29,11 @@ BACKLOG_CHECK = 0.1
 
 
 class Daemon:
-    """Runs one Service and its control socket until SIGINT/SIGTERM."""
+    """Runs one Service and its control socket until SIGINT/SIGTERM.
+
+    It is the control socket's target (protocol.ControlTarget): `reload` is its own, and the
+    other methods are the service's.
+    """
 
     def __init__(self, config: Config, flags: Mapping[str, Any] | None = None) -> None:
         self.config = config
@@ -76,10 +81,9 @@ class Daemon:
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(self.signal_handlers())
             service = self.service = Service(self.config)
-            service.reload_hook = self.reload
             control = ControlServer(
                 self.config.control,
-                service,
+                self,
                 group=self.config.control_group,
                 admin_group=self.config.admin_group,
             )
@@ -89,6 +93,7 @@ class Daemon:
             try:
                 await service.start()
                 await self._start_control(control)
+                check_fd_budget(self.config.max_connections)
                 self.metrics = self._start_metrics(self.config.metrics)
                 stack.callback(self._stop_metrics)
             except (RequestError, OSError) as exc:
@@ -195,6 +200,32 @@ class Daemon:
             "kernel": stats["kernel"],
             "bpf_programs": stats["bpf_programs"],
         }
+
+    # -- the control methods
+
+    def _serving(self) -> Service:
+        assert self.service is not None, "control methods are served only while running"
+        return self.service
+
+    def status(self) -> dict[str, Any]:
+        """Return the service's `status`."""
+        return self._serving().status()
+
+    def stats(self) -> dict[str, Any]:
+        """Return the service's `stats`."""
+        return self._serving().stats()
+
+    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
+        """Start serving (control `start`)."""
+        return await self._serving().start(mode, port)
+
+    async def stop(self) -> dict[str, Any]:
+        """Stop serving, with the configured grace (control `stop`)."""
+        return await self._serving().stop()
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+        """Switch mode live (control `restart`)."""
+        return await self._serving().restart(mode)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file: apply what can change live, report what needs a restart."""

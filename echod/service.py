@@ -10,7 +10,6 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -18,12 +17,12 @@ import structlog
 from echod import __version__
 from echod.config import LIVE_KEYS, Config
 from echod.connection import Connection
-from echod.control import echo_fd_budget
-from echod.errors import RequestError
 from echod.kernelpath import BacklogGuard, HangupWatcher, Watched
+from echod.limits import echo_fd_budget
 from echod.logs import RateLimited
 from echod.metrics import process_figures
 from echod.migrate import migrate_to_kernel
+from echod.protocol import RequestError
 from echod.sockmap import KernelEcho
 
 log = structlog.get_logger("echod.service")
@@ -58,7 +57,6 @@ class Service:
         self._lock = asyncio.Lock()
         self.rates: dict[str, float] = {}
         self._last_sample: tuple[float, dict[str, int]] | None = None
-        self.reload_hook: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -187,12 +185,6 @@ class Service:
         self.state = "stopped"
         log.info("service.stopped")
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the configuration file; the daemon installs the hook."""
-        if self.reload_hook is None:
-            raise RequestError("invalid_config", "this daemon was started without reload support")
-        return await self.reload_hook()
-
     def apply_live(self, config: Config) -> None:
         """Take the settings that can change while serving."""
         self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
@@ -273,7 +265,7 @@ class Service:
             return self._refuse(sock, peer, "allow")
         if len(self.conns) >= cfg.max_connections:
             return self._refuse(sock, peer, "max_connections")
-        # Leave control.FD_RESERVE fds free, so that the control socket answers at the fd limit.
+        # Leave limits.FD_RESERVE fds free, so that the control socket answers at the fd limit.
         # fds are allocated lowest first: this socket's number counts the fds open below it.
         if max(sock.fileno(), len(self.conns)) >= echo_fd_budget():
             return self._refuse(sock, peer, "fd_limit")

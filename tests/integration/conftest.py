@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from echoctl.client import ControlClient
+from echoctl import spawn as spawn_module
+from echoctl.spawn import Daemon, SpawnError
 
 BIN = Path(sys.executable).parent
+HOSTS = ("127.0.0.1", "::1")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 20.0
 
@@ -47,18 +47,7 @@ def require_bpf() -> None:
 
 def free_port() -> int:
     """A TCP port free on both 127.0.0.1 and ::1."""
-    for _ in range(50):
-        with socket.socket() as s4:
-            s4.bind(("127.0.0.1", 0))
-            port = s4.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET6) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
+    return spawn_module.free_port(HOSTS)
 
 
 def loaded_bpf_ids(ours: bool = False) -> tuple[set[int], set[int]]:
@@ -95,44 +84,17 @@ def assert_unloaded(progs: set[int], maps: set[int], timeout: float = 5.0) -> No
 
 
 @dataclass
-class Echod:
-    """A running daemon started by the tests."""
+class Echod(Daemon):
+    """A running daemon started by the tests, with the BPF ids it reported when it served."""
 
-    proc: subprocess.Popen[bytes]
-    host: str
-    port: int
-    control: str
-    log_path: Path
-    args: list[str]
     bpf_ids: tuple[set[int], set[int]] = field(default_factory=lambda: (set(), set()))
 
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """One control call."""
-        with ControlClient(self.control) as client:
-            return client.call(method, params)
-
-    def status(self) -> dict[str, Any]:
-        return self.call("status")
-
-    def stats(self) -> dict[str, Any]:
-        return self.call("stats")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"echod did not stop in {STOP_TIMEOUT}s:\n{self.log()}"
-                ) from None
-        return self.proc.returncode
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; returns the exit code. Not stopping in time fails the test."""
+        try:
+            return super().stop(timeout)
+        except SpawnError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
 
 
 def spawn(
@@ -143,50 +105,19 @@ def spawn(
     prefix: list[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> Echod:
-    """Start echod; with wait, until its control socket answers `status`."""
-    port = free_port()
-    control = str(tmp / "control.sock")
-    log_path = tmp / "echod.log"
-    argv = [
-        *(prefix or []),
-        str(BIN / "echod"),
-        "--mode",
-        mode,
-        "--host",
-        "127.0.0.1",
-        "--host",
-        "::1",
-        "--port",
-        str(port),
-        "--control",
-        control,
-        "--log-format",
-        "json",
-        "--log-level",
-        "debug",
-        *(args or []),
-    ]
+    """Start echod on both loopbacks; with wait, until its control socket says it serves."""
+    argv = ["--log-format", "json", "--log-level", "debug", *(args or [])]
+    # The tests choose every setting: none comes from the caller's environment.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}, **(env or {})}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
-        )
-    d = Echod(proc, "127.0.0.1", port, control, log_path, argv)
+    started = spawn_module.start(tmp, mode, HOSTS, argv, prefix or (), env)
+    d = Echod(**vars(started))
     if wait:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"echod exited with {proc.returncode}:\n{d.log()}")
-            try:
-                st = d.status()
-                if st["state"] == "serving":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
+        try:
+            st = d.wait_serving(START_TIMEOUT)
+        except SpawnError as exc:
+            if d.proc.poll() is None:
                 d.stop()
-                raise AssertionError(f"echod did not become ready:\n{d.log()}")
-            time.sleep(0.05)
+            raise AssertionError(f"{exc}:\n{d.log()}") from None
         bpf = st["bpf"]
         d.bpf_ids = ({p["id"] for p in bpf["programs"]}, set(bpf["maps"]))
     return d

@@ -22,12 +22,12 @@ import pytest
 from click.testing import CliRunner
 
 from echoctl import benchcmd
-from echoctl.bench import BenchConfig
+from echoctl.bench.config import BenchConfig
 from echoctl.benchcmd import bench, compare
 from echoctl.client import ControlClient
-from echoctl.compare import CompareError, render_table
+from echoctl.compare import CompareError
 from echoctl.compare import _bench as compare_one
-from echoctl.sweepplot import render_sweep
+from echoctl.comparerender import render_sweep, render_table
 from tests.integration.conftest import Echod, free_port
 from tests.integration.echo_util import wait_for
 
@@ -684,10 +684,18 @@ def test_a_signal_prints_what_was_measured(signum: int, status: int, pattern: st
 
 
 def test_human_interrupted_report_is_marked() -> None:
-    with fake_server(echo) as server:
+    echoed = [0, 0]
+
+    def counting_echo(conn: socket.socket, index: int) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+            echoed[index] += len(data)
+
+    with fake_server(counting_echo) as server:
         proc = start_bench(server.port, "-d", "30")
         try:
-            wait_for(lambda: len(server.conns) >= 2, what="the bench to connect")
+            # Requests flow only once the run has started: a signal now stops a measuring run.
+            wait_for(lambda: all(echoed), what="requests on both connections")
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=15)
         finally:

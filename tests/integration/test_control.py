@@ -23,7 +23,7 @@ import msgpack
 import pytest
 
 from echoctl.client import ControlClient, ControlError
-from echod import control
+from echod import control, limits, protocol
 from tests.integration.conftest import Echod
 from tests.integration.echo_util import connect, roundtrip, wait_for
 
@@ -413,7 +413,7 @@ def test_idle_unprivileged_clients_do_not_lock_root_out(echod_factory: Factory) 
             # All 100 were accepted before this connect: root still gets a slot at once.
             st = d.status()
             assert st["state"] == "serving"
-            assert st["control"]["clients"] <= 1 + control.MAX_CLIENTS_PER_UID
+            assert st["control"]["clients"] <= 1 + limits.MAX_CLIENTS_PER_UID
             r = subprocess.run(
                 [ECHOCTL, "--control", d.control, "status"], capture_output=True, timeout=30
             )
@@ -442,8 +442,8 @@ def test_clients_that_stop_reading_are_dropped(echod_factory: Factory) -> None:
     with watcher, piper:
         watcher.connect(d.control)
         piper.connect(d.control)
-        watcher.sendall(control.encode_request(1, "watch", {"interval": 0.1}))
-        piper.sendall(b"".join(control.encode_request(i, "stats") for i in range(2000)))
+        watcher.sendall(protocol.encode_request(1, "watch", {"interval": 0.1}))
+        piper.sendall(b"".join(protocol.encode_request(i, "stats") for i in range(2000)))
         # Neither reads. Note when each one's receive queue stops growing (the daemon's writes
         # block from then on) and when the daemon hangs up.
         clients = {"watcher": watcher, "piper": piper}
@@ -511,14 +511,14 @@ def test_control_answers_at_the_fd_limit(echod_factory: Factory) -> None:
     records = log_records(d)
     low = [r for r in records if r.get("event") == "daemon.fd_limit_low"]
     assert low
-    assert low[0]["connections_possible"] == nofile - control.FD_RESERVE
+    assert low[0]["connections_possible"] == nofile - limits.FD_RESERVE
     fds = Path(f"/proc/{d.proc.pid}/fd")
     socks = []
     try:
         for _ in range(nofile):
             socks.append(connect(d.host, d.port))
         # The daemon has taken its share of them (without the reserve, it would reach EMFILE).
-        wait_for(lambda: len(list(fds.iterdir())) >= nofile - control.FD_RESERVE, what="accepts")
+        wait_for(lambda: len(list(fds.iterdir())) >= nofile - limits.FD_RESERVE, what="accepts")
         for _ in range(3):
             r = subprocess.run(
                 [ECHOCTL, "--control", d.control, "status", "--json"],
@@ -529,7 +529,7 @@ def test_control_answers_at_the_fd_limit(echod_factory: Factory) -> None:
             assert r.returncode == 0, r
             assert json.loads(r.stdout)["state"] == "serving"
         refused = d.stats()["connections"]["refused"]
-        assert refused["fd_limit"] >= nofile - (nofile - control.FD_RESERVE)
+        assert refused["fd_limit"] >= nofile - (nofile - limits.FD_RESERVE)
     finally:
         for s in socks:
             s.close()

@@ -11,10 +11,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from echoctl.bench import STREAM_WINDOW, BenchConfig
+from echoctl.bench.config import STREAM_WINDOW, BenchConfig
+from echoctl.bench.options import bench_config, load_options
+from echoctl.bench.sizes import SizeRange, parse_bytes
 from echoctl.benchcmd import bench, compare
-from echoctl.benchopts import bench_config, load_options
-from echoctl.sizes import SizeRange, parse_bytes
 
 
 @pytest.mark.parametrize(

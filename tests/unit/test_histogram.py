@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from echoctl.histogram import BUCKETS, SUB_BITS, Histogram, bucket_index, bucket_range
+from echoctl.bench.histogram import BUCKETS, SUB_BITS, Histogram, bucket_index, bucket_range
 
 REL_ERROR = 1 / (1 << (SUB_BITS - 1))
 

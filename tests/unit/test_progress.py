@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from echoctl.histogram import Histogram
-from echoctl.progress import Progress, Sample
+from echoctl.bench.histogram import Histogram
+from echoctl.bench.progress import Progress, Sample
 
 
 def sample(tick: int, requests: int) -> Sample:

@@ -24,47 +24,49 @@ import uvloop
 
 from echoctl import client as client_module
 from echoctl.client import ControlClient, ControlError, DaemonUnreachable
-from echod import control
-from echod.control import ControlServer, PeerCred, is_admin, validate_params
-from echod.errors import RequestError
+from echod import control, limits, protocol
+from echod.control import ControlServer
 from echod.logs import RateLimited
-from echod.peercred import peer_cred
+from echod.peercred import PeerCred, is_admin, peer_cred
+from echod.protocol import RequestError, validate_params
 from tests.integration.echo_util import wait_for
 
 
 def test_request_golden_bytes() -> None:
-    assert control.encode_request(1, "status") == bytes.fromhex(
+    assert protocol.encode_request(1, "status") == bytes.fromhex(
         "940001a6737461747573 80".replace(" ", "")
     )
-    assert control.encode_request(2, "start", {"mode": "user"}) == (
+    assert protocol.encode_request(2, "start", {"mode": "user"}) == (
         b"\x94\x00\x02\xa5start\x81\xa4mode\xa4user"
     )
 
 
 def test_response_golden_bytes() -> None:
-    assert control.encode_response(1, None, {"state": "serving"}) == (
+    assert protocol.encode_response(1, None, {"state": "serving"}) == (
         b"\x94\x01\x01\xc0\x81\xa5state\xa7serving"
     )
-    err = control.error_body("bad_state", "already serving")
-    assert control.encode_response(7, err, None) == (
+    err = protocol.error_body("bad_state", "already serving")
+    assert protocol.encode_response(7, err, None) == (
         b"\x94\x01\x07\x82\xa4code\xa9bad_state\xa7message\xafalready serving\xc0"
     )
-    assert control.encode_response(None, control.error_body("x", "y"), None) == (
+    assert protocol.encode_response(None, protocol.error_body("x", "y"), None) == (
         b"\x94\x01\xc0\x82\xa4code\xa1x\xa7message\xa1y\xc0"
     )
 
 
 def test_notification_golden_bytes() -> None:
-    assert control.encode_notification("stats", {"time": 1}) == b"\x93\x02\xa5stats\x81\xa4time\x01"
+    assert (
+        protocol.encode_notification("stats", {"time": 1}) == b"\x93\x02\xa5stats\x81\xa4time\x01"
+    )
 
 
 def test_client_request_bytes_match_server_encoding(tmp_path: Path) -> None:
-    # The client packs its own frames (it must not import the daemon); both must agree.
+    # The client sends what the shared encoder makes, byte for byte, and reads its replies.
     path = str(tmp_path / "c.sock")
     received = bytearray()
     replies = [
-        control.encode_response(1, None, {"api_version": control.API_VERSION}),
-        control.encode_response(2, None, {}),
+        protocol.encode_response(1, None, {"api_version": protocol.API_VERSION}),
+        protocol.encode_response(2, None, {}),
     ]
 
     def serve(listener: socket.socket) -> None:
@@ -88,7 +90,7 @@ def test_client_request_bytes_match_server_encoding(tmp_path: Path) -> None:
             assert c.call("watch", {"interval": 0.5}) == {}
         thread.join(timeout=10)
         assert not thread.is_alive(), "the fake server did not see the client close"
-    assert bytes(received) == control.encode_request(1, "hello", {}) + control.encode_request(
+    assert bytes(received) == protocol.encode_request(1, "hello", {}) + protocol.encode_request(
         2, "watch", {"interval": 0.5}
     )
 
@@ -139,7 +141,7 @@ def test_invalid_params(method: str, params: Any, code: str) -> None:
     with pytest.raises(RequestError) as info:
         validate_params(method, params)
     assert info.value.code == code
-    assert info.value.code in control.ERROR_CODES
+    assert info.value.code in protocol.ERROR_CODES
 
 
 @pytest.mark.parametrize(
@@ -158,7 +160,7 @@ def test_invalid_params(method: str, params: Any, code: str) -> None:
 )
 def test_parse_request_rejects(frame: Any) -> None:
     with pytest.raises(RequestError) as info:
-        control.parse_request(frame)
+        protocol.parse_request(frame)
     assert info.value.code == "invalid_request"
 
 
@@ -182,7 +184,7 @@ def test_parse_request_rejects(frame: Any) -> None:
     ],
 )
 def test_request_msgid(frame: Any, msgid: int | None) -> None:
-    assert control.request_msgid(frame) == msgid
+    assert protocol.request_msgid(frame) == msgid
 
 
 def test_describe_exception_names_the_class() -> None:
@@ -190,8 +192,8 @@ def test_describe_exception_names_the_class() -> None:
     unpacker.feed(b"\xc1")
     with pytest.raises(msgpack.FormatError) as info:
         unpacker.unpack()
-    assert control.describe_exception(info.value) == "FormatError"
-    assert control.describe_exception(ValueError("bad")) == "ValueError: bad"
+    assert protocol.describe_exception(info.value) == "FormatError"
+    assert protocol.describe_exception(ValueError("bad")) == "ValueError: bad"
 
 
 def test_is_admin() -> None:
@@ -208,19 +210,19 @@ def test_is_admin() -> None:
 
 def test_slot_refusal() -> None:
     total, per_uid, reserved = (
-        control.MAX_CLIENTS,
-        control.MAX_CLIENTS_PER_UID,
-        control.RESERVED_CLIENTS,
+        limits.MAX_CLIENTS,
+        limits.MAX_CLIENTS_PER_UID,
+        limits.RESERVED_CLIENTS,
     )
     # An unprivileged uid is bounded on its own, and by the shared slots.
-    assert control.slot_refusal(False, 65534, 0, per_uid - 1) is None
-    assert "uid 65534" in str(control.slot_refusal(False, 65534, per_uid, per_uid))
-    assert control.slot_refusal(False, 1000, total - 1, 0) is None
-    assert control.slot_refusal(False, 1000, total, 0) == "too many control clients"
+    assert limits.slot_refusal(False, 65534, 0, per_uid - 1) is None
+    assert "uid 65534" in str(limits.slot_refusal(False, 65534, per_uid, per_uid))
+    assert limits.slot_refusal(False, 1000, total - 1, 0) is None
+    assert limits.slot_refusal(False, 1000, total, 0) == "too many control clients"
     # Admins have no per-uid bound and the reserved slots besides.
-    assert control.slot_refusal(True, 0, total, total) is None
-    assert control.slot_refusal(True, 0, total + reserved - 1, 50) is None
-    assert control.slot_refusal(True, 0, total + reserved, 0) == "too many control clients"
+    assert limits.slot_refusal(True, 0, total, total) is None
+    assert limits.slot_refusal(True, 0, total + reserved - 1, 50) is None
+    assert limits.slot_refusal(True, 0, total + reserved, 0) == "too many control clients"
 
 
 def test_peer_cred_of_a_socketpair_is_our_own() -> None:
@@ -333,7 +335,7 @@ def test_hello_and_calls(srv: Running) -> None:
     with ControlClient(srv.path) as c:
         hello = c.connect()
         assert hello["api_version"] == 1
-        assert set(hello["methods"]) == set(control.METHODS)
+        assert set(hello["methods"]) == set(protocol.METHODS)
         assert hello["pid"] == os.getpid()
         assert hello["peer"]["uid"] == os.geteuid()
         assert hello["peer"]["admin"] is True
@@ -415,7 +417,7 @@ def test_oversize_frame(srv: Running) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(srv.path)
-        big = msgpack.packb([0, 1, "status", {"pad": "x" * (4 * control.MAX_FRAME)}])
+        big = msgpack.packb([0, 1, "status", {"pad": "x" * (4 * protocol.MAX_FRAME)}])
         try:
             s.sendall(big)
         except (BrokenPipeError, ConnectionResetError):
@@ -426,8 +428,8 @@ def test_oversize_frame(srv: Running) -> None:
 
 def test_frame_just_over_cap_is_refused_but_connection_stays(srv: Running) -> None:
     # Fits the unpacker's buffer (cap + one read) yet is over the cap: refused by its size.
-    frame = msgpack.packb([0, 1, "status", {"pad": "x" * control.MAX_FRAME}])
-    assert control.MAX_FRAME < len(frame) < control.MAX_FRAME + 100
+    frame = msgpack.packb([0, 1, "status", {"pad": "x" * protocol.MAX_FRAME}])
+    assert protocol.MAX_FRAME < len(frame) < protocol.MAX_FRAME + 100
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(srv.path)
@@ -447,7 +449,7 @@ def test_partial_frame_times_out(srv: Running, monkeypatch: pytest.MonkeyPatch) 
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(srv.path)
-        s.sendall(control.encode_request(1, "status")[:3])
+        s.sendall(protocol.encode_request(1, "status")[:3])
         replies = _drain_until_closed(s)
     assert replies[0][2]["code"] == "invalid_request"
     assert "timed out" in replies[0][2]["message"]
@@ -457,11 +459,11 @@ def test_partial_frame_deadline_is_for_the_whole_frame(
     srv: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(control, "PARTIAL_FRAME_TIMEOUT", 1.0)
-    frame = control.encode_request(2, "status")
+    frame = protocol.encode_request(2, "status")
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(srv.path)
-        s.sendall(control.encode_request(1, "hello"))
+        s.sendall(protocol.encode_request(1, "hello"))
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(s.recv(65536))
         assert next(unpacker)[1] == 1
@@ -489,7 +491,7 @@ def test_idle_connection_is_closed(srv: Running, monkeypatch: pytest.MonkeyPatch
         t0 = time.monotonic()
         idle.connect(srv.path)
         partial.connect(srv.path)
-        partial.sendall(control.encode_request(1, "status")[:3])
+        partial.sendall(protocol.encode_request(1, "status")[:3])
         wait_for(lambda: srv.counts() == (2, 0), what="two clients")
         replies = _drain_until_closed(idle)
         assert time.monotonic() - t0 < 3.0

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from echoctl import render, sweepplot
-from echoctl.sizes import size_label
+from echoctl import comparerender, render
+from echoctl.bench.sizes import size_label
 
 
 @pytest.mark.parametrize(
@@ -233,7 +233,7 @@ def test_sweep_plot_scales_and_labels() -> None:
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    fig = sweepplot.draw(_sweep_result())
+    fig = comparerender.draw(_sweep_result())
     try:
         ax_lat, ax_bw = fig.axes
         assert ax_lat.get_xscale() == "log"

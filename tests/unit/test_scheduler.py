@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from echoctl.bench import BenchConfig, RateSchedule, failures, split
+from echoctl.bench.config import BenchConfig
+from echoctl.bench.report import failures
+from echoctl.bench.runner import split
+from echoctl.bench.schedule import RateSchedule
 
 
 class FakeClock:

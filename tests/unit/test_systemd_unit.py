@@ -151,7 +151,7 @@ def test_shipped_config_shows_the_defaults() -> None:
 
 def test_shipped_config_names_every_mutating_call() -> None:
     """The admin_group comment lists what the group unlocks, reload included."""
-    from echod.control import MUTATING_METHODS
+    from echod.protocol import MUTATING_METHODS
 
     text = SHIPPED_CONFIG.read_text()
     comment = text[: text.index("admin_group =")].rsplit("\n\n", 1)[-1]

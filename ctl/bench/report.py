@@ -1,8 +1,100 @@
-"""The human `echoctl bench` report and its progress lines."""
+"""The bench report: the workers' figures merged into one object, and its human rendering.
+
+`build_report` makes the `--json` object; `failures` says why a finished run counts as failed;
+`render_report` and `progress_line` are what a person sees.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
+
+from echoctl.bench.config import BenchConfig
+from echoctl.bench.histogram import Histogram
+from echoctl.bench.messages import Counters, Result
+
+
+def build_report(
+    cfg: BenchConfig, results: list[Result], connect: Histogram, nworkers: int
+) -> dict[str, Any]:
+    """Merge the workers' figures into the report (the `--json` object of `echoctl bench`)."""
+    hist, raw = Histogram(), Histogram()
+    totals = {k: sum(getattr(r.counters, k) for r in results) for k in asdict(Counters())}
+    for r in results:
+        hist.merge_sparse(r.hist)
+        if r.raw_hist:
+            raw.merge_sparse(r.raw_hist)
+    duration = max(r.elapsed_ns for r in results) / 1e9
+    errors = totals["short_reads"] + totals["resets"] + totals["timeouts"] + totals["other_errors"]
+    cpu_user = sum(r.cpu_user_s for r in results)
+    cpu_sys = sum(r.cpu_system_s for r in results)
+    requests = totals["requests"]
+    report: dict[str, Any] = {
+        "qps": round(requests / duration, 1),
+        "requests": requests,
+        "errors": errors,
+        "mismatches": totals["mismatches"],
+        "short_reads": totals["short_reads"],
+        "resets": totals["resets"],
+        "timeouts": totals["timeouts"],
+        "other_errors": totals["other_errors"],
+        "stalled": totals["stalled"],
+        "latency_us": hist.summary(),
+        "connect_us": connect.summary(),
+        "bytes_sent": totals["bytes_sent"],
+        "bytes_received": totals["bytes_received"],
+        "bytes_verified": totals["bytes_verified"],
+        "duration_s": round(duration, 3),
+        "connections": cfg.connections,
+        "connections_alive": sum(r.connections_alive for r in results),
+        "warmup_errors": sum(r.warmup_errors for r in results),
+        # One size stays a number; a range is reported as it was given, "MIN-MAX".
+        "size": cfg.size if cfg.sizes.fixed else str(cfg.sizes),
+        "size_min": cfg.sizes.low,
+        "size_max": cfg.sizes.high,
+        "pipeline": cfg.in_flight_messages(),
+        "window_bytes": cfg.in_flight_bytes(),
+        "stall_timeout_s": cfg.stall_timeout,
+        "pattern": cfg.pattern,
+        "workers": nworkers,
+        "warmup_s": cfg.warmup,
+        "cpu": {
+            "client": {
+                "user_s": round(cpu_user, 3),
+                "system_s": round(cpu_sys, 3),
+                "total_s": round(cpu_user + cpu_sys, 3),
+            }
+        },
+    }
+    if not cfg.uses_flow():
+        report["bytes_sent"] = report["bytes_received"] = requests * cfg.size
+        report["bytes_verified"] = (requests - totals["mismatches"]) * cfg.size
+    for kind, key in (("mismatches", "mismatch_details"), ("stalls", "stall_details")):
+        notes = [n for r in results for n in r.notes.get(kind, [])]
+        if notes:
+            report[key] = notes
+    if cfg.qps:
+        report["target_qps"] = cfg.qps
+        report["latency_raw_us"] = raw.summary()
+    report["mb_per_s_sent"] = round(report["bytes_sent"] / duration / 1e6, 2)
+    report["mb_per_s_received"] = round(report["bytes_received"] / duration / 1e6, 2)
+    return report
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Return why a finished run counts as failed (exit status 1); empty when it passed."""
+    reasons = []
+    if report["errors"]:
+        reasons.append(f"{report['errors']} errors")
+    if report["mismatches"]:
+        reasons.append(f"{report['mismatches']} mismatches")
+    if report.get("stalled"):
+        reasons.append(f"{report['stalled']} stalled connections")
+    if report.get("warmup_errors"):
+        reasons.append(f"{report['warmup_errors']} errors during the warm-up")
+    if not report["requests"]:
+        reasons.append("no request completed")
+    return reasons
 
 
 def plural(n: int, word: str) -> str:

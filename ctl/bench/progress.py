@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from echoctl.histogram import Histogram
+from echoctl.bench.histogram import Histogram
 
 ProgressFn = Callable[[dict[str, Any]], None]
 

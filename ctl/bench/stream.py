@@ -45,7 +45,7 @@ class Stalled(Exception):
 
 
 class Host(Protocol):
-    """What the flow engine needs from its worker (echoctl.bench._Worker)."""
+    """What the flow engine needs from its worker (worker.Worker)."""
 
     cfg: Any
     index: int

@@ -1,11 +1,63 @@
-"""The size sweep of `echoctl compare --sizes`: its table, and the `--plot` figure."""
+"""What `echoctl compare` shows: the mode table, the size sweep table and the `--plot` figure."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from echoctl.compare import align
-from echoctl.sizes import size_label
+from echoctl.bench.report import plural
+from echoctl.bench.sizes import size_label
+from echoctl.compare import ROWS
+
+
+def _fmt(value: float | None, key: str) -> str:
+    if value is None:
+        return "-"
+    if key == "qps":
+        return f"{value:,.0f}"
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """Return the mode comparison as an aligned text table."""
+    modes = result["modes"]
+    header = ["", *modes] + [f"{m} vs {modes[0]}" for m in modes[1:]]
+    rows = [header]
+    for key, label, _ in ROWS:
+        row = [label] + [_fmt(result["summary"][m][key], key) for m in modes]
+        row += [_pct(result["change_pct"][m][key]) for m in modes[1:]]
+        rows.append(row)
+    rows.append(
+        ["errors / mismatches"]
+        + [
+            f"{result['summary'][m]['errors']} / {result['summary'][m]['mismatches']}"
+            for m in modes
+        ]
+        + [""] * (len(modes) - 1)
+    )
+    load = result["load"]
+    length = f"{load['duration_s']:g} s" if load["duration_s"] else f"{load['rounds']} rounds"
+    title = (
+        f"{plural(load['connections'], 'connection')} x {load['size']} B {load['pattern']}, "
+        f"{length} per "
+        f"run, median of {result['repeat']} (modes alternated)"
+    )
+    return title + "\n" + align(rows)
+
+
+def align(rows: list[list[str]]) -> str:
+    """Return rows as text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 def render_sweep(result: dict[str, Any]) -> str:

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from echoctl.bench import BenchConfig
-from echoctl.sizes import SizeRange, parse_bytes
+from echoctl.bench.config import BenchConfig
+from echoctl.bench.sizes import SizeRange, parse_bytes
 
 
 class SizeRangeType(click.ParamType):

@@ -1,0 +1,202 @@
+"""The parent side of a run: fork the workers, start them together, gather their figures.
+
+`run_bench` is the whole run. It splits the connections over worker processes (worker.py),
+waits until every worker is connected, sets one start time for all, shows progress while they
+run, and merges their `Done` records into the report (report.py). A worker that fails or dies
+ends the run with BenchError; Ctrl-C once measuring has begun stops the workers and reports
+what was measured until then.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from echoctl.bench.config import MAX_RUN_S, PROGRESS_NS, BenchConfig, BenchError
+from echoctl.bench.histogram import Histogram
+from echoctl.bench.messages import Done, Failed, Message, Ready, Result, Tick
+from echoctl.bench.progress import Progress, ProgressFn
+from echoctl.bench.report import build_report
+from echoctl.bench.target import resolve
+from echoctl.bench.worker import worker_main
+from echoctl.client import ControlClient
+from echoctl.interrupt import Interrupt
+from echoctl.sysstat import cpu_count, machine_cpu
+
+ServerProbe = Callable[[], dict[str, Any]]
+
+
+@dataclass
+class _Collected:
+    results: dict[int, Result] = field(default_factory=dict)
+    connect: Histogram = field(default_factory=Histogram)
+
+
+def split(total: int, parts: int) -> list[int]:
+    """Split `total` connections into `parts` near-equal shares."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_bench(
+    cfg: BenchConfig,
+    progress: ProgressFn | None = None,
+    server_probe: ServerProbe | None = None,
+    interrupt: Interrupt | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark and return the report (the `--json` object).
+
+    With `interrupt`, a signal once measuring has begun stops the workers and the report covers
+    what was measured until then, with `interrupted` naming the signal.
+    """
+    cfg.validate()
+    family, sockaddr = resolve(cfg.host, cfg.port)
+    nworkers = cfg.worker_count()
+    shares = split(cfg.connections, nworkers)
+    # fork, not spawn: spawn re-imports the caller's __main__, which breaks for `python -c` and
+    # for scripts without a main guard. Workers touch nothing that another thread could hold.
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    go = ctx.Event()
+    start_ns = ctx.RawValue("q", 0)
+    stop_flag = ctx.RawValue("b", 0)
+    procs = []
+    for i, share in enumerate(shares):
+        rate = cfg.qps * share / cfg.connections if cfg.qps else 0.0
+        args = (cfg, i, share, rate, family, sockaddr, out, go, start_ns, stop_flag)
+        procs.append(ctx.Process(target=worker_main, args=args, daemon=True, name=f"bench-{i}"))
+    for p in procs:
+        p.start()
+    got = _Collected()
+    lines = (
+        Progress(nworkers, PROGRESS_NS / 1e9, cfg.pattern == "stream", progress)
+        if progress
+        else None
+    )
+    try:
+        _await_ready(cfg, out, procs, got)
+        server_before = server_probe() if server_probe else None
+        start_ns.value = time.monotonic_ns() + 20_000_000
+        measure_ns = start_ns.value + int(cfg.warmup * 1e9)
+        go.set()
+        if interrupt is not None:
+            interrupt.graceful(lambda: setattr(stop_flag, "value", 1))
+        _sleep_until(measure_ns, stop_flag)
+        machine_before = machine_cpu()
+        if server_probe and cfg.warmup:
+            server_before = server_probe()
+        _await_done(cfg, out, procs, got, lines)
+        machine_after = machine_cpu()
+        server_after = server_probe() if server_probe else None
+    except BaseException:
+        stop_flag.value = 1
+        go.set()
+        _reap(procs)
+        raise
+    _reap(procs)
+    report = build_report(cfg, list(got.results.values()), got.connect, nworkers)
+    report["cpu"]["machine"] = {
+        **machine_after.minus(machine_before).report(),
+        "cpus": cpu_count(),
+    }
+    if server_probe:
+        report["server"] = server_delta(server_before, server_after)
+    if interrupt is not None and interrupt.name:
+        report["interrupted"] = interrupt.name
+    return report
+
+
+def _sleep_until(when_ns: int, stop_flag: Any) -> None:
+    while not stop_flag.value and (gap := when_ns - time.monotonic_ns()) > 0:
+        time.sleep(min(gap / 1e9, 0.1))
+
+
+def _reap(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+
+
+def _await_ready(cfg: BenchConfig, out: Any, procs: list[Any], got: _Collected) -> None:
+    ready = 0
+    deadline = time.monotonic() + cfg.timeout * max(1, cfg.connections // 100) + 30
+    while ready < len(procs):
+        message = _get(out, deadline, procs)
+        if isinstance(message, Failed):
+            raise BenchError(message.message)
+        if isinstance(message, Ready):
+            got.connect.merge_sparse(message.connect)
+            ready += 1
+
+
+def _await_done(
+    cfg: BenchConfig, out: Any, procs: list[Any], got: _Collected, lines: Progress | None
+) -> None:
+    length = cfg.duration if cfg.duration is not None else MAX_RUN_S
+    deadline = time.monotonic() + cfg.warmup + length + cfg.timeout + cfg.stall_timeout + 150
+    while len(got.results) < len(procs):
+        message = _get(out, deadline, procs)
+        if isinstance(message, Failed):
+            raise BenchError(message.message)
+        if isinstance(message, Done):
+            got.results[message.result.index] = message.result
+        elif isinstance(message, Tick) and lines is not None:
+            lines.add(message.index, message.sample)
+
+
+def _get(out: Any, deadline: float, procs: list[Any]) -> Message:
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError("bench workers did not finish in time")
+        try:
+            message: Message = out.get(timeout=min(left, 1.0))
+            return message
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                text = f"bench worker {dead[0].name} died (exit {dead[0].exitcode})"
+                raise BenchError(text) from None
+
+
+def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the daemon's mode and its CPU and context-switch deltas between two probes."""
+    if not before or not after or "error" in before or "error" in after:
+        return {"error": (after or before or {}).get("error", "no server figures")}
+    out: dict[str, Any] = {
+        "mode": after.get("mode"),
+        "requested_mode": after.get("requested_mode"),
+        "pid": after.get("pid"),
+        # Probed while the bench connections were open, before any of them closed.
+        "connections_by_path": before.get("connections_by_path"),
+    }
+    if before.get("pid") != after.get("pid"):
+        out["error"] = "the daemon restarted during the run"
+        return out
+    p0, p1 = before.get("process", {}), after.get("process", {})
+    for key in ("cpu_user_s", "cpu_system_s", "ctx_voluntary", "ctx_involuntary"):
+        if key in p0 and key in p1:
+            delta = p1[key] - p0[key]
+            out[key] = round(delta, 3) if isinstance(delta, float) else delta
+    return out
+
+
+def control_probe(path: str, timeout: float = 5.0) -> ServerProbe:
+    """Return a probe that reads `status` and `stats` from the daemon's control socket."""
+
+    def probe() -> dict[str, Any]:
+        try:
+            with ControlClient(path, timeout=timeout) as client:
+                status = client.call("status")
+                stats = client.call("stats")
+        except Exception as exc:  # ControlError or OSError: report it; the bench still counts
+            return {"error": f"control socket {path}: {exc}"}
+        process = stats.get("process", {}) if isinstance(stats, dict) else {}
+        return {**status, "process": process}
+
+    return probe

@@ -1,0 +1,188 @@
+"""The control protocol's wire format, shared by the daemon and echoctl (docs/protocol.md).
+
+MessagePack-RPC frames: a request `[0, msgid, method, params]`, a response
+`[1, msgid, error, result]` and a notification `[2, method, params]`. This module holds the
+constants both ends agree on, the error codes and `RequestError`, encoding, and the checks of
+a request and of a reply. The server (control.py) and the client (echoctl.client) frame the
+bytes; neither defines any of this again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import msgpack
+
+from echod.config import MODES
+
+API_VERSION = 1
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2  # the first element of every frame
+
+# Every `code` a response error can carry; docs/protocol.md explains each one.
+ERROR_CODES = (
+    "invalid_request",
+    "unknown_method",
+    "invalid_params",
+    "frame_too_large",
+    "permission_denied",
+    "bad_state",
+    "invalid_config",
+    "not_supported",
+    "listen_failed",
+    "busy",
+    "internal",
+)
+# The largest request frame the daemon reads; replies are not capped this way.
+MAX_FRAME = 64 * 1024
+
+MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 60.0, 1.0
+
+READ_ONLY_METHODS = ("hello", "status", "stats", "watch")
+MUTATING_METHODS = ("start", "stop", "restart", "reload")
+METHODS = READ_ONLY_METHODS + MUTATING_METHODS
+
+
+class RequestError(Exception):
+    """A control request that cannot be carried out; `code` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ControlTarget(Protocol):
+    """What the control methods act on: the daemon (daemon.Daemon) serves every one of them."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]: ...
+
+    async def stop(self) -> dict[str, Any]: ...
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
+def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
+    """Pack a request frame."""
+    return msgpack.packb([REQUEST, msgid, method, params or {}])
+
+
+def encode_response(msgid: int | None, error: dict[str, str] | None, result: Any) -> bytes:
+    """Pack a response frame; `msgid` is None when the request could not be read."""
+    return msgpack.packb([RESPONSE, msgid, error, result])
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    """Pack a notification frame."""
+    return msgpack.packb([NOTIFICATION, method, params])
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    """Build the error map of a response."""
+    return {"code": code, "message": message}
+
+
+def _check_keys(params: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(str(k) for k in params if k not in allowed)
+    if unknown:
+        raise RequestError("invalid_params", f"unknown parameter(s): {', '.join(unknown)}")
+
+
+def _opt_mode(params: dict[str, Any]) -> str | None:
+    mode = params.get("mode")
+    if mode is None:
+        return None
+    if not isinstance(mode, str) or mode not in MODES:
+        raise RequestError("invalid_params", f"mode must be one of {', '.join(MODES)}")
+    return mode
+
+
+def _opt_port(params: dict[str, Any]) -> int | None:
+    port = params.get("port")
+    if port is None:
+        return None
+    # bool is an int subclass; True is not a port.
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise RequestError("invalid_params", "port must be an integer in 1..65535")
+    return port
+
+
+def _interval(params: dict[str, Any]) -> float:
+    value = params.get("interval", DEFAULT_INTERVAL)
+    if value is None:
+        return DEFAULT_INTERVAL
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError("invalid_params", "interval must be a number of seconds")
+    if not MIN_INTERVAL <= value <= MAX_INTERVAL:
+        raise RequestError(
+            "invalid_params", f"interval must be between {MIN_INTERVAL} and {MAX_INTERVAL} s"
+        )
+    return float(value)
+
+
+def validate_params(method: str, params: Any) -> dict[str, Any]:
+    """Check a request's params for `method` and return the keyword arguments to call with."""
+    if method not in METHODS:
+        raise RequestError("unknown_method", f"unknown method {method!r}")
+    # An empty array is what generic MessagePack-RPC clients send for "no arguments".
+    if params is None or params == []:
+        params = {}
+    if not isinstance(params, dict):
+        raise RequestError("invalid_params", "params must be a map of named parameters")
+    if method == "start":
+        _check_keys(params, ("mode", "port"))
+        return {"mode": _opt_mode(params), "port": _opt_port(params)}
+    if method == "restart":
+        _check_keys(params, ("mode",))
+        return {"mode": _opt_mode(params)}
+    if method == "watch":
+        _check_keys(params, ("interval",))
+        return {"interval": _interval(params)}
+    _check_keys(params, ())
+    return {}
+
+
+def _valid_msgid(msgid: Any) -> bool:
+    # bool is an int subclass; True is not a msgid.
+    return not isinstance(msgid, bool) and isinstance(msgid, int) and 0 <= msgid < 2**32
+
+
+def request_msgid(frame: Any) -> int | None:
+    """The msgid of a frame that starts like a request `[0, msgid, ...]`, else None."""
+    if isinstance(frame, list | tuple) and len(frame) >= 2 and frame[0] == REQUEST:
+        if _valid_msgid(frame[1]):
+            return int(frame[1])
+    return None
+
+
+def parse_request(frame: Any) -> tuple[int, str, Any]:
+    """Split a decoded request frame into (msgid, method, params) or raise invalid_request."""
+    if not isinstance(frame, list | tuple) or len(frame) != 4 or frame[0] != REQUEST:
+        raise RequestError("invalid_request", "expected a request [0, msgid, method, params]")
+    _, msgid, method, params = frame
+    if not _valid_msgid(msgid):
+        raise RequestError("invalid_request", "msgid must be an unsigned 32-bit integer")
+    if not isinstance(method, str):
+        raise RequestError("invalid_request", "method must be a string")
+    return msgid, method, params
+
+
+def describe_exception(exc: BaseException) -> str:
+    """The class name of `exc`, and its message when it has one (msgpack's are often empty)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def well_formed_reply(frame: Any) -> bool:
+    """Whether a frame the daemon sent is a response or a notification of the right shape."""
+    if not isinstance(frame, list) or not frame:
+        return False
+    if frame[0] == RESPONSE:
+        return len(frame) == 4 and (frame[2] is None or isinstance(frame[2], dict))
+    return frame[0] == NOTIFICATION and len(frame) == 3
