@@ -26,7 +26,10 @@ def render_table(result: dict[str, Any]) -> str:
     modes = result["modes"]
     header = ["", *modes] + [f"{m} vs {modes[0]}" for m in modes[1:]]
     rows = [header]
+    churn = result["load"]["pattern"] == "crr"
     for key, label, _ in ROWS:
+        if churn:  # one request per connection
+            label = label.replace("req/s", "conn/s").replace("per request", "per connection")
         row = [label] + [_fmt(result["summary"][m][key], key) for m in modes]
         row += [_pct(result["change_pct"][m][key]) for m in modes[1:]]
         rows.append(row)

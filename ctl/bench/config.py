@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from echoctl.bench.sizes import SizeRange
 from echoctl.sysstat import cpu_count
 
-PATTERNS = ("pingpong", "stream")
+PATTERNS = ("pingpong", "stream", "crr")
 MAX_RUN_S = 3600.0  # a run by rounds still stops after this long
 PROGRESS_NS = 1_000_000_000  # workers send running totals this often
 STREAM_WINDOW = 1 << 20  # default bytes in flight per stream connection
@@ -74,9 +74,11 @@ class BenchConfig:
             raise ValueError("qps, warmup and workers must be >= 0 and timeout > 0")
         if self.duration is not None and not 0 < self.duration <= MAX_RUN_S:
             raise ValueError(f"duration must be in (0, {MAX_RUN_S:g}] seconds")
-        if self.qps and self.pattern == "stream":
-            raise ValueError("--qps applies to ping-pong only; stream keeps the pipe full")
+        if self.qps and self.pattern != "pingpong":
+            raise ValueError("--qps applies to ping-pong only")
         self.sizes  # noqa: B018 - validates the range
+        if self.pattern == "crr" and (self.pipeline > 1 or self.window or not self.sizes.fixed):
+            raise ValueError("--pattern crr sends one message per connection: one size, no window")
         if self.qps and self.uses_flow():
             raise ValueError("--qps needs one size, --pipeline 1 and no --window")
         if self.pipeline < 0 or self.window < 0 or not self.stall_timeout > 0:

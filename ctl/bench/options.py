@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from echoctl.bench.config import BenchConfig
+from echoctl.bench.config import PATTERNS, BenchConfig
 from echoctl.bench.sizes import SizeRange, parse_bytes
 
 
@@ -129,11 +129,11 @@ def load_options(f: Any) -> Any:
         ),
         click.option(
             "--pattern",
-            type=click.Choice(["pingpong", "stream"]),
+            type=click.Choice(PATTERNS),
             default="pingpong",
             show_default=True,
-            help="Messages echoed in turn (see --pipeline), or a byte stream filling the pipe "
-            "both ways (see --window).",
+            help="Messages echoed in turn (see --pipeline); a byte stream filling the pipe "
+            "both ways (see --window); or crr: connect, one message, close, again.",
         ),
         click.option(
             "--timeout",

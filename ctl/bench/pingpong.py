@@ -32,6 +32,16 @@ def stalled_if_timed_out(exc: BaseException) -> BaseException:
     return Stalled() if isinstance(exc, BlockingIOError) else exc
 
 
+def end_of_round(w: PingPongHost, lat: list[int], check_at: int) -> tuple[int, bool]:
+    """Fold a long latency list, and do the clock's duties when due; return (next check, go on)."""
+    if len(lat) >= FOLD_AT:
+        w.fold(lat, None)
+    t = time.monotonic_ns()
+    if t < check_at:
+        return check_at, True
+    return w.next_check(t), w.duties(t, lat, None)
+
+
 def payloads(w: PingPongHost) -> list[bytes]:
     """Return one connection's payloads: random, and consecutive ones always differ."""
     size = w.cfg.size
@@ -129,13 +139,9 @@ def run_pingpong(w: PingPongHost) -> None:
                     if t is not None:
                         lat.append(t - t_send[j])
                 break
-            if len(lat) >= FOLD_AT:
-                w.fold(lat, None)
-            t = now()
-            if t >= check_at:
-                check_at = w.next_check(t)
-                if not w.duties(t, lat, None):
-                    r = rounds
+            check_at, going = end_of_round(w, lat, check_at)
+            if not going:
+                r = rounds
         if dead:
             drop(w, dead, mine)
             w.fold(lat, None)

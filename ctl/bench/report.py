@@ -73,6 +73,8 @@ def build_report(
         notes = [n for r in results for n in r.notes.get(kind, [])]
         if notes:
             report[key] = notes
+    if cfg.pattern == "crr":
+        report["conn_per_s"] = report["qps"]  # one request per connection: the same figure
     if cfg.qps:
         report["target_qps"] = cfg.qps
         report["latency_raw_us"] = raw.summary()
@@ -139,11 +141,17 @@ def _load(r: dict[str, Any]) -> str:
 def render_report(r: dict[str, Any]) -> str:
     """Return a bench report as a short aligned table with units."""
     stream = r["pattern"] == "stream"
+    churn = r["pattern"] == "crr"
     title = "load (interrupted)" if r.get("interrupted") else "load"
-    rows = [
-        (title, _load(r)),
-        ("connections", f"{r['connections_alive']} of {r['connections']} open at the end"),
-    ]
+    rows = [(title, _load(r))]
+    if churn:
+        rows += [
+            ("connections", f"{r['requests']:,} opened, echoed and closed"),
+            ("rate", f"{r['qps']:,.0f} conn/s"),
+        ]
+    else:
+        alive = f"{r['connections_alive']} of {r['connections']} open at the end"
+        rows.append(("connections", alive))
     if stream:
         # A full pipe has no request rate worth the name: bytes per second is the figure.
         rows += [
@@ -153,7 +161,7 @@ def render_report(r: dict[str, Any]) -> str:
             ),
             ("messages", f"{r['requests']:,} echoed whole"),
         ]
-    else:
+    elif not churn:
         rows += [
             ("requests", f"{r['requests']:,}"),
             (
@@ -180,12 +188,15 @@ def render_report(r: dict[str, Any]) -> str:
     if stream:
         # Defined per message, but in a full pipe it is mostly the wait behind the window.
         rows.append(("message round trip", latency(r["latency_us"])))
+    elif churn:
+        rows.append(("cycle (connect to close)", latency(r["latency_us"])))
     else:
         label = "latency" + (" (corrected)" if "latency_raw_us" in r else "")
         rows.append((label, latency(r["latency_us"])))
     if "latency_raw_us" in r:
         rows.append(("latency (raw)", latency(r["latency_raw_us"])))
-    rows.append(("connect", latency(r["connect_us"])))
+    if not churn:  # churn's connects are inside its cycles
+        rows.append(("connect", latency(r["connect_us"])))
     rows += _cpu_rows(r)
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

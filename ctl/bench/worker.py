@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from echoctl.bench.config import MAX_RUN_S, PROGRESS_NS, BenchConfig
+from echoctl.bench.crr import run_crr
 from echoctl.bench.histogram import Histogram
 from echoctl.bench.messages import Counters, Done, Failed, Ready, Result, Tick
 from echoctl.bench.pingpong import run_paced, run_pingpong
@@ -87,11 +88,23 @@ class Worker:
         self.alive = 0  # connections still open when the run ended
         self.notes: dict[str, list[dict[str, Any]]] = {}  # mismatch offsets, stall details
         self.live_bytes: Callable[[], tuple[int, int]] | None = None  # set by a byte stream
+        self.family = 0  # the target, for patterns that connect during the run (crr)
+        self.sockaddr: tuple[Any, ...] = ()
 
     # -- setup
 
     def connect_all(self, family: int, sockaddr: tuple[Any, ...]) -> None:
-        """Open this worker's connections, timing each connect."""
+        """Open this worker's connections, timing each connect.
+
+        Churn opens its connections during the run: here it only checks, with one connection
+        opened and closed, that the target answers.
+        """
+        self.family, self.sockaddr = family, sockaddr
+        if self.cfg.pattern == "crr":
+            t0 = time.monotonic_ns()
+            connect(family, sockaddr, self.cfg, blocking=True).close()
+            self.connect_hist.record_many([time.monotonic_ns() - t0])
+            return
         blocking = not self.cfg.uses_flow()
         times = []
         for _ in range(self.nconns):
@@ -223,8 +236,6 @@ class Worker:
         else:
             self.warmup_errors += 1
 
-    # -- ping-pong
-
 
 def worker_main(
     cfg: BenchConfig,
@@ -259,7 +270,9 @@ def worker_main(
     if wait > 0:
         time.sleep(wait / 1e9)
     try:
-        if cfg.uses_flow():
+        if cfg.pattern == "crr":
+            run_crr(worker)
+        elif cfg.uses_flow():
             Flow(worker).run()
         elif rate:
             run_paced(worker)

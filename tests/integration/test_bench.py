@@ -81,6 +81,40 @@ def test_bench_json_has_every_key_and_no_mismatch(echod_factory: Factory, mode: 
     assert {"cpu_user_s", "cpu_system_s", "ctx_voluntary", "ctx_involuntary"} <= r["server"].keys()
 
 
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=pytest.mark.bpf), "user"])
+def test_churn_opens_a_connection_per_request(echod_factory: Factory, mode: str) -> None:
+    d = echod_factory(mode=mode)
+    before = d.stats()["connections"]["accepted"]
+    args = ["-c", "4", "--workers", "2", "-r", "300", "-s", "1000", "--pattern", "crr"]
+    code, r = run_bench(*target(d), *args)
+    assert code == 0, r
+    assert r["requests"] == 1200
+    assert r["errors"] == r["mismatches"] == 0
+    assert r["bytes_verified"] == r["bytes_received"] == 1200 * 1000
+    assert r["conn_per_s"] == r["qps"] > 0
+    # Every request had its own connection (each worker also opens one to check the target).
+    wait_for(lambda: d.stats()["connections"]["active"] == 0, what="the daemon to see the closes")
+    stats = d.stats()
+    assert stats["connections"]["accepted"] - before == 1200 + 2
+    assert stats["connections"]["closed"] == stats["connections"]["accepted"]
+
+
+def test_churn_catches_a_corrupting_server(corrupting_server: FakeServer) -> None:
+    port = str(corrupting_server.port)
+    code, r = run_bench("--port", port, "-c", "2", "-r", "50", "--pattern", "crr")
+    assert code == 1
+    assert r["mismatches"] == r["requests"] == 100
+
+
+def test_churn_human_report_shows_connections_per_second(corrupting_server: FakeServer) -> None:
+    args = ["--port", str(corrupting_server.port), "-c", "1", "-r", "5", "--pattern", "crr"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 1
+    assert "conn/s" in result.stdout
+    assert "5 opened, echoed and closed" in result.stdout
+    assert "5 mismatches" in result.stderr
+
+
 @pytest.mark.bpf
 def test_bench_by_rounds_counts_exactly(echod_factory: Factory) -> None:
     d = echod_factory(mode="kernel")

@@ -126,6 +126,10 @@ def test_stream_defaults_bound_the_window() -> None:
         ["--pipeline", "0"],
         ["--window", "lots"],
         ["--stall-timeout", "0"],
+        ["--pattern", "crr", "-s", "1-64"],
+        ["--pattern", "crr", "--pipeline", "4"],
+        ["--pattern", "crr", "--window", "4096"],
+        ["--pattern", "crr", "-q", "100"],
     ],
 )
 def test_bad_input_is_a_usage_error(args: list[str]) -> None:
