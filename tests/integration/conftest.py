@@ -97,6 +97,9 @@ class Echod(Daemon):
             raise AssertionError(f"{exc}:\n{self.log()}") from None
 
 
+Factory = Callable[..., Echod]
+
+
 def spawn(
     tmp: Path,
     mode: str = "kernel",
@@ -107,6 +110,10 @@ def spawn(
 ) -> Echod:
     """Start echod on both loopbacks; with wait, until its control socket says it serves."""
     argv = ["--log-format", "json", "--log-level", "debug", *(args or [])]
+    if "--workers" not in argv:
+        # One process unless a test asks for workers (test_workers.py): these tests freeze,
+        # limit and inspect the daemon's one pid.
+        argv += ["--workers", "1"]
     # The tests choose every setting: none comes from the caller's environment.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}, **(env or {})}
     started = spawn_module.start(tmp, mode, HOSTS, argv, prefix or (), env)

@@ -1,0 +1,269 @@
+"""Control-plane availability (issue 12): idle and stuck clients, refusals, fd limit, scale."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from echoctl.client import ControlClient
+from echod import control, limits, protocol
+from tests.integration.conftest import Echod, Factory
+from tests.integration.control_util import ECHOCTL, NOBODY, reachable_by_others, still_serving
+from tests.integration.echo_util import connect, wait_for
+
+NOBODY_PREFIX = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+IDLE_CLIENTS = """
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    socks.append(s)
+print("connected", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+closed = 0
+for s in socks:
+    s.settimeout(max(t0 + 30 - time.monotonic(), 0.01))
+    try:
+        while s.recv(4096):
+            pass
+        closed += 1
+    except OSError:
+        pass
+print(closed, round(time.monotonic() - t0, 2), flush=True)
+"""
+
+
+DENIED_FLOOD = """
+import socket, sys, msgpack
+path, n, batch = sys.argv[1], int(sys.argv[2]), 500
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(path)
+unpacker = msgpack.Unpacker(raw=False)
+codes = {}
+for start in range(0, n, batch):
+    s.sendall(b"".join(msgpack.packb([0, i, "stop", {}]) for i in range(start, start + batch)))
+    got = 0
+    while got < batch:
+        unpacker.feed(s.recv(65536))
+        for reply in unpacker:
+            got += 1
+            code = reply[2] and reply[2]["code"]
+            codes[code] = codes.get(code, 0) + 1
+print(codes.get("permission_denied", 0), flush=True)
+"""
+
+
+def nobody_python(script: str, *args: str) -> subprocess.Popen[str]:
+    """The test's Python running `script` as uid/gid 65534, no supplementary groups."""
+    return subprocess.Popen(
+        [*NOBODY_PREFIX, sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+    )
+
+
+def log_records(d: Echod) -> list[dict[str, Any]]:
+    """The daemon's JSON log records."""
+    records = []
+    for line in d.log().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+@pytest.mark.timeout(90)
+def test_idle_unprivileged_clients_do_not_lock_root_out(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    with reachable_by_others(d.control):
+        os.chmod(d.control, 0o666)
+        with nobody_python(IDLE_CLIENTS, d.control, "100") as child:
+            assert child.stdout is not None
+            assert child.stdin is not None
+            assert child.stdout.readline().strip() == "connected"
+            # All 100 were accepted before this connect: root still gets a slot at once.
+            st = d.status()
+            assert st["state"] == "serving"
+            assert st["control"]["clients"] <= 1 + limits.MAX_CLIENTS_PER_UID
+            r = subprocess.run(
+                [ECHOCTL, "--control", d.control, "status"], capture_output=True, timeout=30
+            )
+            assert r.returncode == 0, r
+            child.stdin.write("\n")
+            child.stdin.flush()
+            closed, seconds = child.stdout.readline().split()
+            child.wait(10)
+    # The refused ones were told `busy` at once; the idle ones closed after IDLE_TIMEOUT.
+    assert int(closed) == 100
+    assert float(seconds) < control.IDLE_TIMEOUT + 3
+    wait_for(lambda: d.status()["control"]["clients"] == 1, what="idle slots to be freed")
+    assert any(r.get("event") == "control.busy" and r.get("uid") == NOBODY for r in log_records(d))
+
+
+def _queued(sock: socket.socket) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+@pytest.mark.timeout(120)
+def test_clients_that_stop_reading_are_dropped(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    watcher, piper = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    with watcher, piper:
+        watcher.connect(d.control)
+        piper.connect(d.control)
+        watcher.sendall(protocol.encode_request(1, "watch", {"interval": 0.1}))
+        piper.sendall(b"".join(protocol.encode_request(i, "stats") for i in range(2000)))
+        # Neither reads. Note when each one's receive queue stops growing (the daemon's writes
+        # block from then on) and when the daemon hangs up.
+        clients = {"watcher": watcher, "piper": piper}
+        last: dict[str, tuple[int, float]] = {name: (-1, 0.0) for name in clients}
+        dropped: dict[str, float] = {}
+        deadline = time.monotonic() + control.WRITE_TIMEOUT + 40
+        while len(dropped) < 2 and time.monotonic() < deadline:
+            for name, sock in clients.items():
+                if name in dropped:
+                    continue
+                now = time.monotonic()
+                if select.select([sock], [], [], 0)[0] and _hung_up(sock):
+                    dropped[name] = now
+                elif (n := _queued(sock)) != last[name][0]:
+                    last[name] = (n, now)
+            time.sleep(0.05)
+    assert set(dropped) == {"watcher", "piper"}, f"not dropped within the deadline: {last}"
+    for name, at in dropped.items():
+        blocked = at - last[name][1]
+        assert control.WRITE_TIMEOUT - 2 < blocked < control.WRITE_TIMEOUT + 3, (name, blocked)
+    # Their slots are free again, and the daemon still answers.
+    wait_for(lambda: d.status()["control"] == {"clients": 1, "watchers": 0}, what="slots freed")
+    still_serving(d)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in poller.poll(0))
+
+
+@pytest.mark.timeout(90)
+def test_refusals_do_not_flood_the_log(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    calls = 5000
+    before = len(d.log().splitlines())
+    with reachable_by_others(d.control):
+        os.chmod(d.control, 0o666)
+        child = nobody_python(DENIED_FLOOD, d.control, str(calls))
+        out, _ = child.communicate(timeout=60)
+    assert int(out) == calls
+
+    def denied() -> list[dict[str, Any]]:
+        return [r for r in log_records(d) if r.get("event") == "control.denied"]
+
+    # Each refusal is either a line of its own or counted in a later line's `suppressed`.
+    wait_for(
+        lambda: (
+            sum(1 for r in denied() if "method" in r)
+            + sum(r.get("suppressed", 0) for r in denied())
+            == calls
+        ),
+        timeout=control.LOG_PERIOD + 10,
+        what="the suppressed count",
+    )
+    assert all(r["uid"] == NOBODY for r in denied())
+    assert len(d.log().splitlines()) - before <= 40
+    still_serving(d)
+
+
+@pytest.mark.timeout(120)
+def test_control_answers_at_the_fd_limit(echod_factory: Factory) -> None:
+    nofile = 300
+    d = echod_factory(mode="user", prefix=["prlimit", f"--nofile={nofile}:{nofile}"])
+    records = log_records(d)
+    low = [r for r in records if r.get("event") == "daemon.fd_limit_low"]
+    assert low
+    assert low[0]["connections_possible"] == nofile - limits.FD_RESERVE
+    fds = Path(f"/proc/{d.proc.pid}/fd")
+    socks = []
+    try:
+        for _ in range(nofile):
+            socks.append(connect(d.host, d.port))
+        # The daemon has taken its share of them (without the reserve, it would reach EMFILE).
+        wait_for(lambda: len(list(fds.iterdir())) >= nofile - limits.FD_RESERVE, what="accepts")
+        for _ in range(3):
+            r = subprocess.run(
+                [ECHOCTL, "--control", d.control, "status", "--json"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert r.returncode == 0, r
+            assert json.loads(r.stdout)["state"] == "serving"
+        refused = d.stats()["connections"]["refused"]
+        assert refused["fd_limit"] >= nofile - (nofile - limits.FD_RESERVE)
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: d.status()["connections"] == 0, what="connections to close")
+    still_serving(d)
+
+
+@pytest.mark.timeout(300)
+def test_stats_is_cheap_at_19k_connections(echod_factory: Factory) -> None:
+    n = 19_000
+    d = echod_factory(mode="kernel", args=["--max-connections", "20000"])
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection((d.host, d.port), timeout=10))
+        wait_for(lambda: d.status()["connections"] == n, timeout=60, what="connections")
+        assert d.stats()["kernel_sockets"] == n
+        times = []
+        with ControlClient(d.control) as c:
+            c.connect()
+            for _ in range(20):
+                t0 = time.perf_counter()
+                c.call("stats")
+                times.append(time.perf_counter() - t0)
+        # A round trip bounds the loop time the call took; the best of 20 leaves out the
+        # 100 ms kernel-path guard and this machine's other load.
+        assert min(times) < 0.005, sorted(times)
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: d.status()["connections"] == 0, timeout=60, what="connections to close")
+
+
+def test_control_backlog_takes_a_burst_of_connects(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    socks = []
+    try:
+        # Non-blocking connects fail with EAGAIN once the listen backlog is full.
+        for _ in range(500):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            socks.append(s)
+            s.connect(d.control)
+    finally:
+        for s in socks:
+            s.close()
+    still_serving(d)
