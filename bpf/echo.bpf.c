@@ -18,6 +18,20 @@ struct {
 	__type(value, __u64);
 } echo_sockets SEC(".maps");
 
+/*
+ * Sockets that received data since user space last looked: cookie -> 1. The backlog guard
+ * reads only these, so its cost follows the traffic, not the number of connections. It
+ * deletes a key before it reads that socket's backlog, so a packet that arrives meanwhile
+ * marks the socket again.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ECHO_MAX_SOCKETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64); /* socket cookie */
+	__type(value, __u32);
+} echo_active SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -73,6 +87,11 @@ int echo_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	__u32 len = skb->len;
+	__u32 one = 1;
+
+	/* One lookup per packet; an insert only on the first packet after the guard looked. */
+	if (!bpf_map_lookup_elem(&echo_active, &cookie))
+		bpf_map_update_elem(&echo_active, &cookie, &one, BPF_NOEXIST);
 
 	/* A miss (the socket is being removed) lets the skb through to user space, which echoes it. */
 	if (bpf_sk_redirect_hash(skb, &echo_sockets, &cookie, 0) != SK_PASS)

@@ -3,8 +3,9 @@
 #ifndef ECHOD_ECHO_H
 #define ECHOD_ECHO_H
 
-/* Capacity of the sockhash: the daemon refuses kernel mode beyond this many connections. */
-#define ECHO_MAX_SOCKETS 65536
+/* Capacity of the sockhash (and of echo_active): kernel mode serves at most this many
+ * connections at once, across every worker. */
+#define ECHO_MAX_SOCKETS 262144
 
 /* One per-CPU value of the "echo_counters" map (a one-slot PERCPU_ARRAY). */
 struct echo_counters {

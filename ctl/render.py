@@ -171,6 +171,9 @@ def render_status(status: Mapping[str, Any]) -> str:
         ("version", str(status.get("version", DASH))),
         ("bpf", _bpf_text(status.get("bpf"))),
     ]
+    workers = status.get("workers") or []
+    if len(workers) > 1:
+        rows.append(("workers", _workers_text(workers)))
     control = status.get("control")
     if isinstance(control, Mapping):
         rows.append(
@@ -180,6 +183,16 @@ def render_status(status: Mapping[str, Any]) -> str:
             )
         )
     return kv(rows)
+
+
+def _workers_text(workers: list[Mapping[str, Any]]) -> str:
+    """One entry per worker: pid, state and connections."""
+    parts = [
+        f"#{w.get('index')} pid {w.get('pid') or DASH} {w.get('state', DASH)} "
+        f"{fmt_count(w.get('connections', 0))}"
+        for w in workers
+    ]
+    return f"{len(workers)}: " + "; ".join(parts)
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -241,6 +254,15 @@ def render_stats(stats: Mapping[str, Any], bpf_stats_enabled: bool | None = None
     if isinstance(rates, Mapping) and _rate_items(rates):
         rows.append(("rates", ", ".join(_rate_items(rates))))
     proc = stats.get("process") or {}
+    pool = stats.get("workers")
+    if isinstance(pool, Mapping) and pool.get("count", 1) > 1:
+        rows.append(
+            (
+                "workers",
+                f"{fmt_count(pool.get('count'))} ({fmt_count(pool.get('restarts', 0))} restarted); "
+                f"figures below are for all {fmt_count(proc.get('processes'))} processes",
+            )
+        )
     rows += [
         (
             "cpu",

@@ -25,10 +25,9 @@ from echod.config import (
     TOML_TABLES,
     Config,
     ConfigError,
-    Invalid,
     build,
-    type_name,
 )
+from echod.validators import Invalid, type_name
 
 __all__ = ["find_line", "from_env", "load_file", "loads", "resolve"]
 

@@ -44,8 +44,8 @@ class Host(Protocol):
     def count_user(self, nbytes: int) -> None:
         """Account bytes echoed in user space."""
 
-    def map_in(self, conn: Connection) -> None:
-        """conn's socket has just entered the sockhash."""
+    def map_in(self, conn: Connection, cookie: int) -> None:
+        """conn's socket (with this cookie) has just entered the sockhash."""
 
     def unmap(self, conn: Connection) -> None:
         """Remove conn's socket from the sockhash (it is closing)."""
@@ -66,6 +66,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.in_map = False
+        self.cookie = 0  # the socket's cookie, once it is in the sockhash
         self.transport: asyncio.Transport | None = None
         self.protocol: UserEcho | None = None
         self.migrating = False
@@ -91,7 +92,8 @@ class Connection:
         """
         self.host.hangups.add(self)
 
-    def _unwatch(self) -> None:
+    def unwatch(self) -> None:
+        """Stop the hang-up watch (flow control, EOF, or the service draining it)."""
         self.host.hangups.discard(self)
 
     @property
@@ -113,7 +115,7 @@ class Connection:
                 return
             if not data:
                 self.eof = True
-                self._unwatch()
+                self.unwatch()
                 self.host.loop.create_task(self.finish())
                 return
             self.host.count_user(len(data))
@@ -137,7 +139,7 @@ class Connection:
                 self.writing = True
                 loop.add_writer(self.fd, self._flush)
             if len(self.out) >= WRITE_HIGH:
-                self._unwatch()  # flow control: the peer is not reading
+                self.unwatch()  # flow control: the peer is not reading
         else:
             self._unwrite()
             if not self.watched and not self.eof:
@@ -207,7 +209,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self._unwatch()
+        self.unwatch()
         self._unwrite()
         if self.in_map:
             self.host.unmap(self)

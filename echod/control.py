@@ -364,23 +364,24 @@ class ControlServer:
         return {"clients": self.active_clients, "watchers": self.active_watchers}
 
     async def _status(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {**self.target.status(), "control": self._control_info()}
+        return {**(await self.target.status()), "control": self._control_info()}
 
     async def _stats(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return self.target.stats()
+        return await self.target.stats()
 
-    def _snapshot(self) -> dict[str, Any]:
+    async def _snapshot(self) -> dict[str, Any]:
+        status, stats = await self.target.status(), await self.target.stats()
         return {
             "time": time.time(),
-            "status": {**self.target.status(), "control": self._control_info()},
-            "stats": self.target.stats(),
+            "status": {**status, "control": self._control_info()},
+            "stats": stats,
         }
 
-    def _notification(self) -> bytes:
+    async def _notification(self) -> bytes:
         """The watch notification, taken and encoded once per SNAPSHOT_MAX_AGE for everyone."""
         now = asyncio.get_running_loop().time()
         if self._shared is None or now - self._shared[0] >= SNAPSHOT_MAX_AGE:
-            self._shared = (now, encode_notification("stats", self._snapshot()))
+            self._shared = (now, encode_notification("stats", await self._snapshot()))
         return self._shared[1]
 
     async def _watch(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +395,7 @@ class ControlServer:
         deadline = loop.time()
         try:
             while True:
-                await conn.send(self._notification())
+                await conn.send(await self._notification())
                 deadline += interval
                 # Fixed cadence; if we fell behind (slow reader), skip the missed ticks.
                 now = loop.time()

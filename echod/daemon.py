@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import signal
 import time
@@ -19,17 +20,20 @@ from echod.control import ControlServer
 from echod.limits import check_fd_budget
 from echod.protocol import RequestError
 from echod.service import Service
+from echod.workers import WorkerPool
 
 log = structlog.get_logger("echod.daemon")
 
 __all__ = ["LIVE_KEYS", "RESTART_KEYS", "Daemon", "describe"]
 
 TICK = 1.0
-BACKLOG_CHECK = 0.1
+
+# What the daemon drives: one in-process service (--workers 1), or a pool of worker processes.
+Echo = Service | WorkerPool
 
 
 class Daemon:
-    """Runs one Service and its control socket until SIGINT/SIGTERM.
+    """Runs the echo service (one process, or a worker pool) and its control socket.
 
     It is the control socket's target (protocol.ControlTarget): `reload` is its own, and the
     other methods are the service's.
@@ -39,7 +43,7 @@ class Daemon:
         self.config = config
         self.flags = dict(flags or {})
         self.should_exit = asyncio.Event()
-        self.service: Service | None = None
+        self.service: Echo | None = None
         self.metrics: Any = None
         self._snapshot: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
@@ -80,7 +84,12 @@ class Daemon:
         _raise_fd_limit()
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(self.signal_handlers())
-            service = self.service = Service(self.config)
+            service: Echo
+            if self.config.workers > 1:
+                service = self.service = WorkerPool(self.config)
+                stack.callback(service.close)
+            else:
+                service = self.service = Service(self.config)
             control = ControlServer(
                 self.config.control,
                 self,
@@ -88,13 +97,16 @@ class Daemon:
                 admin_group=self.config.admin_group,
             )
             stack.push_async_callback(control.close)
-            stack.callback(service.close)
+            if isinstance(service, Service):
+                stack.callback(service.close)
             stack.push_async_callback(self._stop_service)
             try:
+                if isinstance(service, WorkerPool):
+                    await service.open()
                 await service.start()
                 await self._start_control(control)
-                check_fd_budget(self.config.max_connections)
-                self.metrics = self._start_metrics(self.config.metrics)
+                check_fd_budget(-(-self.config.max_connections // self.config.workers))
+                self.metrics = await self._start_metrics(self.config.metrics)
                 stack.callback(self._stop_metrics)
             except (RequestError, OSError) as exc:
                 message = exc.message if isinstance(exc, RequestError) else describe(exc)
@@ -104,15 +116,20 @@ class Daemon:
                 logs.write_line(f"echod: {message}")
                 self._stop_grace = 0.1
                 return 1
-            systemd.ready(self.summary())
-            log.info("daemon.ready", pid=service.status()["pid"], control=self.config.control)
+            systemd.ready(await self.summary())
+            log.info(
+                "daemon.ready",
+                pid=os.getpid(),
+                control=self.config.control,
+                workers=self.config.workers,
+            )
             async with asyncio.TaskGroup() as tasks:
                 ticker = tasks.create_task(self._tick())
-                guard = tasks.create_task(self._guard_backlogs())
+                background = tasks.create_task(service.run())
                 await self.should_exit.wait()
                 systemd.stopping()
                 ticker.cancel()
-                guard.cancel()
+                background.cancel()
             log.info("daemon.shutting_down")
         log.info("daemon.exited")
         return 0
@@ -131,10 +148,10 @@ class Daemon:
             text = exc.strerror or str(exc)
             raise OSError(exc.errno, f"control socket {self.config.control}: {text}") from exc
 
-    def summary(self) -> str:
+    async def summary(self) -> str:
         """One line for systemd's STATUS=."""
         assert self.service is not None
-        st = self.service.status()
+        st = await self.service.report_status()
         rates = self.service.rates
         rate = rates.get("user_messages_per_s", 0) + rates.get("kernel_redirected_packets_per_s", 0)
         return (
@@ -146,29 +163,23 @@ class Daemon:
         interval = systemd.watchdog_interval()
         last_watchdog = 0.0
         while True:
-            self.service.sample_rates()
+            await self.service.sample()
             if self.metrics is not None:
-                self._snapshot = self._take_snapshot()
-            systemd.status(self.summary())
+                self._snapshot = await self._take_snapshot()
+            systemd.status(await self.summary())
             now = time.monotonic()
             if interval is not None and now - last_watchdog >= interval:
                 systemd.watchdog()
                 last_watchdog = now
             await asyncio.sleep(min(TICK, interval or TICK))
 
-    async def _guard_backlogs(self) -> None:
-        assert self.service is not None
-        while True:
-            await asyncio.sleep(BACKLOG_CHECK)
-            self.service.check_kernel_paths()
-
-    def _start_metrics(self, address: str | None) -> Any:
+    async def _start_metrics(self, address: str | None) -> Any:
         """A metrics server on address (None: off); OSError names the address."""
         if not address:
             return None
         from echod import metrics
 
-        self._snapshot = self._take_snapshot()
+        self._snapshot = await self._take_snapshot()
         try:
             server = metrics.start_metrics_server(address, self.metrics_snapshot)
         except OSError as exc:
@@ -189,9 +200,9 @@ class Daemon:
         """
         return self._snapshot
 
-    def _take_snapshot(self) -> dict[str, Any]:
+    async def _take_snapshot(self) -> dict[str, Any]:
         assert self.service is not None
-        stats = self.service.stats()
+        stats = await self.service.report_stats()
         return {
             "mode": self.service.mode,
             "version": __version__,
@@ -199,21 +210,22 @@ class Daemon:
             "user": stats["user"],
             "kernel": stats["kernel"],
             "bpf_programs": stats["bpf_programs"],
+            "workers": stats.get("workers"),
         }
 
     # -- the control methods
 
-    def _serving(self) -> Service:
+    def _serving(self) -> Echo:
         assert self.service is not None, "control methods are served only while running"
         return self.service
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """Return the service's `status`."""
-        return self._serving().status()
+        return await self._serving().report_status()
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """Return the service's `stats`."""
-        return self._serving().stats()
+        return await self._serving().report_stats()
 
     async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
         """Start serving (control `start`)."""
@@ -235,15 +247,15 @@ class Daemon:
             try:
                 # Reading the file and resolving host names may block: not on the event loop.
                 new = await asyncio.to_thread(resolve, self.flags, self.config.config_file)
-                return self._apply(new)
+                return await self._apply(new)
             except (ConfigError, OSError) as exc:
                 message = describe(exc) if isinstance(exc, OSError) else str(exc)
                 log.error("config.reload_rejected", error=message)
                 raise RequestError("invalid_config", message) from exc
             finally:
-                systemd.ready(self.summary())
+                systemd.ready(await self.summary())
 
-    def _apply(self, new: Config) -> dict[str, Any]:
+    async def _apply(self, new: Config) -> dict[str, Any]:
         assert self.service is not None
         applied = [k for k in LIVE_KEYS if getattr(new, k) != getattr(self.config, k)]
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
@@ -251,11 +263,11 @@ class Daemon:
             # Bind the new address before anything is committed: a failure keeps the old state.
             self._stop_metrics()
             try:
-                self.metrics = self._start_metrics(new.metrics)
+                self.metrics = await self._start_metrics(new.metrics)
             except OSError:
-                self.metrics = self._start_metrics(self.config.metrics)
+                self.metrics = await self._start_metrics(self.config.metrics)
                 raise
-        self.service.apply_live(new)
+        await self.service.apply_live(new)
         self.config = self.config.replace(**{k: getattr(new, k) for k in LIVE_KEYS})
         if "log_level" in applied or "log_format" in applied:
             logs.configure(new.log_level, new.log_format)

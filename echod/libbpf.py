@@ -345,18 +345,19 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes:
     return buf.raw
 
 
-def map_keys(map_fd: int, key_size: int) -> list[bytes]:
-    """Every key of a map, by bpf_map_get_next_key (a snapshot; entries may come and go)."""
+def map_keys(map_fd: int, key_size: int, limit: int | None = None) -> list[bytes]:
+    """The keys of a map (at most limit), by bpf_map_get_next_key; entries may come and go."""
     keys: list[bytes] = []
     prev: Any = None
     nxt = ctypes.create_string_buffer(key_size)
-    while True:
+    while limit is None or len(keys) < limit:
         rc = library().cdll.bpf_map_get_next_key(map_fd, prev, nxt)
         if rc == -errno.ENOENT:
             return keys
         check(rc, "bpf_map_get_next_key")
         keys.append(nxt.raw)
         prev = ctypes.create_string_buffer(nxt.raw, key_size)
+    return keys
 
 
 def possible_cpus() -> int:

@@ -17,7 +17,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from echod.config import EFFECTIVE_MODES, parse_address
+from echod.config import EFFECTIVE_MODES
+from echod.validators import parse_address
 
 __all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "start_metrics_server"]
 
@@ -46,6 +47,18 @@ class SnapshotCollector(Collector):
         yield from _connections(snap.get("connections") or {})
         yield from _traffic(snap.get("user") or {}, snap.get("kernel"))
         yield from _bpf_programs(snap.get("bpf_programs") or [])
+        yield from _workers(snap.get("workers") or {})
+
+
+def _workers(pool: Mapping[str, Any]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "echod_workers", "Worker processes (1: a single process).", value=int(pool.get("count", 1))
+    )
+    yield CounterMetricFamily(
+        "echod_worker_restarts",
+        "Worker processes that exited and were started again (their connections were lost).",
+        value=int(pool.get("restarts", 0)),
+    )
 
 
 def _build_info(snap: Snapshot) -> Iterator[Metric]:

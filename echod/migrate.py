@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import structlog
 
 from echod.connection import DRAIN_POLL, RECV_SIZE, Connection
-from echod.sockmap import KernelEcho, read_queue_empty
+from echod.sockmap import SocketMaps, read_queue_empty
 
 log = structlog.get_logger("echod.migrate")
 
@@ -20,14 +20,14 @@ MIGRATE_TIMEOUT = 5.0
 SETTLE_LIMIT = 16 * 1024 * 1024
 
 
-async def migrate_to_kernel(conns: Iterable[Connection], kernel: KernelEcho) -> int:
+async def migrate_to_kernel(conns: Iterable[Connection], maps: SocketMaps) -> int:
     """Move every user-path connection at once, under one deadline; returns how many moved."""
     deadline = time.monotonic() + MIGRATE_TIMEOUT
-    movers = [to_kernel(c, kernel, deadline) for c in list(conns) if c.transport]
+    movers = [to_kernel(c, maps, deadline) for c in list(conns) if c.transport]
     return sum(await asyncio.gather(*movers))
 
 
-async def to_kernel(conn: Connection, kernel: KernelEcho, deadline: float) -> bool:
+async def to_kernel(conn: Connection, maps: SocketMaps, deadline: float) -> bool:
     """Move a user-path connection to the kernel: flush, detach the transport, insert."""
     tr = conn.transport
     if tr is None or conn.closed or tr.is_closing():
@@ -56,12 +56,12 @@ async def to_kernel(conn: Connection, kernel: KernelEcho, deadline: float) -> bo
         conn.host.loop.create_task(conn.host.serve_user(conn))
         return False
     try:
-        kernel.add(conn.sock)
+        cookie = maps.add(conn.sock)
     except OSError as exc:
         log.info("conn.migrate_failed", peer=conn.peer, error=str(exc))
         conn.host.loop.create_task(conn.host.serve_user(conn))
         return False
-    conn.host.map_in(conn)
+    conn.host.map_in(conn, cookie)
     return True
 
 

@@ -15,33 +15,33 @@ from typing import Any
 import structlog
 
 from echod import __version__
+from echod.aggregate import Rates, worker_entry
 from echod.config import LIVE_KEYS, Config
 from echod.connection import Connection
 from echod.kernelpath import BacklogGuard, HangupWatcher, Watched
+from echod.lifecycle import Lifecycle
 from echod.limits import echo_fd_budget
 from echod.logs import RateLimited
 from echod.metrics import process_figures
 from echod.migrate import migrate_to_kernel
 from echod.protocol import RequestError
-from echod.sockmap import KernelEcho
+from echod.sockmap import KernelEcho, SocketMaps, bpf_status
 
 log = structlog.get_logger("echod.service")
 
 ACCEPT_BATCH = 64
+BACKLOG_CHECK = 0.1  # seconds between the backlog guard's ticks
 
 
-class Service:
+class Service(Lifecycle):
     """The echo service: owns listeners, connections and (in kernel mode) the BPF object."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        super().__init__(config)
         self.loop = asyncio.get_running_loop()
-        self.state = "stopped"
-        self.requested_mode = config.mode
-        self.mode: str | None = None
-        self.fallback_reason: str | None = None
-        self.kernel: KernelEcho | None = None
-        self._bpf = contextlib.ExitStack()  # holds self.kernel while it is loaded
+        self.kernel: KernelEcho | None = None  # the BPF object, when this process owns it
+        self.maps: SocketMaps | None = None  # the sockhash and activity set, in kernel mode
+        self._bpf = contextlib.ExitStack()  # holds the kernel or the maps while loaded
         self.listeners: list[socket.socket] = []
         self.conns: set[Connection] = set()
         self.per_ip: Counter[str] = Counter()
@@ -52,75 +52,41 @@ class Service:
         self.started_at = time.monotonic()
         self.limiter = RateLimited()
         self.hangups = HangupWatcher(self.loop)
-        self.guard = BacklogGuard(self.hangups, self._abort_backlog)
+        self.guard = BacklogGuard(self._abort_backlog)
         self.in_map = 0  # connections whose socket is in the sockhash
-        self._lock = asyncio.Lock()
+        self.reuse_port = False  # workers share the port (SO_REUSEPORT)
         self.rates: dict[str, float] = {}
-        self._last_sample: tuple[float, dict[str, int]] | None = None
+        self._rates = Rates()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
-        """Open the listeners and enter the requested mode; returns the status."""
-        async with self._lock:
-            if self.state != "stopped":
-                raise RequestError("bad_state", f"already {self.state}")
-            previous = (self.config, self.requested_mode)
-            if port is not None:
-                self.config = self.config.replace(port=port)
-            self.requested_mode = mode or self.requested_mode
-            self.state = "starting"
-            try:
-                self._enter_mode(self.requested_mode)
-                try:
-                    self._listen()
-                except OSError as exc:
-                    raise RequestError("listen_failed", exc.strerror or str(exc)) from exc
-            except BaseException:
-                self._close_listeners()
-                self._maybe_unload(force=True)
-                self.state = "stopped"
-                self.mode = None
-                self.config, self.requested_mode = previous
-                raise
-            self.state = "serving"
-            log.info(
-                "service.serving",
-                mode=self.mode,
-                listen=self.listen_addresses(),
-                fallback_reason=self.fallback_reason,
-            )
-            return self.status()
-
-    def _enter_mode(self, requested: str) -> None:
-        self.fallback_reason = None
-        if requested == "user":
-            self.mode = "user"
-            return
+    async def _open(self) -> None:
         try:
-            self._load_kernel()
-            self.mode = "kernel"
+            self._listen()
         except OSError as exc:
-            reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
-            if exc.errno in (errno.EPERM, errno.EACCES):
-                reason += " (kernel mode needs root, or CAP_BPF and CAP_NET_ADMIN)"
-            if requested == "kernel":
-                raise RequestError("not_supported", f"kernel mode unavailable: {reason}") from exc
-            self.fallback_reason = reason
-            self.mode = "user"
-            log.warning("service.fallback_to_user", reason=reason)
+            raise RequestError("listen_failed", exc.strerror or str(exc)) from exc
+
+    async def _abort_start(self) -> None:
+        self._close_listeners()
+        self._maybe_unload(force=True)
+
+    def status_now(self) -> dict[str, Any]:
+        """status()."""
+        return self.status()
 
     def _load_kernel(self) -> None:
+        """Load and attach the BPF object (a worker takes the maps its supervisor sent)."""
         if self.kernel is None:
             self.kernel = self._bpf.enter_context(KernelEcho(self.config.bpf_object))
+            self.maps = self.kernel.maps
 
     def _maybe_unload(self, force: bool = False) -> None:
-        """Unload the BPF object when nothing uses it any more."""
-        if self.kernel is None:
+        """Unload the BPF object (or drop the maps) when nothing uses it any more."""
+        if self.maps is None:
             return
         if force or (self.mode != "kernel" and not self.in_map):
             self._bpf.close()  # detach, unload: KernelEcho's own exit
-            self.kernel = None
+            self.kernel = self.maps = None
 
     def _listen(self) -> None:
         for host in self.config.hosts:
@@ -131,6 +97,8 @@ class Service:
             sock = socket.socket(family, stype, proto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -170,7 +138,7 @@ class Service:
         conns = list(self.conns)
         for conn in conns:
             if conn.in_map:
-                conn._unwatch()
+                conn.unwatch()
                 self.loop.create_task(conn.finish(within=grace))
             elif conn.transport is not None:
                 conn.transport.close()  # flushes what is buffered, then connection_lost
@@ -185,47 +153,20 @@ class Service:
         self.state = "stopped"
         log.info("service.stopped")
 
-    def apply_live(self, config: Config) -> None:
+    async def apply_live(self, config: Config) -> None:
         """Take the settings that can change while serving."""
         self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
         self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]:
-        """Switch mode live; no connection is closed and no byte is lost or repeated.
-
-        To kernel: user-path connections move into the sockhash (see migrate.to_kernel).
-        To user: new connections are echoed in user space, while kernel-path connections keep
-        the kernel path until they close. The reply's "migration" says how many moved and how
-        many stayed on their path.
-        """
-        async with self._lock:
-            if self.state != "serving":
-                raise RequestError("bad_state", f"cannot restart while {self.state}")
-            target = mode or self.requested_mode
-            old, previous = self.mode, (self.requested_mode, self.fallback_reason)
-            try:
-                self._enter_mode(target)
-            except RequestError:
-                self.mode = old
-                self.requested_mode, self.fallback_reason = previous
-                raise
-            self.requested_mode = target
-            moved = 0
-            if self.mode == "kernel" and old != "kernel":
-                assert self.kernel is not None
-                moved = await migrate_to_kernel(self.conns, self.kernel)
-            elif self.mode == "user":
-                self._maybe_unload()
-            stayed = sum(1 for c in self.conns if c.path != self.mode)
-            log.info(
-                "service.mode_switched",
-                old=old,
-                new=self.mode,
-                moved=moved,
-                stayed=stayed,
-                fallback_reason=self.fallback_reason,
-            )
-            return {**self.status(), "migration": {"moved": moved, "stayed": stayed}}
+    async def _switch(self, old: str | None) -> tuple[int, int]:
+        """To kernel: move the user-path connections in; to user: unload once unused."""
+        moved = 0
+        if self.mode == "kernel" and old != "kernel":
+            assert self.maps is not None
+            moved = await migrate_to_kernel(self.conns, self.maps)
+        elif self.mode == "user":
+            self._maybe_unload()
+        return moved, sum(1 for c in self.conns if c.path != self.mode)
 
     # -- accept ---------------------------------------------------------------------------------
 
@@ -279,10 +220,9 @@ class Service:
         self.conns.add(conn)
         self.per_ip[peer] += 1
         self.counts["accepted"] += 1
-        if self.mode == "kernel" and self.kernel is not None:
+        if self.mode == "kernel" and self.maps is not None:
             try:
-                self.kernel.add(sock)
-                self.map_in(conn)
+                self.map_in(conn, self.maps.add(sock))
                 return
             except OSError as exc:
                 reason = insert_failure(exc)
@@ -305,18 +245,20 @@ class Service:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.allow)
 
-    def map_in(self, conn: Connection) -> None:
+    def map_in(self, conn: Connection, cookie: int) -> None:
         """conn's socket has just entered the sockhash: it is on the kernel path now."""
         conn.in_map = True
+        conn.cookie = cookie
         self.in_map += 1
+        self.guard.track(conn)
         conn.watch()
 
     def unmap(self, conn: Connection) -> None:
         """Remove a closing connection's socket from the sockhash."""
         self.in_map -= 1
-        if self.kernel is not None:
+        if self.maps is not None:
             with contextlib.suppress(KeyError, OSError):
-                self.kernel.remove(conn.sock)
+                self.maps.remove(conn.sock, conn.cookie)
 
     def forget(self, conn: Connection, reason: str) -> None:
         """Called once by Connection.close()."""
@@ -337,7 +279,15 @@ class Service:
 
     def check_kernel_paths(self) -> None:
         """The 100 ms guard over kernel-path sockets (kernelpath.BacklogGuard)."""
-        self.guard.check(self.config.kernel_backlog_limit, self.config.kernel_backlog_total)
+        if self.maps is not None:
+            cfg = self.config
+            self.guard.check(self.maps, cfg.kernel_backlog_limit, cfg.kernel_backlog_total)
+
+    async def run(self) -> None:
+        """The service's own background work until cancelled: the backlog guard's ticks."""
+        while True:
+            await asyncio.sleep(BACKLOG_CHECK)
+            self.check_kernel_paths()
 
     def _abort_backlog(self, conn: Watched, pending: int, limit: str) -> None:
         assert isinstance(conn, Connection)
@@ -375,13 +325,6 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         """State, modes, listen addresses, connections, BPF attach state."""
-        bpf: dict[str, Any] = {"attached": self.kernel is not None, "programs": [], "maps": []}
-        if self.kernel is not None:
-            ids = self.kernel.ids()
-            bpf["programs"] = [{"id": ids["prog_id"], "name": "echo_verdict", "type": "sk_skb"}]
-            bpf["maps"] = ids["map_ids"]
-            bpf["stats_enabled"] = self.kernel.stats_enabled
-        paths = Counter(c.path for c in self.conns)
         return {
             "state": self.state,
             "mode": self.mode,
@@ -390,11 +333,11 @@ class Service:
             "listen": self.listen_addresses(),
             "port": self.config.port,
             "connections": len(self.conns),
-            "connections_by_path": {"kernel": paths["kernel"], "user": paths["user"]},
+            "connections_by_path": {"kernel": self.in_map, "user": len(self.conns) - self.in_map},
             "pid": os.getpid(),
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "bpf": bpf,
+            "bpf": bpf_status(self.kernel),
         }
 
     def counters(self) -> dict[str, int]:
@@ -408,17 +351,22 @@ class Service:
             out.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
         return out
 
+    async def report_status(self) -> dict[str, Any]:
+        """status(), with this process as the one worker (what the daemon reports)."""
+        st = self.status()
+        return {**st, "workers": [worker_entry(0, st)]}
+
+    async def report_stats(self) -> dict[str, Any]:
+        """stats() (what the daemon reports)."""
+        return self.stats()
+
+    async def sample(self) -> None:
+        """The daemon's 1 s tick: take a sample of the rates."""
+        self.sample_rates()
+
     def sample_rates(self) -> None:
         """Take a sample; rates are per second over the interval since the previous one."""
-        now = time.monotonic()
-        current = self.counters()
-        if self._last_sample is not None:
-            then, prev = self._last_sample
-            dt = max(now - then, 1e-6)
-            self.rates = {
-                f"{k}_per_s": round(max(v - prev.get(k, 0), 0) / dt, 1) for k, v in current.items()
-            }
-        self._last_sample = (now, current)
+        self.rates = self._rates.sample(self.counters())
 
     def stats(self) -> dict[str, Any]:
         """Counters, rates, kernel counters and per-program BPF figures."""
@@ -438,10 +386,11 @@ class Service:
             "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
             "kernel": kernel,
             # The daemon's own count: walking the sockhash costs ~50 ms at 19k sockets.
-            "kernel_sockets": self.in_map if self.kernel is not None else 0,
+            "kernel_sockets": self.in_map if self.maps is not None else 0,
             "rates": dict(self.rates),
             "process": process_figures(),
             "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
+            "workers": {"count": 1, "restarts": 0},
         }
 
 

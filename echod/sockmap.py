@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 from importlib import resources
@@ -18,7 +19,9 @@ log = structlog.get_logger("echod.sockmap")
 SO_COOKIE = 57  # asm-generic/socket.h; the socket module does not export it
 PROGRAM = "echo_verdict"
 SOCKETS_MAP = "echo_sockets"
+ACTIVE_MAP = "echo_active"
 COUNTERS_MAP = "echo_counters"
+_COOKIE = struct.Struct("=Q")
 
 # struct echo_counters (bpf/echo.h), each field a __u64.
 COUNTER_FIELDS = (
@@ -63,6 +66,87 @@ def read_queue_empty(
     return bytes(data), False
 
 
+class SocketMaps:
+    """The two maps a worker touches per connection: the sockhash and the activity set.
+
+    The owner of the BPF object holds one (fds borrowed from the object); a worker process
+    builds its own from fds it was sent (`owned=True`: it takes ownership and closes them).
+    """
+
+    def __init__(self, sockets_fd: int, active_fd: int, *, owned: bool = False) -> None:
+        self.sockets_fd = sockets_fd
+        self.active_fd = active_fd
+        self._owned = owned
+
+    def fds(self) -> list[int]:
+        """The fds to hand another process: sockhash, then activity set."""
+        return [self.sockets_fd, self.active_fd]
+
+    def add(self, sock: socket.socket) -> int:
+        """Insert sock into the sockhash, then kick it so data queued before the insert is echoed.
+
+        Returns the socket's cookie. The verdict only sees skbs that arrive after the psock
+        exists. Setting SO_RCVLOWAT runs tcp_data_ready(), which is now the psock's hook, over
+        what is already queued. Raises OSError(EOPNOTSUPP) when the peer has already gone (the
+        socket left ESTABLISHED).
+
+        User space must not have read part of the skb at the head of the receive queue: the
+        verdict path takes that skb whole, so its read part would be echoed twice. A socket
+        never read is fine; one that was read must go through read_queue_empty first.
+        """
+        cookie = socket_cookie(sock)
+        libbpf.map_update(
+            self.sockets_fd, _COOKIE.pack(cookie), _COOKIE.pack(sock.fileno()), libbpf.BPF_NOEXIST
+        )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        return cookie
+
+    def remove(self, sock: socket.socket, cookie: int | None = None) -> None:
+        """Delete sock from the sockhash (and the activity set); KeyError when not there.
+
+        Removing frees the socket's psock with whatever is queued in it: call this only once
+        everything received has been written (see connection.Connection.drained).
+        """
+        key = _COOKIE.pack(socket_cookie(sock) if cookie is None else cookie)
+        with contextlib.suppress(KeyError):
+            libbpf.map_delete(self.active_fd, key)
+        libbpf.map_delete(self.sockets_fd, key)
+
+    def active(self, limit: int) -> list[int]:
+        """Cookies of sockets that received data since they were last cleared (at most limit)."""
+        return [_COOKIE.unpack(k)[0] for k in libbpf.map_keys(self.active_fd, 8, limit)]
+
+    def clear_active(self, cookie: int) -> None:
+        """Forget that a socket was active; its next packet marks it again."""
+        with contextlib.suppress(KeyError):
+            libbpf.map_delete(self.active_fd, _COOKIE.pack(cookie))
+
+    def sockets(self) -> int:
+        """How many sockets are in the sockhash now (walks it: tests and diagnostics only)."""
+        return len(libbpf.map_keys(self.sockets_fd, 8))
+
+    def __enter__(self) -> SocketMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the fds if this object owns them; idempotent."""
+        if self._owned:
+            for fd in (self.sockets_fd, self.active_fd):
+                if fd >= 0:
+                    os.close(fd)
+        self.sockets_fd = self.active_fd = -1
+
+
+def bpf_status(kernel: KernelEcho | None) -> dict[str, Any]:
+    """`status`'s "bpf": the loaded object's programs and maps, or that none is attached."""
+    if kernel is None:
+        return {"attached": False, "programs": [], "maps": []}
+    return kernel.describe()
+
+
 class KernelEcho:
     """Open → load → attach as a context manager; exit undoes exactly the steps that were done."""
 
@@ -71,6 +155,7 @@ class KernelEcho:
         self._stack = contextlib.ExitStack()
         self._obj: libbpf.BpfObject | None = None
         self.prog_fd = self.sockets_fd = self.counters_fd = -1
+        self.maps = SocketMaps(-1, -1)
         self.stats_enabled = False
         self._ncpus = 1
 
@@ -92,6 +177,7 @@ class KernelEcho:
         self.prog_fd = obj.program_fd(PROGRAM)
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
         self.counters_fd = obj.map_fd(COUNTERS_MAP)
+        self.maps = SocketMaps(self.sockets_fd, obj.map_fd(ACTIVE_MAP))
         self._ncpus = libbpf.possible_cpus()
         libbpf.prog_attach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
         self._stack.callback(self._detach)
@@ -115,32 +201,16 @@ class KernelEcho:
             self._stack.close()
             self._obj = None
             self.prog_fd = self.sockets_fd = self.counters_fd = -1
+            self.maps = SocketMaps(-1, -1)
             log.info("bpf.detached")
 
-    def add(self, sock: socket.socket) -> None:
-        """Insert sock into the sockhash, then kick it so data queued before the insert is echoed.
-
-        The verdict only sees skbs that arrive after the psock exists. Setting SO_RCVLOWAT
-        runs tcp_data_ready(), which is now the psock's hook, over what is already queued.
-        Raises OSError(EOPNOTSUPP) when the peer has already gone (the socket left ESTABLISHED).
-
-        User space must not have read part of the skb at the head of the receive queue: the
-        verdict path takes that skb whole, so its read part would be echoed twice. A socket
-        never read is fine; one that was read must go through read_queue_empty first.
-        """
-        key = struct.pack("=Q", socket_cookie(sock))
-        libbpf.map_update(
-            self.sockets_fd, key, struct.pack("=Q", sock.fileno()), libbpf.BPF_NOEXIST
-        )
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    def add(self, sock: socket.socket) -> int:
+        """SocketMaps.add on this object's maps; returns the cookie."""
+        return self.maps.add(sock)
 
     def remove(self, sock: socket.socket) -> None:
-        """Delete sock from the sockhash; KeyError when it is not there.
-
-        Removing frees the socket's psock with whatever is queued in it: call this only once
-        everything received has been written (see service.Connection.drained).
-        """
-        libbpf.map_delete(self.sockets_fd, struct.pack("=Q", socket_cookie(sock)))
+        """SocketMaps.remove on this object's maps."""
+        self.maps.remove(sock)
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
@@ -153,8 +223,8 @@ class KernelEcho:
         return dict(zip(COUNTER_FIELDS, totals, strict=True))
 
     def sockets(self) -> int:
-        """How many sockets are in the sockhash now."""
-        return len(libbpf.map_keys(self.sockets_fd, 8))
+        """How many sockets are in the sockhash now (walks it)."""
+        return self.maps.sockets()
 
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures: id, name, run_cnt, run_time_ns, ns_per_run."""
@@ -163,9 +233,19 @@ class KernelEcho:
         info["ns_per_run"] = info["run_time_ns"] / info["run_cnt"] if info["run_cnt"] else None
         return [info]
 
+    def describe(self) -> dict[str, Any]:
+        """What `status` shows under "bpf" while this object is loaded."""
+        ids = self.ids()
+        return {
+            "attached": True,
+            "programs": [{"id": ids["prog_id"], "name": PROGRAM, "type": "sk_skb"}],
+            "maps": ids["map_ids"],
+            "stats_enabled": self.stats_enabled,
+        }
+
     def ids(self) -> dict[str, Any]:
         """Kernel ids of our program and maps (what `bpftool prog show` lists)."""
-        fds = (self.sockets_fd, self.counters_fd)
+        fds = (self.sockets_fd, self.maps.active_fd, self.counters_fd)
         return {
             "prog_id": libbpf.prog_info(self.prog_fd)["id"],
             "map_ids": [libbpf.map_info(fd)["id"] for fd in fds],

@@ -136,6 +136,7 @@ class Options:
     max_size: int = 1 << 20
     stall: float = 10.0
     start: str = "user"
+    workers: int = 1
 
 
 async def _soak(d: Echod, opt: Options) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def _echoed(stats: dict[str, Any]) -> dict[str, int]:
 
 def run(opt: Options, workdir: Path) -> dict[str, Any]:
     """One soak run against a private daemon; the daemon must exit cleanly afterwards."""
-    d = spawn(workdir, opt.start, args=["--log-level", "info"])
+    d = spawn(workdir, opt.start, args=["--log-level", "info", "--workers", str(opt.workers)])
     try:
         began = time.monotonic()
         result = uvloop.run(_soak(d, opt))
@@ -223,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-size", type=int, default=Options.max_size, help="largest write")
     p.add_argument("--stall", type=float, default=Options.stall, help="stuck after S seconds")
     p.add_argument("--start", choices=("user", "kernel"), default=Options.start)
+    p.add_argument("--workers", type=int, default=Options.workers, help="daemon worker processes")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     a = p.parse_args(argv)
-    opt = Options(a.connections, a.duration, a.switches, a.window, a.max_size, a.stall, a.start)
+    opt = Options(
+        a.connections, a.duration, a.switches, a.window, a.max_size, a.stall, a.start, a.workers
+    )
     failures = 0
     for i in range(1, a.runs + 1):
         with tempfile.TemporaryDirectory(prefix="echod-soak-") as tmp:
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"run": i, **result}), flush=True)
         else:
             print(
-                f"run {i}/{a.runs}: {result['connections']} streams, "
+                f"run {i}/{a.runs} ({opt.workers} workers): {result['connections']} streams, "
                 f"{result['bytes_checked'] / 1e9:.2f} GB checked in {result['seconds']} s, "
                 f"{len(result['switches'])} switches ({len(result['failed_switches'])} failed), "
                 f"{result['mismatches']} mismatches, {result['stuck']} stuck",

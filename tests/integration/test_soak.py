@@ -12,12 +12,16 @@ from tests.integration.conftest import require_bpf
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("start", ["user", "kernel"])
-def test_live_switch_soak(tmp_path: Path, start: str) -> None:
+def test_live_switch_soak(tmp_path: Path, start: str, workers: int) -> None:
     """Long-lived pipelined streams on IPv4 and IPv6, 1 B to 1 MiB writes, every byte checked
-    at its offset, through repeated live switches: nothing lost, repeated or stuck."""
+    at its offset, through repeated live switches (across every worker with two): nothing
+    lost, repeated or stuck."""
     require_bpf()
-    opt = soak.Options(connections=12, duration=20.0, switches=8, stall=10.0, start=start)
+    opt = soak.Options(
+        connections=12, duration=20.0, switches=8, stall=10.0, start=start, workers=workers
+    )
     result = soak.run(opt, tmp_path)
     assert result["errors"] == [], result["errors"]
     assert result["failed_switches"] == [], result["failed_switches"]

@@ -17,13 +17,11 @@ from echod.config import (
     LIVE_KEYS,
     RESTART_KEYS,
     SCHEMA,
-    SUN_PATH_MAX,
     Config,
     ConfigError,
-    control_temp_path,
-    parse_address,
 )
 from echod.configsource import resolve
+from echod.validators import PID_MAX_LIMIT, SUN_PATH_MAX, control_temp_path, parse_address
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -345,7 +343,7 @@ def test_control_path_fits_the_temporary_name() -> None:
     """The socket is bound as .NAME.PID.tmp first: the longest such name must fit sun_path."""
     base = "/run/"
     longest_ok = base + "x" * (94 - len(base))
-    assert len(control_temp_path(longest_ok, configmod.PID_MAX_LIMIT)) == SUN_PATH_MAX
+    assert len(control_temp_path(longest_ok, PID_MAX_LIMIT)) == SUN_PATH_MAX
     assert resolve({"control": longest_ok}, None, {}).control == longest_ok
     for size in (95, 100, 107):
         with pytest.raises(ConfigError, match=rf"too long \({size} bytes\).*at most 94"):

@@ -39,6 +39,7 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
             {"id": 41, "name": "echo_verdict", "run_cnt": 72, "run_time_ns": 1_500_000_000},
             {"id": 42, "name": "echo_sockops", "run_cnt": 12, "run_time_ns": 2_000},
         ],
+        "workers": {"count": 2, "restarts": 1},
     }
     snap.update(changes)
     return snap
@@ -77,6 +78,8 @@ def test_families_and_types() -> None:
         "echod_kernel_empty_packets": "counter",
         "echod_bpf_program_run_count": "counter",
         "echod_bpf_program_run_time_seconds": "counter",
+        "echod_workers": "gauge",
+        "echod_worker_restarts": "counter",
     }
     assert all(name.startswith("echod_") for name in types)
 
@@ -103,6 +106,8 @@ def test_values() -> None:
     assert s[("echod_kernel_missed_packets_total", ())] == 1
     assert s[("echod_kernel_missed_bytes_total", ())] == 10
     assert s[("echod_kernel_empty_packets_total", ())] == 9
+    assert s[("echod_workers", ())] == 2
+    assert s[("echod_worker_restarts_total", ())] == 1
     assert s[("echod_connections_aborted_backlog_total", ())] == 6
     failed = (("reason", "peer_closed_before_accept"),)
     assert s[("echod_connections_insert_failed_total", failed)] == 3

@@ -1,0 +1,207 @@
+"""The supervisor ↔ worker channel: the control protocol's frames over a socketpair, with fds.
+
+Both ends speak the control socket's MessagePack-RPC frames (protocol.py): requests, responses
+and notifications, matched by msgid. A request may carry file descriptors (the BPF maps'),
+sent with SCM_RIGHTS in the same sendmsg as the frame's first byte; `params["nfds"]` says how
+many belong to it, and the receiver takes them in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgpack
+import structlog
+
+from echod.protocol import (
+    NOTIFICATION,
+    REQUEST,
+    RESPONSE,
+    RequestError,
+    encode_notification,
+    encode_request,
+    encode_response,
+    error_body,
+)
+
+log = structlog.get_logger("echod.channel")
+
+RECV_SIZE = 256 * 1024
+MAX_FDS = 8  # per message
+
+# (method, params, fds the request carried) -> result; raise RequestError for an error reply.
+Handler = Callable[[str, dict[str, Any], list[int]], Awaitable[Any]]
+
+
+class ChannelClosed(ConnectionError):
+    """The other end has gone (its process exited, or closed the channel)."""
+
+
+class Channel:
+    """One end of a socketpair: send requests and await replies, serve the other end's requests.
+
+    Takes ownership of sock. `on_close` runs once when the channel closes, whichever end
+    closed it.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: Handler | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self.on_close = on_close
+        self.closed = False
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self._fds: deque[int] = deque()
+        self._out: deque[tuple[bytes, Sequence[int]]] = deque()
+        self._writing = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        fds: Sequence[int] = (),
+        wait_s: float | None = None,
+    ) -> Any:
+        """Send a request and wait for its result; RequestError or ChannelClosed on failure."""
+        if self.closed:
+            raise ChannelClosed("channel closed")
+        msgid = next(self._ids)
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._pending[msgid] = future
+        body = dict(params or {})
+        if fds:
+            body["nfds"] = len(fds)
+        self._send(encode_request(msgid, method, body), fds)
+        try:
+            async with asyncio.timeout(wait_s):
+                return await future
+        finally:
+            self._pending.pop(msgid, None)
+
+    def notify(self, method: str, params: Any) -> None:
+        """Send a notification (no reply)."""
+        if not self.closed:
+            self._send(encode_notification(method, params), ())
+
+    def _send(self, frame: bytes, fds: Sequence[int]) -> None:
+        self._out.append((frame, fds))
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._out and not self.closed:
+            frame, fds = self._out[0]
+            try:
+                sent = (
+                    socket.send_fds(self.sock, [frame], list(fds)) if fds else self.sock.send(frame)
+                )
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            if sent < len(frame):
+                self._out[0] = (frame[sent:], ())  # the fds went with the first byte
+                break
+            self._out.popleft()
+        if self._out and not self._writing and not self.closed:
+            self._writing = True
+            self.loop.add_writer(self.sock.fileno(), self._flush)
+        elif not self._out and self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.sock.fileno())
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, RECV_SIZE, MAX_FDS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        self._fds.extend(fds)
+        if not data:
+            self.close()
+            return
+        self._unpacker.feed(data)
+        for frame in self._unpacker:
+            self._dispatch(frame)
+
+    def _dispatch(self, frame: Any) -> None:
+        if not isinstance(frame, list) or not frame:
+            log.warning("channel.bad_frame")
+            return
+        if frame[0] == RESPONSE and len(frame) == 4:
+            _, msgid, error, result = frame
+            future = self._pending.get(msgid)
+            if future is not None and not future.done():
+                if error:
+                    future.set_exception(RequestError(error["code"], error["message"]))
+                else:
+                    future.set_result(result)
+        elif frame[0] == REQUEST and len(frame) == 4:
+            _, msgid, method, params = frame
+            fds = [self._fds.popleft() for _ in range(int(params.pop("nfds", 0)))]
+            task = self.loop.create_task(self._serve(msgid, method, params, fds))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif frame[0] == NOTIFICATION and len(frame) == 3 and self.handler is not None:
+            task = self.loop.create_task(self._serve(None, frame[1], frame[2] or {}, []))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(
+        self, msgid: int | None, method: str, params: dict[str, Any], fds: list[int]
+    ) -> None:
+        error, result = None, None
+        try:
+            if self.handler is None:
+                raise RequestError("unknown_method", method)
+            result = await self.handler(method, params, fds)
+        except RequestError as exc:
+            error = error_body(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("channel.handler_failed", method=method)
+            error = error_body("internal", f"{type(exc).__name__}: {exc}")
+        if msgid is not None and not self.closed:
+            self._send(encode_response(msgid, error, result), ())
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket, fail the calls still waiting, and run on_close; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        while self._fds:
+            with contextlib.suppress(OSError):
+                os.close(self._fds.popleft())
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ChannelClosed("channel closed"))
+        if self.on_close is not None:
+            self.on_close()

@@ -1,0 +1,138 @@
+"""The state and mode of an echo service: what start and restart do, whoever serves the bytes.
+
+Both the in-process service (service.Service) and the supervisor of worker processes
+(workers.WorkerPool) are one of these: they share the states, the mode chosen for `auto`, and
+the rules of `start` and `restart`, and differ only in how they open, undo and switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from echod.config import Config
+from echod.protocol import RequestError
+
+log = structlog.get_logger("echod.service")
+
+
+def choose_mode(requested: str, load: Callable[[], None]) -> tuple[str, str | None]:
+    """The mode to serve in and why it is not the one asked for: (mode, fallback reason).
+
+    `load` loads and attaches the BPF object (OSError when it cannot). `auto` falls back to
+    user mode with the reason; `kernel` raises RequestError("not_supported") instead.
+    """
+    if requested == "user":
+        return "user", None
+    try:
+        load()
+    except OSError as exc:
+        reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            reason += " (kernel mode needs root, or CAP_BPF and CAP_NET_ADMIN)"
+        if requested == "kernel":
+            raise RequestError("not_supported", f"kernel mode unavailable: {reason}") from exc
+        log.warning("service.fallback_to_user", reason=reason)
+        return "user", reason
+    return "kernel", None
+
+
+class Lifecycle:
+    """stopped → starting → serving → stopping → stopped, and live mode switches.
+
+    A subclass provides `_load_kernel`, `_open`, `_abort_start`, `_switch` and `status_now`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = "stopped"
+        self.requested_mode = config.mode
+        self.mode: str | None = None
+        self.fallback_reason: str | None = None
+        self._lock = asyncio.Lock()
+
+    def _load_kernel(self) -> None:
+        """Make kernel mode possible (OSError when the BPF object cannot be had)."""
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        """Start serving in self.mode (RequestError, e.g. listen_failed, when it cannot)."""
+        raise NotImplementedError
+
+    async def _abort_start(self) -> None:
+        """Undo whatever a failed start did."""
+        raise NotImplementedError
+
+    async def _switch(self, old: str | None) -> tuple[int, int]:
+        """Move connections after a mode change from old; returns (moved, stayed)."""
+        raise NotImplementedError
+
+    def status_now(self) -> dict[str, Any]:
+        """The status, from what is known now."""
+        raise NotImplementedError
+
+    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
+        """Open the listeners and enter the requested mode; returns the status."""
+        async with self._lock:
+            if self.state != "stopped":
+                raise RequestError("bad_state", f"already {self.state}")
+            previous = (self.config, self.requested_mode)
+            if port is not None:
+                self.config = self.config.replace(port=port)
+            self.requested_mode = mode or self.requested_mode
+            self.state = "starting"
+            try:
+                self.mode, self.fallback_reason = choose_mode(
+                    self.requested_mode, self._load_kernel
+                )
+                await self._open()
+            except BaseException:
+                await self._abort_start()
+                self.state = "stopped"
+                self.mode = None
+                self.config, self.requested_mode = previous
+                raise
+            self.state = "serving"
+            st = self.status_now()
+            log.info(
+                "service.serving",
+                mode=self.mode,
+                listen=st["listen"],
+                fallback_reason=self.fallback_reason,
+            )
+            return st
+
+    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+        """Switch mode live; no connection is closed and no byte is lost or repeated.
+
+        To kernel: user-path connections move into the sockhash (see migrate.to_kernel).
+        To user: new connections are echoed in user space, while kernel-path connections keep
+        the kernel path until they close. The reply's "migration" says how many moved and how
+        many stayed on their path.
+        """
+        async with self._lock:
+            if self.state != "serving":
+                raise RequestError("bad_state", f"cannot restart while {self.state}")
+            target = mode or self.requested_mode
+            old, previous = self.mode, (self.requested_mode, self.fallback_reason)
+            try:
+                self.mode, self.fallback_reason = choose_mode(target, self._load_kernel)
+            except RequestError:
+                self.mode = old
+                self.requested_mode, self.fallback_reason = previous
+                raise
+            self.requested_mode = target
+            moved, stayed = await self._switch(old)
+            log.info(
+                "service.mode_switched",
+                old=old,
+                new=self.mode,
+                moved=moved,
+                stayed=stayed,
+                fallback_reason=self.fallback_reason,
+            )
+            return {**self.status_now(), "migration": {"moved": moved, "stayed": stayed}}

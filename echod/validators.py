@@ -1,0 +1,250 @@
+"""Validators for the configuration: a raw value (TOML, or parsed from text) -> normalised.
+
+Each raises Invalid with the reason; config.SCHEMA names the validator of every setting, and
+config.ConfigError adds where the value came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import socket
+from collections.abc import Callable
+
+METRICS_DEFAULT_HOST = "127.0.0.1"
+
+# sockaddr_un.sun_path is 108 bytes, the last one the NUL.
+SUN_PATH_MAX = 107
+# The kernel's ceiling for pid_max (PID_MAX_LIMIT): the longest pid a temporary name can hold.
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
+
+def control_temp_path(path: str, pid: int | str) -> str:
+    """The private name the control socket is bound and chmod-ed under before its rename."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{pid}.tmp")
+
+
+class Invalid(ValueError):
+    """Raised by a validator; `needle` is text that locates the bad list element."""
+
+    def __init__(self, reason: str, needle: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.needle = needle
+
+
+# --- validators: a raw value (TOML, or parsed from text) -> the normalised value, or Invalid ----
+
+
+def type_name(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(
+        type(value), "a " + type(value).__name__
+    )
+
+
+def integer(lo: int, hi: int | None = None) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        # bool is an int subclass, and `port = true` is always a mistake.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise Invalid(f"must be an integer, got {type_name(value)}")
+        if value < lo or (hi is not None and value > hi):
+            bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise Invalid(f"must be an integer {bound}, got {value}")
+        return value
+
+    return check
+
+
+def choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string, got {type_name(value)}")
+        if value.lower() not in choices:
+            raise Invalid(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value.lower()
+
+    return check
+
+
+def _str_list(value: object) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise Invalid(f"must be a string or a list of strings, got {type_name(value)}")
+    for item in items:
+        if not isinstance(item, str):
+            raise Invalid(f"must be a list of strings, found {type_name(item)}", str(item))
+    return list(items)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+_GROUP = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]+")
+
+
+def _host(value: str) -> str:
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(text) or text.replace(".", "").isdigit():
+        raise Invalid(f"{value!r} is not an IP address or host name", value)
+    # Resolve now: a name that does not resolve would otherwise fail after BPF is attached.
+    try:
+        socket.getaddrinfo(text, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise Invalid(
+            f"{value!r} is not an IP address and does not resolve: {reason}", value
+        ) from None
+    return text
+
+
+def hosts(value: object) -> list[str]:
+    hosts = [_host(item) for item in _str_list(value)]
+    if not hosts:
+        raise Invalid("must name at least one listen address")
+    return list(dict.fromkeys(hosts))
+
+
+def allow(value: object) -> list[str]:
+    if isinstance(value, str):
+        raise Invalid('must be a list of CIDR strings, e.g. ["127.0.0.0/8", "::1/128"]')
+    nets = []
+    for item in _str_list(value):
+        try:
+            nets.append(str(ipaddress.ip_network(item.strip(), strict=True)))
+        except ValueError as exc:
+            raise Invalid(f"{item!r} is not a valid CIDR: {exc}", item) from None
+    return list(dict.fromkeys(nets))
+
+
+def control_path(value: object) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"must be a string, got {type_name(value)}")
+    if not value.startswith("/"):
+        raise Invalid(f"must be an absolute path, got {value!r}")
+    if not os.path.basename(value):
+        raise Invalid(f"must name a socket file, not a directory: {value!r}")
+    # The daemon binds a longer private name first, then renames it: that name must fit too.
+    size = len(value.encode())
+    overhead = len(control_temp_path(value, PID_MAX_LIMIT).encode()) - size
+    if size + overhead > SUN_PATH_MAX:
+        temp = control_temp_path(os.path.basename(value), "<pid>")
+        raise Invalid(
+            f"is too long ({size} bytes): the daemon binds it first as {temp!r} in the same "
+            f"directory, and a Unix socket path holds at most {SUN_PATH_MAX} bytes; use at most "
+            f"{SUN_PATH_MAX - overhead}"
+        )
+    return value
+
+
+def group(value: object) -> str | None:
+    if not isinstance(value, str):
+        raise Invalid(f"must be a group name, got {type_name(value)}")
+    if value == "":
+        return None
+    if not _GROUP.fullmatch(value):
+        raise Invalid(f"{value!r} is not a valid group name")
+    return value
+
+
+def parse_address(
+    value: str, default_host: str = METRICS_DEFAULT_HOST, min_port: int = 1
+) -> tuple[str, int]:
+    """Split "HOST:PORT", "[V6]:PORT" or a bare "PORT" into (host, port); ValueError if bad."""
+    text = value.strip()
+    if text.isdigit():
+        host, port_text = default_host, text
+    elif text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise Invalid(f"{value!r} is not HOST:PORT")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise Invalid(f"{value!r} is not HOST:PORT (write IPv6 as [::1]:9108)")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise Invalid(f"{host!r} in {value!r} is not an IP address") from None
+    if not port_text.isdigit() or not min_port <= int(port_text) <= 65535:
+        raise Invalid(f"port in {value!r} must be from {min_port} to 65535")
+    return host, int(port_text)
+
+
+def metrics_address(value: object) -> str | None:
+    if not isinstance(value, str):
+        raise Invalid(f'must be a string like "127.0.0.1:9108", got {type_name(value)}')
+    if value.strip() == "":
+        return None
+    host, port = parse_address(value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def seconds(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise Invalid(f"must be a number of seconds, got {type_name(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise Invalid(f"must be a number of seconds > 0, got {value}")
+    return float(value)
+
+
+MAX_WORKERS = 256
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, so a cpuset is respected)."""
+    return len(os.sched_getaffinity(0))
+
+
+def workers(value: object) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return min(cpu_count(), MAX_WORKERS)
+    if isinstance(value, str):
+        raise Invalid(f"must be auto or a number of workers, got {value!r}")
+    return integer(1, MAX_WORKERS)(value)
+
+
+def text_workers(text: str) -> int | str:
+    text = text.strip()
+    return int(text) if text.isdigit() else text
+
+
+def file_path(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Invalid(f"must be a path, got {type_name(value)}")
+    return value or None
+
+
+# --- text (environment variables, flags) -> what the validator takes ----------------------------
+
+
+def text(value: str) -> str:
+    """Environment or flag text as it is, trimmed."""
+    return value.strip()
+
+
+def text_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def text_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise Invalid(f"must be an integer, got {text!r}") from None
+
+
+def text_float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise Invalid(f"must be a number of seconds, got {text!r}") from None

@@ -1,0 +1,149 @@
+"""One worker process: a Service with its own listeners and uvloop, driven by its supervisor.
+
+The supervisor (workers.WorkerPool) starts it as `python -m echod.worker FD`, where FD is its
+end of a socketpair, and sends `init` with the configuration first. From then on the worker
+answers the service's methods over that channel (channel.Channel). In kernel mode the
+supervisor sends the BPF maps' fds with `start` and `restart`; the worker inserts the sockets
+it accepts into that one shared sockhash, while the supervisor owns the program and reads
+the counters.
+
+The worker ignores SIGINT (a terminal's ^C is the supervisor's to handle) and leaves on
+SIGTERM. When the channel closes, the supervisor has gone: the worker stops at once and exits,
+so that nothing outlives the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import structlog
+import uvloop
+
+from echod import logs
+from echod.channel import Channel
+from echod.config import Config
+from echod.protocol import RequestError
+from echod.service import Service
+from echod.sockmap import SocketMaps
+
+log = structlog.get_logger("echod.worker")
+
+EXIT_GRACE = 0.5  # seconds a worker whose supervisor has gone gives its connections
+
+
+class WorkerService(Service):
+    """A Service whose BPF maps come from the supervisor instead of its own BPF object."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.reuse_port = True
+        self.offered: SocketMaps | None = None
+
+    def offer(self, fds: list[int]) -> None:
+        """The supervisor sent the maps' fds (sockhash, activity set); takes ownership."""
+        self.drop_offer()
+        if fds:
+            self.offered = SocketMaps(fds[0], fds[1], owned=True)
+
+    def drop_offer(self) -> None:
+        """Close offered fds that were not taken."""
+        if self.offered is not None:
+            self.offered.close()
+            self.offered = None
+
+    def _load_kernel(self) -> None:
+        if self.maps is None:
+            if self.offered is None:
+                raise OSError(errno.ENOENT, "the supervisor sent no BPF maps")
+            self.maps = self._bpf.enter_context(self.offered)
+            self.offered = None
+
+
+class Worker:
+    """The worker's side of the channel: each request is a method of its service."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.done = asyncio.Event()
+        self.channel = Channel(sock, self.handle, on_close=self.done.set)
+        self.service: WorkerService | None = None
+        self.guard: asyncio.Task[None] | None = None
+        self.index = -1
+
+    async def handle(self, method: str, params: dict[str, Any], fds: list[int]) -> Any:
+        """Serve one request from the supervisor."""
+        if method == "init":
+            return self._init(params)
+        svc = self.service
+        if svc is None:
+            raise RequestError("bad_state", "not initialised")
+        if method in ("start", "restart"):
+            svc.offer(fds)
+            try:
+                if method == "start":
+                    return await svc.start(params.get("mode"), params.get("port"))
+                return await svc.restart(params.get("mode"))
+            finally:
+                svc.drop_offer()
+        if method == "stop":
+            return await svc.stop(grace=params.get("grace"))
+        if method == "apply_live":
+            await svc.apply_live(Config(**params["config"]))
+            return None
+        if method == "status":
+            return svc.status()
+        if method == "stats":
+            return svc.stats()
+        if method == "sample":
+            svc.sample_rates()
+            return {"counters": svc.counters(), "in_map": svc.in_map, "stats": svc.stats()}
+        raise RequestError("unknown_method", method)
+
+    def _init(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.index = int(params["index"])
+        config = Config(**params["config"])
+        logs.configure(config.log_level, config.log_format)
+        structlog.contextvars.bind_contextvars(worker=self.index)
+        if self.service is not None:
+            raise RequestError("bad_state", "already initialised")
+        self.service = WorkerService(config)
+        self.guard = asyncio.get_running_loop().create_task(self.service.run())
+        return {"pid": os.getpid()}
+
+    async def run(self) -> None:
+        """Serve until the supervisor goes or SIGTERM comes, then stop and release."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.done.set)
+        try:
+            await self.done.wait()
+        finally:
+            if self.guard is not None:
+                self.guard.cancel()
+            svc = self.service
+            if svc is not None:
+                if svc.state != "stopped":
+                    try:
+                        await svc.stop(grace=EXIT_GRACE)
+                    except RequestError:
+                        pass
+                svc.close()
+            self.channel.close()
+
+
+def main() -> None:
+    """`python -m echod.worker FD`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+
+    async def run() -> None:
+        await Worker(sock).run()
+
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()

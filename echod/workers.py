@@ -1,0 +1,410 @@
+"""The supervisor's side of `--workers N`: N worker processes, one BPF object, one answer.
+
+The pool owns the BPF object (program, sockhash, activity set, counters) and decides the mode;
+each worker (echod.worker) owns its SO_REUSEPORT listeners, its connections and its uvloop.
+The maps reach the workers as fds over their channel (SCM_RIGHTS) with every `start` and
+`restart` into kernel mode, rather than by inheritance: the object is loaded and unloaded as
+the mode changes, long after the workers were started, and a worker started again after a
+crash must get the maps that are loaded now.
+
+A method of the pool asks every worker and answers when all have answered. A worker that dies
+is logged, counted and started again (its connections are lost with it); one that stops
+answering the tick for WORKER_HANG seconds is killed, and then started again the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from echod import __version__
+from echod.aggregate import Rates, merge_stats, merge_status, retire, sum_process
+from echod.channel import Channel, ChannelClosed
+from echod.config import LIVE_KEYS, Config
+from echod.lifecycle import Lifecycle
+from echod.metrics import process_figures
+from echod.protocol import RequestError
+from echod.sockmap import KernelEcho, bpf_status
+
+log = structlog.get_logger("echod.workers")
+
+INIT_TIMEOUT = 30.0  # a new worker's interpreter start and `init`
+CALL_TIMEOUT = 30.0  # start, stop and restart: bounded by the grace and migration deadlines
+QUERY_TIMEOUT = 5.0  # status, stats, sample
+WORKER_HANG = 10.0  # no answer to the tick for this long: killed and started again
+RESPAWN_DELAY = 0.2  # doubled for a worker that dies soon after its start, up to RESPAWN_MAX
+RESPAWN_MAX = 5.0
+
+
+class WorkerProcess:
+    """One worker: its process and its channel."""
+
+    def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+        self.index = index
+        self.proc = proc
+        self.channel = channel
+        self.started_at = time.monotonic()
+        self.last_answer = time.monotonic()
+        self.last_stats: dict[str, Any] | None = None
+        self.last_status: dict[str, Any] | None = None
+        self.in_map = 0
+        self.counters: dict[str, int] = {}
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid."""
+        return self.proc.pid
+
+    async def call(self, method: str, wait_s: float, **params: Any) -> Any:
+        """One request to this worker, answered within wait_s seconds."""
+        fds = params.pop("fds", ())
+        return await self.channel.call(method, params, fds=fds, wait_s=wait_s)
+
+
+class WorkerPool(Lifecycle):
+    """N worker processes behind one service interface (what daemon.Daemon drives)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.count = config.workers
+        self.kernel: KernelEcho | None = None
+        self._bpf = contextlib.ExitStack()
+        self.workers: dict[int, WorkerProcess] = {}
+        self.restarts = 0
+        self.rates: dict[str, float] = {}
+        self._retired: dict[str, Any] = {}
+        self._retired_counters: dict[str, int] = {}
+        self._rates = Rates()
+        self._closing = False
+        self._exited: asyncio.Queue[WorkerProcess] = asyncio.Queue()
+        self.started_at = time.monotonic()
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def _worker_config(self) -> dict[str, Any]:
+        """The config a worker runs with: limits split between the workers."""
+        share = math.ceil(self.config.max_connections / self.count)
+        return dataclasses.asdict(self.config.replace(max_connections=share, workers=1))
+
+    async def _spawn(self, index: int) -> WorkerProcess:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # fork + exec is quick, and the child's end of the pair must be passed to it.
+            # /proc/self/exe: the path of the interpreter may not be ours to open (a venv
+            # whose interpreter links into a home directory, for a daemon running as
+            # `echod`), while the running image always is; argv[0] still names the venv.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "echod.worker", str(theirs.fileno())],
+                executable="/proc/self/exe",
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,  # a terminal's ^C reaches the supervisor alone
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        worker: WorkerProcess | None = None
+
+        def closed() -> None:
+            if worker is not None:
+                self._exited.put_nowait(worker)
+
+        worker = WorkerProcess(index, proc, Channel(ours, on_close=closed))
+        try:
+            await worker.call("init", INIT_TIMEOUT, index=index, config=self._worker_config())
+        except (RequestError, ChannelClosed, TimeoutError) as exc:
+            worker.proc.kill()
+            worker.channel.close()
+            raise OSError(f"worker {index} did not start: {exc}") from exc
+        log.info("worker.started", index=index, pid=proc.pid)
+        return worker
+
+    async def open(self) -> None:
+        """Start the worker processes (not yet serving)."""
+        started = await asyncio.gather(
+            *(self._spawn(i) for i in range(self.count)), return_exceptions=True
+        )
+        for result in started:
+            if isinstance(result, WorkerProcess):
+                self.workers[result.index] = result
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+
+    async def _each(
+        self, method: str, wait_s: float = CALL_TIMEOUT, **params: Any
+    ) -> list[tuple[WorkerProcess, Any]]:
+        """Ask every worker at once; the first error is raised once all have answered.
+
+        A reply that is a worker's status (start, stop, restart) is kept for status_now.
+        """
+        workers = list(self.workers.values())
+        results = await asyncio.gather(
+            *(w.call(method, wait_s, **params) for w in workers), return_exceptions=True
+        )
+        for w, result in zip(workers, results, strict=True):
+            if isinstance(result, dict) and "connections_by_path" in result:
+                w.last_status = result
+        for result in results:
+            if isinstance(result, BaseException):
+                if isinstance(result, ChannelClosed | TimeoutError):
+                    raise RequestError("internal", f"a worker did not answer {method}") from result
+                raise result
+        return list(zip(workers, results, strict=True))
+
+    def _map_fds(self) -> list[int]:
+        return self.kernel.maps.fds() if self.kernel is not None and self.mode == "kernel" else []
+
+    # -- mode and BPF -------------------------------------------------------------------------
+
+    def _load_kernel(self) -> None:
+        if self.kernel is None:
+            self.kernel = self._bpf.enter_context(KernelEcho(self.config.bpf_object))
+
+    def _unload(self) -> None:
+        if self.kernel is not None:
+            self._bpf.close()
+            self.kernel = None
+
+    def _maybe_unload(self) -> None:
+        """Unload once no worker has a socket in the sockhash and the mode is not kernel."""
+        if self.mode != "kernel" and not any(w.in_map for w in self.workers.values()):
+            self._unload()
+
+    # -- the service's methods ----------------------------------------------------------------
+
+    async def _open(self) -> None:
+        _check_port_free(self.config)
+        await self._each("start", mode=self.mode, port=self.config.port, fds=self._map_fds())
+
+    async def _abort_start(self) -> None:
+        with contextlib.suppress(RequestError):
+            await self._stop_workers(0.1)
+        self._unload()
+
+    async def _stop_workers(self, grace: float) -> None:
+        busy = [w for w in self.workers.values() if not w.channel.closed]
+        results = await asyncio.gather(
+            *(w.call("stop", grace + CALL_TIMEOUT, grace=grace) for w in busy),
+            return_exceptions=True,
+        )
+        for w, result in zip(busy, results, strict=True):
+            if isinstance(result, dict):
+                w.last_status = result
+            elif isinstance(result, RequestError) and result.code != "bad_state":
+                raise result
+
+    async def stop(self, grace: float | None = None) -> dict[str, Any]:
+        """Every worker stops (drains within the grace); then the BPF object is unloaded."""
+        async with self._lock:
+            if self.state == "stopped":
+                raise RequestError("bad_state", "already stopped")
+            self.state = "stopping"
+            await self._stop_workers(self.config.shutdown_grace if grace is None else grace)
+            for w in self.workers.values():
+                w.in_map = 0
+            self.mode = None
+            self._unload()
+            self.state = "stopped"
+            log.info("service.stopped")
+            return self.status_now()
+
+    async def _switch(self, old: str | None) -> tuple[int, int]:
+        """Every worker switches; the migration figures are summed."""
+        replies = await self._each("restart", mode=self.mode, fds=self._map_fds())
+        for w, r in replies:
+            w.in_map = r["connections_by_path"]["kernel"]
+        self._maybe_unload()
+        return (
+            sum(r["migration"]["moved"] for _, r in replies),
+            sum(r["migration"]["stayed"] for _, r in replies),
+        )
+
+    async def apply_live(self, config: Config) -> None:
+        """Send the live settings to every worker."""
+        self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
+        await self._each("apply_live", QUERY_TIMEOUT, config=self._worker_config())
+
+    # -- figures -----------------------------------------------------------------------------
+
+    def _own_status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "mode": self.mode,
+            "requested_mode": self.requested_mode,
+            "fallback_reason": self.fallback_reason,
+            "port": self.config.port,
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "bpf": bpf_status(self.kernel),
+        }
+
+    def status_now(self) -> dict[str, Any]:
+        """status from what the workers said last (start, stop and restart replies)."""
+        workers: list[tuple[int, Mapping[str, Any] | None]] = [
+            (w.index, w.last_status) for w in self._sorted()
+        ]
+        return merge_status(self._own_status(), workers)
+
+    def _sorted(self) -> list[WorkerProcess]:
+        return [self.workers[i] for i in sorted(self.workers)]
+
+    async def _ask(self, method: str) -> list[tuple[int, Any]]:
+        workers = self._sorted()
+        results = await asyncio.gather(
+            *(w.call(method, QUERY_TIMEOUT) for w in workers), return_exceptions=True
+        )
+        return [
+            (w.index, None if isinstance(r, BaseException) else r)
+            for w, r in zip(workers, results, strict=True)
+        ]
+
+    async def report_status(self) -> dict[str, Any]:
+        """status: the supervisor's mode and BPF, every worker's connections."""
+        answers = await self._ask("status")
+        for index, st in answers:
+            if st is not None and index in self.workers:
+                self.workers[index].last_status = st
+        return merge_status(self._own_status(), answers)
+
+    async def report_stats(self) -> dict[str, Any]:
+        """stats: the workers' counters added up, the kernel's counted once."""
+        answers = [st for _, st in await self._ask("stats") if st is not None]
+        own = {
+            "kernel": self.kernel.counters() if self.kernel is not None else None,
+            "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
+            "rates": dict(self.rates),
+            "process": sum_process([process_figures(), *(st["process"] for st in answers)]),
+            "workers": {"count": len(self.workers), "restarts": self.restarts},
+        }
+        return merge_stats(answers, self._retired, own)
+
+    async def sample(self) -> None:
+        """The 1 s tick: every worker's counters, for the rates; unanswered ones are hung."""
+        now = time.monotonic()
+        total = dict(self._retired_counters)
+        for index, reply in await self._ask("sample"):
+            w = self.workers.get(index)
+            if w is None:
+                continue
+            if reply is None:
+                if now - w.last_answer > WORKER_HANG and w.proc.poll() is None:
+                    log.error("worker.hung", index=index, pid=w.pid, silent_s=WORKER_HANG)
+                    w.proc.kill()
+                continue
+            w.last_answer, w.in_map, w.counters = now, reply["in_map"], reply["counters"]
+            w.last_stats = reply["stats"]
+            for key, value in reply["counters"].items():
+                total[key] = total.get(key, 0) + value
+        if self.kernel is not None:
+            total.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
+        self.rates = self._rates.sample(total)
+        if self.state == "serving":
+            self._maybe_unload()
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled: start again every worker that exits."""
+        while True:
+            worker = await self._exited.get()
+            if self._closing or self.workers.get(worker.index) is not worker:
+                continue
+            await self._replace(worker)
+
+    async def _replace(self, worker: WorkerProcess) -> None:
+        code = await asyncio.to_thread(_reap, worker.proc)
+        self.restarts += 1
+        retire(self._retired, worker.last_stats)
+        for key, value in worker.counters.items():
+            self._retired_counters[key] = self._retired_counters.get(key, 0) + value
+        log.error(
+            "worker.exited",
+            index=worker.index,
+            pid=worker.pid,
+            returncode=code,
+            connections_lost=(worker.last_stats or {}).get("connections", {}).get("active", 0),
+        )
+        lived = time.monotonic() - worker.started_at
+        delay = RESPAWN_DELAY if lived > 10 else min(RESPAWN_DELAY * 2**self.restarts, RESPAWN_MAX)
+        await asyncio.sleep(delay)
+        async with self._lock:
+            if self._closing:
+                return
+            try:
+                fresh = await self._spawn(worker.index)
+            except OSError as exc:
+                log.error("worker.start_failed", index=worker.index, error=str(exc))
+                self._exited.put_nowait(worker)  # try again, later
+                return
+            self.workers[worker.index] = fresh
+            if self.state == "serving":
+                await self._bring_up(fresh)
+
+    async def _bring_up(self, worker: WorkerProcess) -> None:
+        """A new worker joins the pool in the pool's mode."""
+        try:
+            await worker.call(
+                "start", CALL_TIMEOUT, mode=self.mode, port=self.config.port, fds=self._map_fds()
+            )
+        except (RequestError, ChannelClosed, TimeoutError) as exc:
+            log.error("worker.start_failed", index=worker.index, error=str(exc))
+            worker.proc.kill()
+
+    def close(self) -> None:
+        """End every worker process (they have stopped serving by now)."""
+        self._closing = True
+        for w in self.workers.values():
+            w.channel.close()  # the worker sees EOF and exits
+        deadline = time.monotonic() + 5.0
+        for w in self.workers.values():
+            try:
+                w.proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                log.error("worker.kill", index=w.index, pid=w.pid)
+                w.proc.kill()
+                w.proc.wait()
+        self._unload()
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _check_port_free(config: Config) -> None:
+    """Fail as a single process would when the port is taken, before the workers share it.
+
+    The workers bind with SO_REUSEPORT, which would quietly share the port with another
+    process of the same user that did so too: a plain bind first proves nobody holds it.
+    """
+    for host in config.hosts:
+        infos = socket.getaddrinfo(
+            host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, stype, proto, _, addr = infos[0]
+        with socket.socket(family, stype, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise RequestError(
+                    "listen_failed",
+                    f"cannot listen on {host} port {config.port}: {exc.strerror}",
+                ) from exc

@@ -1,0 +1,80 @@
+"""Adding the workers' figures up: sums, the kernel once, and what exited workers counted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from echod.aggregate import merge_stats, merge_status, retire, sum_process
+
+
+def _stats(accepted: int, active: int, user_bytes: int, in_map: int) -> dict[str, Any]:
+    return {
+        "connections": {
+            "accepted": accepted,
+            "active": active,
+            "closed": accepted - active,
+            "refused": {"allow": 1, "per_ip": 0},
+            "insert_failed_reasons": {"peer_closed_before_accept": 2},
+        },
+        "user": {"bytes": user_bytes, "messages": 3},
+        "kernel_sockets": in_map,
+        "process": {"rss_bytes": 1000, "open_fds": 10, "cpu_percent": 1.25},
+    }
+
+
+OWN = {
+    "kernel": {"redirected_packets": 7},
+    "bpf_programs": [{"id": 1}],
+    "rates": {},
+    "process": {},
+    "workers": {"count": 2, "restarts": 0},
+}
+
+
+def test_workers_are_added_up_and_the_kernel_is_counted_once() -> None:
+    merged = merge_stats([_stats(10, 4, 100, 4), _stats(6, 2, 50, 2)], {}, OWN)
+    conns = merged["connections"]
+    assert (conns["accepted"], conns["active"], conns["closed"]) == (16, 6, 10)
+    assert conns["refused"] == {"allow": 2, "per_ip": 0}
+    assert conns["insert_failed_reasons"] == {"peer_closed_before_accept": 4}
+    assert merged["user"] == {"bytes": 150, "messages": 6}
+    assert merged["kernel_sockets"] == 6
+    assert merged["kernel"] == {"redirected_packets": 7}
+
+
+def test_what_an_exited_worker_counted_is_kept_but_its_connections_are_not_active() -> None:
+    retired: dict[str, Any] = {}
+    retire(retired, _stats(10, 4, 100, 4))
+    merged = merge_stats([_stats(6, 2, 50, 2)], retired, OWN)
+    assert merged["connections"]["accepted"] == 16
+    assert merged["connections"]["closed"] == 10
+    assert merged["connections"]["active"] == 2
+    assert merged["user"]["bytes"] == 150
+    retire(retired, None)  # a worker that never reported adds nothing
+    assert merge_stats([], retired, OWN)["connections"]["accepted"] == 10
+
+
+def test_process_figures_are_summed_over_every_process() -> None:
+    total = sum_process([{"rss_bytes": 5, "cpu_percent": 0.25}, {"rss_bytes": 7, "open_fds": 3}])
+    assert total["rss_bytes"] == 12
+    assert total["open_fds"] == 3
+    assert total["cpu_percent"] == 0.2  # rounded to one place (0.25 rounds half to even)
+    assert total["processes"] == 2
+
+
+def test_status_lists_each_worker_and_an_unresponsive_one() -> None:
+    st = {
+        "pid": 11,
+        "state": "serving",
+        "mode": "kernel",
+        "listen": ["127.0.0.1:1"],
+        "connections": 3,
+        "connections_by_path": {"kernel": 2, "user": 1},
+    }
+    merged = merge_status({"pid": 10, "state": "serving"}, [(0, st), (1, None)])
+    assert merged["pid"] == 10
+    assert merged["connections"] == 3
+    assert merged["connections_by_path"] == {"kernel": 2, "user": 1}
+    assert merged["listen"] == ["127.0.0.1:1"]
+    assert [w["state"] for w in merged["workers"]] == ["serving", "unresponsive"]
+    assert merged["workers"][0]["pid"] == 11
