@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
 	systemd systemd-container
 
-.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak clean
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,13 @@ bench: venv
 SOAK_ARGS ?= --runs 4 --switches 20 --connections 50 --duration 120
 soak: venv
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)
+
+# 100,000 concurrent connections (root, BPF): six clients, six workers, every echo checked,
+# then RSS per connection and idle CPU of all the daemon's processes.
+MANY_ARGS ?= --connections 100000 --clients 6 --workers 6 --idle 10
+manyconns: venv
+	$(BIN)/python -m tests.manyconns $(MANY_ARGS) --mode kernel
+	$(BIN)/python -m tests.manyconns $(MANY_ARGS) --mode user
 
 include mk/ops.mk
 

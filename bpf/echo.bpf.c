@@ -19,18 +19,28 @@ struct {
 } echo_sockets SEC(".maps");
 
 /*
- * Sockets that received data since user space last looked: cookie -> 1. The backlog guard
- * reads only these, so its cost follows the traffic, not the number of connections. It
- * deletes a key before it reads that socket's backlog, so a packet that arrives meanwhile
- * marks the socket again.
+ * Sockets that received data since user space last looked: cookie -> bytes since then (or
+ * since the bell last rang for it). User space deletes a key when it has seen the socket
+ * quiet; the socket's next packet puts it back and rings the bell.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, ECHO_MAX_SOCKETS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64); /* socket cookie */
-	__type(value, __u32);
+	__type(value, __u64);
 } echo_active SEC(".maps");
+
+/*
+ * The doorbell: the cookie of each socket that entered echo_active, and again of one that
+ * received another ECHO_BELL_EVERY bytes while in it. A record written into an empty ring
+ * wakes the ring's epoll waiters, so the guard learns of new traffic at once and of a flood
+ * within a few MiB, and pays nothing while every connection is idle.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, ECHO_BELL_BYTES);
+} echo_bell SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -82,16 +92,44 @@ static __always_inline int redirected(__u32 len)
 	return SK_PASS;
 }
 
+/* A socket entered echo_active, or received ECHO_BELL_EVERY more: count it, ring the bell. */
+static __always_inline void ring(__u64 *cookie)
+{
+	__u32 zero = 0;
+	struct echo_counters *c = bpf_map_lookup_elem(&echo_counters, &zero);
+
+	if (c)
+		c->active_marks++;
+	/* A full ring is not an error: it is not empty, so its reader has been woken already. */
+	bpf_ringbuf_output(&echo_bell, cookie, sizeof(*cookie), 0);
+}
+
+/* One lookup per packet; a write to the ring only when the guard should look. */
+static __always_inline void mark(__u64 *cookie, __u32 len)
+{
+	__u64 bytes = len;
+	__u64 *seen = bpf_map_lookup_elem(&echo_active, cookie);
+
+	if (!seen) {
+		if (!bpf_map_update_elem(&echo_active, cookie, &bytes, BPF_NOEXIST))
+			ring(cookie);
+		return;
+	}
+	/* The verdict runs for one socket at a time (under its lock): no atomics needed. */
+	*seen += len;
+	if (*seen >= ECHO_BELL_EVERY) {
+		*seen = 0;
+		ring(cookie);
+	}
+}
+
 SEC("sk_skb/stream_verdict")
 int echo_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	__u32 len = skb->len;
-	__u32 one = 1;
 
-	/* One lookup per packet; an insert only on the first packet after the guard looked. */
-	if (!bpf_map_lookup_elem(&echo_active, &cookie))
-		bpf_map_update_elem(&echo_active, &cookie, &one, BPF_NOEXIST);
+	mark(&cookie, len);
 
 	/* A miss (the socket is being removed) lets the skb through to user space, which echoes it. */
 	if (bpf_sk_redirect_hash(skb, &echo_sockets, &cookie, 0) != SK_PASS)

@@ -58,7 +58,27 @@ class Host(Protocol):
 
 
 class Connection:
-    """One accepted connection. Owns its socket, until a user-path transport takes the fd over."""
+    """One accepted connection. Owns its socket, until a user-path transport takes the fd over.
+
+    There may be 100,000 of these in one daemon: slots, and no future until one is awaited.
+    """
+
+    __slots__ = (
+        "_done",
+        "closed",
+        "cookie",
+        "eof",
+        "fd",
+        "host",
+        "in_map",
+        "migrating",
+        "out",
+        "peer",
+        "protocol",
+        "sock",
+        "transport",
+        "writing",
+    )
 
     def __init__(self, host: Host, sock: socket.socket, peer: str) -> None:
         self.host = host
@@ -74,7 +94,16 @@ class Connection:
         self.out = bytearray()
         self.eof = False
         self.closed = False
-        self.done = asyncio.get_running_loop().create_future()
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def done(self) -> asyncio.Future[None]:
+        """Resolved once the connection is closed."""
+        if self._done is None:
+            self._done = self.host.loop.create_future()
+            if self.closed:
+                self._done.set_result(None)
+        return self._done
 
     @property
     def path(self) -> str:
@@ -218,8 +247,8 @@ class Connection:
             self.transport = None
         self.sock.close()  # a no-op once a transport has detached it
         self.host.forget(self, reason)
-        if not self.done.done():
-            self.done.set_result(None)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
 
 class UserEcho(asyncio.Protocol):

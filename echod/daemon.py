@@ -166,7 +166,8 @@ class Daemon:
             await self.service.sample()
             if self.metrics is not None:
                 self._snapshot = await self._take_snapshot()
-            systemd.status(await self.summary())
+            if systemd.managed():  # the summary asks every worker: only when someone reads it
+                systemd.status(await self.summary())
             now = time.monotonic()
             if interval is not None and now - last_watchdog >= interval:
                 systemd.watchdog()

@@ -6,13 +6,19 @@ import asyncio
 import contextlib
 import itertools
 import select
+import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-# Per guard tick (100 ms): marked sockets read from the activity set, and sockets of the
-# round robin over every kernel-path socket (100 a second).
-ACTIVE_PER_TICK = 4096
-SWEEP_PER_TICK = 10
+# The guard (BacklogGuard): how long a socket found quiet waits for its second look, and the
+# longest wait for one with unwritten echo; the shortest wait for a growing one; sockets of
+# the round robin over all, per second; the tick when nothing happens; and how many sockets of
+# the activity set a walk reads when the ring overflowed.
+QUIET = 0.1
+MIN_STEP = 0.002
+SWEEP_PER_SECOND = 50
+IDLE_CHECK = 1.0
+ACTIVE_WALK = 4096
 
 
 class Watched(Protocol):
@@ -75,29 +81,43 @@ class ActiveSet(Protocol):
 
     def active(self, limit: int) -> list[int]: ...
 
+    def marks(self) -> int: ...
+
     def clear_active(self, cookie: int) -> None: ...
 
 
 class BacklogGuard:
-    """The 100 ms guard over kernel-path sockets, which are not watched for input.
-
-    Each tick looks at the sockets the verdict marked active since the last look (the BPF
-    activity set), the sockets that still had unwritten echo at the last look, and a few more
-    in a slow round robin over all of them (SWEEP_PER_TICK), which finds a socket that left
-    the map behind our back. Idle connections therefore cost almost nothing, however many.
+    """The guard over kernel-path sockets, which are not watched for input.
 
     A socket with unwritten echo is read: on a healthy psock the read finds nothing (the
     recvmsg of a verdict socket only returns what the verdict passed up), while bytes that
     missed the redirect, or a socket that left the map, are echoed here. The kernel does not
     bound a psock's queue, so a socket whose unwritten echo exceeds the per-connection limit is
     handed to `exceeded`, and so are the largest ones while the sum exceeds the total limit.
+
+    What it looks at, and when:
+    - a socket the verdict rang the bell for (`ring`): at once. The verdict rings when a socket
+      enters the BPF activity set, and again every 8 MiB it receives while in it, so a peer
+      that never reads is seen within a few MiB, however fast it sends (loopback: GB/s);
+    - a socket with unwritten echo: again and again, sooner the faster it grows;
+    - a socket found quiet: once more after QUIET, and if still quiet it leaves the activity
+      set (its next packet rings the bell again);
+    - a slow round robin over every socket (SWEEP_PER_SECOND), which finds one that left the
+      map behind our back; and, if the ring overflowed, a walk of the activity set.
+    Idle connections therefore cost nothing, however many there are.
     """
 
     def __init__(self, exceeded: Callable[[Watched, int, str], None]) -> None:
         self.exceeded = exceeded
         self.conns: dict[int, Watched] = {}  # cookie -> every kernel-path connection
         self._backlogs: dict[Watched, int] = {}
+        # conn -> (when to look again, pending then, when that was, looks found quiet)
+        self._due: dict[Watched, tuple[float, int, float, int]] = {}
+        self._rung: set[Watched] = set()
         self._sweep: Iterator[Watched] = iter(())
+        self._swept_at = time.monotonic()
+        self._marks = 0  # the verdict's ring count at the last idle tick
+        self._records = 0  # cookies read from the ring since then
 
     def track(self, conn: Watched) -> None:
         """conn's socket has entered the sockhash."""
@@ -108,34 +128,71 @@ class BacklogGuard:
         if self.conns.get(conn.cookie) is conn:
             del self.conns[conn.cookie]
         self._backlogs.pop(conn, None)
+        self._due.pop(conn, None)
+        self._rung.discard(conn)
 
-    def _swept(self) -> list[Watched]:
+    def ring(self, cookies: list[int]) -> None:
+        """The verdict rang the bell for these sockets (some may be another worker's)."""
+        self._records += len(cookies)
+        for cookie in cookies:
+            conn = self.conns.get(cookie)
+            if conn is not None:
+                self._rung.add(conn)
+
+    def due(self) -> float:
+        """When the next check is due (monotonic time)."""
+        if self._rung:
+            return 0.0
+        when = self._swept_at + IDLE_CHECK
+        if self._due:
+            when = min(when, min(v[0] for v in self._due.values()))
+        return when
+
+    def _swept(self, now: float) -> list[Watched]:
         """The next few connections of the round robin over all of them."""
-        out = list(itertools.islice(self._sweep, SWEEP_PER_TICK))
-        if len(out) < SWEEP_PER_TICK and self.conns:
-            # One copy per full round: O(SWEEP_PER_TICK) a tick, amortised.
+        n = int(SWEEP_PER_SECOND * min(now - self._swept_at, 10.0))
+        if n < 1:
+            return []
+        self._swept_at = now
+        out = list(itertools.islice(self._sweep, n))
+        if len(out) < n and self.conns:
+            # One copy per full round: O(n) a tick, amortised.
             self._sweep = iter(list(self.conns.values()))
-            out += itertools.islice(self._sweep, SWEEP_PER_TICK - len(out))
+            out += itertools.islice(self._sweep, n - len(out))
         return [c for c in out if self.conns.get(c.cookie) is c]
 
+    def _lost_rings(self, active: ActiveSet) -> list[Watched]:
+        """When the ring overflowed (fewer records than rings), ours in the activity set."""
+        marks = active.marks()
+        lost = marks - self._marks > self._records
+        self._marks, self._records = marks, 0
+        if not lost:
+            return []
+        return [c for c in map(self.conns.get, active.active(ACTIVE_WALK)) if c is not None]
+
     def check(self, active: ActiveSet, limit: int, total_limit: int) -> None:
-        """One tick: read sockets with unwritten echo; hand over those past a limit."""
+        """Look at what is due: read sockets with unwritten echo; hand over those past a limit."""
+        now = time.monotonic()
         if not self.conns:
             self._backlogs.clear()
+            self._due.clear()
+            self._rung.clear()
+            self._swept_at = now
             return
-        look: dict[Watched, None] = dict.fromkeys(self._backlogs)
-        for cookie in active.active(ACTIVE_PER_TICK):
-            conn = self.conns.get(cookie)
-            if conn is not None:  # else another worker's socket: its owner clears it
-                # Cleared before the read: a packet from now on marks the socket again.
-                active.clear_active(cookie)
-                look[conn] = None
-        look.update(dict.fromkeys(self._swept()))
+        rung, self._rung = self._rung, set()
+        look = {c for c, v in self._due.items() if v[0] <= now} | rung
+        idle_tick = now - self._swept_at >= IDLE_CHECK
+        look.update(self._swept(now))
+        if idle_tick:
+            look.update(self._lost_rings(active))
         for conn in look:
             pending = conn.backlog()
             if pending > limit:
+                self._due.pop(conn, None)
                 self.exceeded(conn, pending, "connection")
-            elif pending:
+                continue
+            self._schedule(conn, pending, now, active, limit, conn in rung)
+            if pending:
                 self._backlogs[conn] = pending
                 conn.read_available()
             else:
@@ -146,3 +203,25 @@ class BacklogGuard:
                 break
             total -= pending
             self.exceeded(conn, pending, "total")
+
+    def _schedule(
+        self, conn: Watched, pending: int, now: float, active: ActiveSet, limit: int, rung: bool
+    ) -> None:
+        """When to look at conn again: sooner as its backlog grows; never once it is quiet."""
+        before = self._due.get(conn)
+        if pending == 0:
+            if before is None and not rung:
+                return  # swept, and quiet: nothing to follow
+            if before is not None and before[3] >= 1:
+                # Quiet twice: out of the activity set; its next packet rings the bell.
+                del self._due[conn]
+                active.clear_active(conn.cookie)
+            else:
+                self._due[conn] = (now + QUIET, 0, now, 1)
+            return
+        wait = QUIET
+        if before is not None and now > before[2] and pending > before[1]:
+            # Half the time to the limit at this rate: past it by at most one step's growth.
+            rate = (pending - before[1]) / (now - before[2])
+            wait = (limit - pending) / rate / 2
+        self._due[conn] = (now + min(max(wait, MIN_STEP), QUIET), pending, now, 0)

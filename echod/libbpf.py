@@ -390,6 +390,10 @@ def prog_info(prog_fd: int) -> dict[str, Any]:
 
 
 def map_info(map_fd: int) -> dict[str, Any]:
-    """id and name of a map."""
+    """id, name and max_entries of a map."""
     info = _info(map_fd, _MapInfo, "bpf_obj_get_info_by_fd(map)")
-    return {"id": int(info.id), "name": info.name.decode(errors="replace")}
+    return {
+        "id": int(info.id),
+        "name": info.name.decode(errors="replace"),
+        "max_entries": int(info.max_entries),
+    }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import mmap
 import os
 import socket
 import struct
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,14 @@ SO_COOKIE = 57  # asm-generic/socket.h; the socket module does not export it
 PROGRAM = "echo_verdict"
 SOCKETS_MAP = "echo_sockets"
 ACTIVE_MAP = "echo_active"
+BELL_MAP = "echo_bell"
 COUNTERS_MAP = "echo_counters"
 _COOKIE = struct.Struct("=Q")
+# A BPF ring buffer's positions and record headers (uapi/linux/bpf.h BPF_RINGBUF_*).
+_POS = struct.Struct("=Q")
+_RECORD_HEADER = struct.Struct("=I")  # the length, with the busy and discard bits
+_RINGBUF_BUSY = 1 << 31
+_RINGBUF_DISCARD = 1 << 30
 
 # struct echo_counters (bpf/echo.h), each field a __u64.
 COUNTER_FIELDS = (
@@ -32,6 +41,7 @@ COUNTER_FIELDS = (
     "missed_packets",
     "missed_bytes",
     "empty_packets",
+    "active_marks",
 )
 _COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")
 
@@ -73,14 +83,18 @@ class SocketMaps:
     builds its own from fds it was sent (`owned=True`: it takes ownership and closes them).
     """
 
-    def __init__(self, sockets_fd: int, active_fd: int, *, owned: bool = False) -> None:
+    def __init__(
+        self, sockets_fd: int, active_fd: int, counters_fd: int, *, owned: bool = False
+    ) -> None:
         self.sockets_fd = sockets_fd
         self.active_fd = active_fd
+        self.counters_fd = counters_fd
         self._owned = owned
+        self._ncpus = libbpf.possible_cpus() if counters_fd >= 0 else 1
 
     def fds(self) -> list[int]:
-        """The fds to hand another process: sockhash, then activity set."""
-        return [self.sockets_fd, self.active_fd]
+        """The fds to hand another process: sockhash, activity set, counters."""
+        return [self.sockets_fd, self.active_fd, self.counters_fd]
 
     def add(self, sock: socket.socket) -> int:
         """Insert sock into the sockhash, then kick it so data queued before the insert is echoed.
@@ -116,6 +130,20 @@ class SocketMaps:
         """Cookies of sockets that received data since they were last cleared (at most limit)."""
         return [_COOKIE.unpack(k)[0] for k in libbpf.map_keys(self.active_fd, 8, limit)]
 
+    def counters(self) -> dict[str, int]:
+        """The per-CPU counters summed over every possible CPU."""
+        raw = libbpf.map_lookup(
+            self.counters_fd, struct.pack("=I", 0), _COUNTERS.size * self._ncpus
+        )
+        totals = [0] * len(COUNTER_FIELDS)
+        for values in _COUNTERS.iter_unpack(raw):
+            totals = [t + v for t, v in zip(totals, values, strict=True)]
+        return dict(zip(COUNTER_FIELDS, totals, strict=True))
+
+    def marks(self) -> int:
+        """How many times a socket entered the activity set: it changed if this moved."""
+        return self.counters()["active_marks"]
+
     def clear_active(self, cookie: int) -> None:
         """Forget that a socket was active; its next packet marks it again."""
         with contextlib.suppress(KeyError):
@@ -134,10 +162,57 @@ class SocketMaps:
     def close(self) -> None:
         """Close the fds if this object owns them; idempotent."""
         if self._owned:
-            for fd in (self.sockets_fd, self.active_fd):
+            for fd in (self.sockets_fd, self.active_fd, self.counters_fd):
                 if fd >= 0:
                     os.close(fd)
-        self.sockets_fd = self.active_fd = -1
+        self.sockets_fd = self.active_fd = self.counters_fd = -1
+
+
+class Doorbell:
+    """The echo_bell ring: the cookies of sockets the verdict wants the guard to look at.
+
+    A record written into an empty ring makes the ring's fd readable (epoll). drain() reads
+    the records and moves the consumer position past them, emptying the ring, so that the
+    next record wakes the reader again.
+    """
+
+    def __init__(self, ring_fd: int) -> None:
+        """Borrows ring_fd (the BPF object owns it)."""
+        self.fd = ring_fd
+        page = mmap.PAGESIZE
+        size = libbpf.map_info(ring_fd)["max_entries"]
+        self._mask = size - 1
+        self._data = page  # where the records start in self._ring
+        # Page 0 of the map is the consumer position (ours to write); page 1 the producer
+        # position; then the data, mapped twice in a row, so a record that wraps is contiguous.
+        self._consumer = mmap.mmap(ring_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._ring = mmap.mmap(
+            ring_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
+
+    def drain(self) -> list[int]:
+        """The cookies rung since the last drain, and the ring emptied."""
+        cons = _POS.unpack_from(self._consumer, 0)[0]
+        prod = _POS.unpack_from(self._ring, 0)[0]
+        cookies = []
+        while cons < prod:
+            at = self._data + (cons & self._mask)
+            header = _RECORD_HEADER.unpack_from(self._ring, at)[0]
+            if header & _RINGBUF_BUSY:
+                break  # still being written: the next wake-up reads it
+            length = header & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
+            if not header & _RINGBUF_DISCARD and length == _COOKIE.size:
+                cookies.append(_COOKIE.unpack_from(self._ring, at + 8)[0])
+            cons += (length + 8 + 7) & ~7
+        _POS.pack_into(self._consumer, 0, cons)
+        return cookies
+
+    def close(self) -> None:
+        """Unmap the ring's pages; idempotent."""
+        if self.fd >= 0:
+            self._consumer.close()
+            self._ring.close()
+            self.fd = -1
 
 
 def bpf_status(kernel: KernelEcho | None) -> dict[str, Any]:
@@ -155,9 +230,9 @@ class KernelEcho:
         self._stack = contextlib.ExitStack()
         self._obj: libbpf.BpfObject | None = None
         self.prog_fd = self.sockets_fd = self.counters_fd = -1
-        self.maps = SocketMaps(-1, -1)
+        self.maps = SocketMaps(-1, -1, -1)
+        self.bell: Doorbell | None = None
         self.stats_enabled = False
-        self._ncpus = 1
 
     def __enter__(self) -> KernelEcho:
         try:
@@ -177,8 +252,9 @@ class KernelEcho:
         self.prog_fd = obj.program_fd(PROGRAM)
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
         self.counters_fd = obj.map_fd(COUNTERS_MAP)
-        self.maps = SocketMaps(self.sockets_fd, obj.map_fd(ACTIVE_MAP))
-        self._ncpus = libbpf.possible_cpus()
+        self.maps = SocketMaps(self.sockets_fd, obj.map_fd(ACTIVE_MAP), self.counters_fd)
+        self.bell = Doorbell(obj.map_fd(BELL_MAP))
+        self._stack.callback(self.bell.close)
         libbpf.prog_attach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
         self._stack.callback(self._detach)
         try:
@@ -201,7 +277,7 @@ class KernelEcho:
             self._stack.close()
             self._obj = None
             self.prog_fd = self.sockets_fd = self.counters_fd = -1
-            self.maps = SocketMaps(-1, -1)
+            self.maps = SocketMaps(-1, -1, -1)
             log.info("bpf.detached")
 
     def add(self, sock: socket.socket) -> int:
@@ -214,13 +290,7 @@ class KernelEcho:
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        raw = libbpf.map_lookup(
-            self.counters_fd, struct.pack("=I", 0), _COUNTERS.size * self._ncpus
-        )
-        totals = [0] * len(COUNTER_FIELDS)
-        for values in _COUNTERS.iter_unpack(raw):
-            totals = [t + v for t, v in zip(totals, values, strict=True)]
-        return dict(zip(COUNTER_FIELDS, totals, strict=True))
+        return self.maps.counters()
 
     def sockets(self) -> int:
         """How many sockets are in the sockhash now (walks it)."""
@@ -232,6 +302,19 @@ class KernelEcho:
         info["type"] = "sk_skb"
         info["ns_per_run"] = info["run_time_ns"] / info["run_cnt"] if info["run_cnt"] else None
         return [info]
+
+    def on_bell(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[list[int]], None]
+    ) -> None:
+        """Call callback(cookies) (on loop) whenever the verdict rings the bell, until close()."""
+        bell = self.bell
+        assert bell is not None, "not loaded"
+
+        def rung() -> None:
+            callback(bell.drain())
+
+        loop.add_reader(bell.fd, rung)
+        self._stack.callback(loop.remove_reader, bell.fd)  # before the ring is unmapped
 
     def describe(self) -> dict[str, Any]:
         """What `status` shows under "bpf" while this object is loaded."""
@@ -245,7 +328,8 @@ class KernelEcho:
 
     def ids(self) -> dict[str, Any]:
         """Kernel ids of our program and maps (what `bpftool prog show` lists)."""
-        fds = (self.sockets_fd, self.maps.active_fd, self.counters_fd)
+        assert self.bell is not None, "not loaded"
+        fds = (self.sockets_fd, self.maps.active_fd, self.bell.fd, self.counters_fd)
         return {
             "prog_id": libbpf.prog_info(self.prog_fd)["id"],
             "map_ids": [libbpf.map_info(fd)["id"] for fd in fds],

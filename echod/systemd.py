@@ -25,6 +25,11 @@ def notify(*fields: str) -> bool:
     return True
 
 
+def managed() -> bool:
+    """Whether a service manager listens ($NOTIFY_SOCKET is set)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def ready(status: str | None = None) -> bool:
     """Tell the service manager that start-up has finished."""
     return notify("READY=1", *(() if status is None else (f"STATUS={status}",)))

@@ -38,7 +38,11 @@ EXIT_GRACE = 0.5  # seconds a worker whose supervisor has gone gives its connect
 
 
 class WorkerService(Service):
-    """A Service whose BPF maps come from the supervisor instead of its own BPF object."""
+    """A Service whose BPF maps come from the supervisor instead of its own BPF object.
+
+    Its guard's doorbell is the supervisor's `ring` notification: the supervisor owns the
+    BPF object and its ring, and passes every worker the cookies the verdict rang for.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -49,7 +53,7 @@ class WorkerService(Service):
         """The supervisor sent the maps' fds (sockhash, activity set); takes ownership."""
         self.drop_offer()
         if fds:
-            self.offered = SocketMaps(fds[0], fds[1], owned=True)
+            self.offered = SocketMaps(*fds, owned=True)
 
     def drop_offer(self) -> None:
         """Close offered fds that were not taken."""
@@ -95,13 +99,17 @@ class Worker:
         if method == "apply_live":
             await svc.apply_live(Config(**params["config"]))
             return None
+        if method == "ring":  # a notification: the verdict rang the bell for these sockets
+            svc.ring(params["cookies"])
+            return None
         if method == "status":
             return svc.status()
         if method == "stats":
             return svc.stats()
         if method == "sample":
             svc.sample_rates()
-            return {"counters": svc.counters(), "in_map": svc.in_map, "stats": svc.stats()}
+            # Every second: cheap figures only (no process figures, no map reads).
+            return {"counters": svc.counters(), "in_map": svc.in_map, "totals": svc.totals()}
         raise RequestError("unknown_method", method)
 
     def _init(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -42,9 +42,12 @@ log = structlog.get_logger("echod.workers")
 INIT_TIMEOUT = 30.0  # a new worker's interpreter start and `init`
 CALL_TIMEOUT = 30.0  # start, stop and restart: bounded by the grace and migration deadlines
 QUERY_TIMEOUT = 5.0  # status, stats, sample
-WORKER_HANG = 10.0  # no answer to the tick for this long: killed and started again
+WORKER_HANG = 60.0  # no answer to the tick for this long: killed and started again (an
+# overloaded machine can keep a busy worker from answering for many seconds)
 RESPAWN_DELAY = 0.2  # doubled for a worker that dies soon after its start, up to RESPAWN_MAX
 RESPAWN_MAX = 5.0
+SHARE_SLACK = 1.1
+_SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
 class WorkerProcess:
@@ -56,7 +59,7 @@ class WorkerProcess:
         self.channel = channel
         self.started_at = time.monotonic()
         self.last_answer = time.monotonic()
-        self.last_stats: dict[str, Any] | None = None
+        self.last_totals: dict[str, Any] | None = None  # connection counters, last sample
         self.last_status: dict[str, Any] | None = None
         self.in_map = 0
         self.counters: dict[str, int] = {}
@@ -93,8 +96,12 @@ class WorkerPool(Lifecycle):
     # -- processes ----------------------------------------------------------------------------
 
     def _worker_config(self) -> dict[str, Any]:
-        """The config a worker runs with: limits split between the workers."""
-        share = math.ceil(self.config.max_connections / self.count)
+        """The config a worker runs with: limits split between the workers.
+
+        SO_REUSEPORT spreads connections by a hash, so not quite evenly: each worker's share
+        of max_connections has SHARE_SLACK more, lest one worker refuse while others have room.
+        """
+        share = math.ceil(self.config.max_connections * SHARE_SLACK / self.count)
         return dataclasses.asdict(self.config.replace(max_connections=share, workers=1))
 
     async def _spawn(self, index: int) -> WorkerProcess:
@@ -104,12 +111,15 @@ class WorkerPool(Lifecycle):
             # /proc/self/exe: the path of the interpreter may not be ours to open (a venv
             # whose interpreter links into a home directory, for a daemon running as
             # `echod`), while the running image always is; argv[0] still names the venv.
+            # Only the supervisor speaks to systemd (NotifyAccess=main).
+            env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
             proc = subprocess.Popen(  # noqa: ASYNC220
                 [sys.executable, "-m", "echod.worker", str(theirs.fileno())],
                 executable="/proc/self/exe",
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,  # a terminal's ^C reaches the supervisor alone
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
         finally:
             theirs.close()
@@ -170,6 +180,7 @@ class WorkerPool(Lifecycle):
     def _load_kernel(self) -> None:
         if self.kernel is None:
             self.kernel = self._bpf.enter_context(KernelEcho(self.config.bpf_object))
+            self.kernel.on_bell(asyncio.get_running_loop(), self._ring_workers)
 
     def _unload(self) -> None:
         if self.kernel is not None:
@@ -304,7 +315,7 @@ class WorkerPool(Lifecycle):
                     w.proc.kill()
                 continue
             w.last_answer, w.in_map, w.counters = now, reply["in_map"], reply["counters"]
-            w.last_stats = reply["stats"]
+            w.last_totals = reply["totals"]
             for key, value in reply["counters"].items():
                 total[key] = total.get(key, 0) + value
         if self.kernel is not None:
@@ -323,10 +334,15 @@ class WorkerPool(Lifecycle):
                 continue
             await self._replace(worker)
 
+    def _ring_workers(self, cookies: list[int]) -> None:
+        """The verdict rang the bell: every worker's guard looks at those that are its own."""
+        for w in self.workers.values():
+            w.channel.notify("ring", {"cookies": cookies})
+
     async def _replace(self, worker: WorkerProcess) -> None:
         code = await asyncio.to_thread(_reap, worker.proc)
         self.restarts += 1
-        retire(self._retired, worker.last_stats)
+        retire(self._retired, worker.last_totals)
         for key, value in worker.counters.items():
             self._retired_counters[key] = self._retired_counters.get(key, 0) + value
         log.error(
@@ -334,7 +350,7 @@ class WorkerPool(Lifecycle):
             index=worker.index,
             pid=worker.pid,
             returncode=code,
-            connections_lost=(worker.last_stats or {}).get("connections", {}).get("active", 0),
+            connections_lost=(worker.last_totals or {}).get("connections", {}).get("active", 0),
         )
         lived = time.monotonic() - worker.started_at
         delay = RESPAWN_DELAY if lived > 10 else min(RESPAWN_DELAY * 2**self.restarts, RESPAWN_MAX)
