@@ -145,7 +145,10 @@ class Connection:
             if not data:
                 self.eof = True
                 self.unwatch()
-                self.host.loop.create_task(self.finish())
+                if self.drained():  # the usual case: close now, without a task
+                    self.close(reason="eof")
+                else:
+                    self.host.loop.create_task(self.finish())
                 return
             self.host.count_user(len(data))
             self.out += data

@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 # The guard (BacklogGuard): how long a socket found quiet waits for its second look, and the
-# longest wait for one with unwritten echo; the shortest wait for a growing one; sockets of
+# longest wait for one with unwritten echo; the shortest wait for a growing one; how long after
+# a ring the guard looks (gathering rings); sockets of
 # the round robin over all, per second; the tick when nothing happens; and how many sockets of
 # the activity set a walk reads when the ring overflowed.
 QUIET = 0.1
 MIN_STEP = 0.002
+RING_DELAY = 0.005
 SWEEP_PER_SECOND = 50
 IDLE_CHECK = 1.0
 ACTIVE_WALK = 4096
@@ -96,9 +98,10 @@ class BacklogGuard:
     handed to `exceeded`, and so are the largest ones while the sum exceeds the total limit.
 
     What it looks at, and when:
-    - a socket the verdict rang the bell for (`ring`): at once. The verdict rings when a socket
-      enters the BPF activity set, and again every 8 MiB it receives while in it, so a peer
-      that never reads is seen within a few MiB, however fast it sends (loopback: GB/s);
+    - a socket the verdict rang the bell for (`ring`): RING_DELAY later. The verdict rings
+      when a socket enters the BPF activity set, and again every 8 MiB it receives while in
+      it, so a peer that never reads is seen within tens of MiB, however fast it sends
+      (loopback: GB/s);
     - a socket with unwritten echo: again and again, sooner the faster it grows;
     - a socket found quiet: once more after QUIET, and if still quiet it leaves the activity
       set (its next packet rings the bell again);
@@ -114,6 +117,7 @@ class BacklogGuard:
         # conn -> (when to look again, pending then, when that was, looks found quiet)
         self._due: dict[Watched, tuple[float, int, float, int]] = {}
         self._rung: set[Watched] = set()
+        self._rung_at: float | None = None
         self._sweep: Iterator[Watched] = iter(())
         self._swept_at = time.monotonic()
         self._marks = 0  # the verdict's ring count at the last idle tick
@@ -138,11 +142,15 @@ class BacklogGuard:
             conn = self.conns.get(cookie)
             if conn is not None:
                 self._rung.add(conn)
+        if self._rung and self._rung_at is None:
+            self._rung_at = time.monotonic()
 
     def due(self) -> float:
         """When the next check is due (monotonic time)."""
-        if self._rung:
-            return 0.0
+        if self._rung_at is not None:
+            # A moment's delay gathers many rings into one look, and skips connections that
+            # close within it (connect, one request, close).
+            return self._rung_at + RING_DELAY
         when = self._swept_at + IDLE_CHECK
         if self._due:
             when = min(when, min(v[0] for v in self._due.values()))
@@ -177,9 +185,12 @@ class BacklogGuard:
             self._backlogs.clear()
             self._due.clear()
             self._rung.clear()
+            self._rung_at = None
             self._swept_at = now
             return
-        rung, self._rung = self._rung, set()
+        rung = set()
+        if self._rung_at is not None and now >= self._rung_at + RING_DELAY:
+            rung, self._rung, self._rung_at = self._rung, set(), None
         look = {c for c, v in self._due.items() if v[0] <= now} | rung
         idle_tick = now - self._swept_at >= IDLE_CHECK
         look.update(self._swept(now))

@@ -55,7 +55,8 @@ class Service(Lifecycle):
         self.guard = BacklogGuard(self._abort_backlog)
         self.in_map = 0  # connections whose socket is in the sockhash
         self.reuse_port = False  # workers share the port (SO_REUSEPORT)
-        self.poked = asyncio.Event()  # the verdict marked sockets: the guard should look
+        self.poked = asyncio.Event()
+        self._budget, self._budget_at = 0, -1e9  # the verdict marked sockets: the guard should look
         self.rates: dict[str, float] = {}
         self._rates = Rates()
 
@@ -103,7 +104,10 @@ class Service(Lifecycle):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # Inherited by every accepted socket: set once here, not per connection.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Urgent bytes stay in the stream, as the kernel path echoes them: both modes agree.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
                 sock.bind(addr)
                 sock.listen(4096)
                 sock.setblocking(False)
@@ -210,14 +214,12 @@ class Service(Lifecycle):
             return self._refuse(sock, peer, "max_connections")
         # Leave limits.FD_RESERVE fds free, so that the control socket answers at the fd limit.
         # fds are allocated lowest first: this socket's number counts the fds open below it.
-        if max(sock.fileno(), len(self.conns)) >= echo_fd_budget():
+        if max(sock.fileno(), len(self.conns)) >= self._fd_budget():
             return self._refuse(sock, peer, "fd_limit")
         if cfg.max_connections_per_ip and self.per_ip[peer] >= cfg.max_connections_per_ip:
             return self._refuse(sock, peer, "per_ip")
+        # TCP_NODELAY and SO_OOBINLINE come from the listener (accepted sockets inherit them).
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Urgent bytes stay in the stream, as the kernel path echoes them, so both modes agree.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         conn = Connection(self, sock, peer)
         self.conns.add(conn)
         self.per_ip[peer] += 1
@@ -240,6 +242,13 @@ class Service(Lifecycle):
         except (OSError, ValueError) as exc:  # ValueError: closed by a stop meanwhile
             self._log_limited("conn.user_failed", peer=conn.peer, error=str(exc))
             conn.close(reason="error")
+
+    def _fd_budget(self) -> int:
+        """limits.echo_fd_budget(), read at most once a second (not a system call per accept)."""
+        now = self.loop.time()
+        if now - self._budget_at >= 1.0:
+            self._budget, self._budget_at = echo_fd_budget(), now
+        return self._budget
 
     def _allowed(self, peer: str) -> bool:
         addr = ipaddress.ip_address(peer.split("%", 1)[0])
@@ -271,7 +280,6 @@ class Service(Lifecycle):
             self.per_ip[conn.peer] -= 1
             if self.per_ip[conn.peer] <= 0:
                 del self.per_ip[conn.peer]
-            log.debug("conn.closed", peer=conn.peer, reason=reason)
             if self.mode != "kernel" and self.state == "serving":
                 self._maybe_unload()
 

@@ -31,6 +31,7 @@ _POS = struct.Struct("=Q")
 _RECORD_HEADER = struct.Struct("=I")  # the length, with the busy and discard bits
 _RINGBUF_BUSY = 1 << 31
 _RINGBUF_DISCARD = 1 << 30
+BELL_GATHER = 0.005  # seconds between the first ring and its answer (KernelEcho.on_bell)
 
 # struct echo_counters (bpf/echo.h), each field a __u64.
 COUNTER_FIELDS = (
@@ -304,17 +305,38 @@ class KernelEcho:
         return [info]
 
     def on_bell(
-        self, loop: asyncio.AbstractEventLoop, callback: Callable[[list[int]], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[list[int]], None],
+        gather: float = BELL_GATHER,
     ) -> None:
-        """Call callback(cookies) (on loop) whenever the verdict rings the bell, until close()."""
+        """Call callback(cookies) on loop when the verdict rings the bell, until close().
+
+        The first ring is answered `gather` seconds later, with every cookie rung meanwhile:
+        when connections come and go by the thousand a second, the bell wakes the daemon a
+        bounded number of times, not once per connection.
+        """
         bell = self.bell
         assert bell is not None, "not loaded"
+        pending: list[asyncio.TimerHandle] = []
+
+        def answer() -> None:
+            pending.clear()
+            if bell.fd >= 0:
+                callback(bell.drain())
+                loop.add_reader(bell.fd, rung)
 
         def rung() -> None:
-            callback(bell.drain())
+            loop.remove_reader(bell.fd)
+            pending.append(loop.call_later(gather, answer))
+
+        def stop() -> None:
+            for handle in pending:
+                handle.cancel()
+            loop.remove_reader(bell.fd)
 
         loop.add_reader(bell.fd, rung)
-        self._stack.callback(loop.remove_reader, bell.fd)  # before the ring is unmapped
+        self._stack.callback(stop)  # before the ring is unmapped
 
     def describe(self) -> dict[str, Any]:
         """What `status` shows under "bpf" while this object is loaded."""

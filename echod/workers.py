@@ -47,6 +47,7 @@ WORKER_HANG = 60.0  # no answer to the tick for this long: killed and started ag
 RESPAWN_DELAY = 0.2  # doubled for a worker that dies soon after its start, up to RESPAWN_MAX
 RESPAWN_MAX = 5.0
 SHARE_SLACK = 1.1
+POOL_BELL_GATHER = 0.02  # seconds the supervisor gathers rings before passing them on
 _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
@@ -180,7 +181,9 @@ class WorkerPool(Lifecycle):
     def _load_kernel(self) -> None:
         if self.kernel is None:
             self.kernel = self._bpf.enter_context(KernelEcho(self.config.bpf_object))
-            self.kernel.on_bell(asyncio.get_running_loop(), self._ring_workers)
+            # Passing rings on costs every worker a wake-up: gather them for longer than one
+            # process would (BELL_GATHER), which a flood's next 8 MiB ring still bounds.
+            self.kernel.on_bell(asyncio.get_running_loop(), self._ring_workers, POOL_BELL_GATHER)
 
     def _unload(self) -> None:
         if self.kernel is not None:

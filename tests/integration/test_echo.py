@@ -21,10 +21,10 @@ from tests.integration.echo_util import (
     expect_eof,
     recv_exact,
     roundtrip,
-    send_without_reading,
     wait_delivered,
     wait_for,
 )
+from tests.integration.traffic import assert_never_reader_bounded
 
 SIZES = [1, 64, 1024, 16 * 1024, 64 * 1024, 1024 * 1024]
 HOSTS = ["127.0.0.1", "::1"]
@@ -190,23 +190,7 @@ def test_peer_that_never_reads(daemon: Echod) -> None:
     The kernel's psock queue is not bounded by any socket buffer, so kernel mode watches each
     connection's unwritten echo and resets it past kernel_backlog_limit (32 MiB by default).
     """
-    rss_before = daemon.stats()["process"]["rss_bytes"]
-    aborted_before = daemon.stats()["connections"]["aborted_backlog"]
-    with connect("127.0.0.1", daemon.port) as other:
-        with connect("127.0.0.1", daemon.port) as hog:
-            sent, outcome = send_without_reading(hog, 256 * 1024 * 1024, seconds=5.0)
-        for _ in range(20):
-            roundtrip(other, os.urandom(1000))
-    stats = daemon.stats()
-    assert stats["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
-    if daemon.status()["mode"] == "kernel":
-        assert outcome == "reset", (sent, outcome)
-        assert stats["connections"]["aborted_backlog"] == aborted_before + 1
-        assert sent < 200 * 1024 * 1024
-        assert "conn.backlog_exceeded" in daemon.log()
-    else:
-        assert outcome == "deadline", (sent, outcome)
-        assert sent < 32 * 1024 * 1024
+    assert_never_reader_bounded(daemon)
 
 
 def test_max_connections_refuses_and_counts(echod_factory: Callable[..., Echod]) -> None:

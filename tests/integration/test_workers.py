@@ -14,7 +14,13 @@ import pytest
 
 from tests.integration.conftest import Echod, assert_unloaded, loaded_bpf_ids, spawn
 from tests.integration.echo_util import connect, roundtrip, wait_for
-from tests.integration.traffic import DURATION, PingPong, Streamer, finish
+from tests.integration.traffic import (
+    DURATION,
+    PingPong,
+    Streamer,
+    assert_never_reader_bounded,
+    finish,
+)
 
 WORKERS = ["--workers", "2"]
 
@@ -159,3 +165,11 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(psutil.pid_exists(p) for p in pids), "a worker outlived its supervisor"
+
+
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=pytest.mark.bpf), "user"])
+def test_peer_that_never_reads_is_bounded_with_workers(
+    echod_factory: Callable[..., Echod], mode: str
+) -> None:
+    """The supervisor passes the verdict's rings to the workers: the bound holds as in one."""
+    assert_never_reader_bounded(echod_factory(mode=mode, args=WORKERS))

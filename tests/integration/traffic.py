@@ -7,7 +7,8 @@ import socket
 import threading
 import time
 
-from tests.integration.echo_util import connect, recv_exact
+from tests.integration.conftest import Echod
+from tests.integration.echo_util import connect, recv_exact, roundtrip, send_without_reading
 
 DURATION = 6.0
 
@@ -87,3 +88,25 @@ def finish(clients: list[PingPong | Streamer]) -> None:
         c.join(30)
         assert not c.is_alive(), "client hung"
         assert c.error is None, repr(c.error)
+
+
+def assert_never_reader_bounded(daemon: Echod) -> None:
+    """A peer that sends 256 MiB without reading: pushed back (user) or reset (kernel), while
+    another connection is served and the daemon's memory stays bounded."""
+    rss_before = daemon.stats()["process"]["rss_bytes"]
+    aborted_before = daemon.stats()["connections"]["aborted_backlog"]
+    with connect("127.0.0.1", daemon.port) as other:
+        with connect("127.0.0.1", daemon.port) as hog:
+            sent, outcome = send_without_reading(hog, 256 * 1024 * 1024, seconds=5.0)
+        for _ in range(20):
+            roundtrip(other, os.urandom(1000))
+    stats = daemon.stats()
+    assert stats["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
+    if daemon.status()["mode"] == "kernel":
+        assert outcome == "reset", (sent, outcome)
+        assert stats["connections"]["aborted_backlog"] == aborted_before + 1
+        assert sent < 200 * 1024 * 1024
+        assert "conn.backlog_exceeded" in daemon.log()
+    else:
+        assert outcome == "deadline", (sent, outcome)
+        assert sent < 32 * 1024 * 1024
