@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from echod import __version__
 from echod.config import Config
 from echod.protocol import RequestError
+from echod.sockmap import KernelEcho, bpf_status
 
 log = structlog.get_logger("echod.service")
 
@@ -53,7 +57,23 @@ class Lifecycle:
         self.requested_mode = config.mode
         self.mode: str | None = None
         self.fallback_reason: str | None = None
+        self.kernel: KernelEcho | None = None  # the BPF object, when this process owns it
+        self.started_at = time.monotonic()
         self._lock = asyncio.Lock()
+
+    def base_status(self) -> dict[str, Any]:
+        """The fields of `status` that do not depend on who serves the connections."""
+        return {
+            "state": self.state,
+            "mode": self.mode,
+            "requested_mode": self.requested_mode,
+            "fallback_reason": self.fallback_reason,
+            "port": self.config.port,
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "bpf": bpf_status(self.kernel),
+        }
 
     def _load_kernel(self) -> None:
         """Make kernel mode possible (OSError when the BPF object cannot be had)."""

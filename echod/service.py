@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
-import os
 import socket
 import sys
 import time
@@ -15,7 +14,6 @@ from typing import Any
 
 import structlog
 
-from echod import __version__
 from echod.aggregate import Rates, worker_entry
 from echod.config import LIVE_KEYS, Config
 from echod.connection import Connection
@@ -26,7 +24,7 @@ from echod.logs import RateLimited
 from echod.metrics import process_figures
 from echod.migrate import migrate_to_kernel
 from echod.protocol import RequestError
-from echod.sockmap import KernelEcho, SocketMaps, bpf_status
+from echod.sockmap import KernelEcho, SocketMaps
 
 log = structlog.get_logger("echod.service")
 
@@ -39,7 +37,6 @@ class Service(Lifecycle):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.loop = asyncio.get_running_loop()
-        self.kernel: KernelEcho | None = None  # the BPF object, when this process owns it
         self.maps: SocketMaps | None = None  # the sockhash and activity set, in kernel mode
         self._bpf = contextlib.ExitStack()  # holds the kernel or the maps while loaded
         self.listeners: list[socket.socket] = []
@@ -49,7 +46,6 @@ class Service(Lifecycle):
         self.counts: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.insert_failed: Counter[str] = Counter()  # kernel mode served on the user path, why
-        self.started_at = time.monotonic()
         self.limiter = RateLimited()
         self.hangups = HangupWatcher(self.loop)
         self.guard = BacklogGuard(self._abort_backlog)
@@ -349,18 +345,10 @@ class Service(Lifecycle):
     def status(self) -> dict[str, Any]:
         """State, modes, listen addresses, connections, BPF attach state."""
         return {
-            "state": self.state,
-            "mode": self.mode,
-            "requested_mode": self.requested_mode,
-            "fallback_reason": self.fallback_reason,
+            **self.base_status(),
             "listen": self.listen_addresses(),
-            "port": self.config.port,
             "connections": len(self.conns),
             "connections_by_path": {"kernel": self.in_map, "user": len(self.conns) - self.in_map},
-            "pid": os.getpid(),
-            "version": __version__,
-            "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "bpf": bpf_status(self.kernel),
         }
 
     def counters(self) -> dict[str, int]:

@@ -28,14 +28,13 @@ from typing import Any
 
 import structlog
 
-from echod import __version__
 from echod.aggregate import Rates, merge_stats, merge_status, retire, sum_process
 from echod.channel import Channel, ChannelClosed
 from echod.config import LIVE_KEYS, Config
 from echod.lifecycle import Lifecycle
 from echod.metrics import process_figures
 from echod.protocol import RequestError
-from echod.sockmap import KernelEcho, bpf_status
+from echod.sockmap import KernelEcho
 
 log = structlog.get_logger("echod.workers")
 
@@ -82,7 +81,6 @@ class WorkerPool(Lifecycle):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.count = config.workers
-        self.kernel: KernelEcho | None = None
         self._bpf = contextlib.ExitStack()
         self.workers: dict[int, WorkerProcess] = {}
         self.restarts = 0
@@ -92,7 +90,6 @@ class WorkerPool(Lifecycle):
         self._rates = Rates()
         self._closing = False
         self._exited: asyncio.Queue[WorkerProcess] = asyncio.Queue()
-        self.started_at = time.monotonic()
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -251,25 +248,12 @@ class WorkerPool(Lifecycle):
 
     # -- figures -----------------------------------------------------------------------------
 
-    def _own_status(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "mode": self.mode,
-            "requested_mode": self.requested_mode,
-            "fallback_reason": self.fallback_reason,
-            "port": self.config.port,
-            "pid": os.getpid(),
-            "version": __version__,
-            "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "bpf": bpf_status(self.kernel),
-        }
-
     def status_now(self) -> dict[str, Any]:
         """status from what the workers said last (start, stop and restart replies)."""
         workers: list[tuple[int, Mapping[str, Any] | None]] = [
             (w.index, w.last_status) for w in self._sorted()
         ]
-        return merge_status(self._own_status(), workers)
+        return merge_status(self.base_status(), workers)
 
     def _sorted(self) -> list[WorkerProcess]:
         return [self.workers[i] for i in sorted(self.workers)]
@@ -290,7 +274,7 @@ class WorkerPool(Lifecycle):
         for index, st in answers:
             if st is not None and index in self.workers:
                 self.workers[index].last_status = st
-        return merge_status(self._own_status(), answers)
+        return merge_status(self.base_status(), answers)
 
     async def report_stats(self) -> dict[str, Any]:
         """stats: the workers' counters added up, the kernel's counted once."""

@@ -37,6 +37,7 @@ import psutil
 from tests.integration.conftest import Echod, assert_clean_exit, spawn
 
 DEADLINE = 120.0  # seconds for any one phase of a client
+SETTLE = 2.0  # seconds between the last echo and the idle measurement
 
 
 @dataclass
@@ -176,6 +177,9 @@ def run(opt: Options, workdir: Path) -> dict[str, Any]:
         st = d.status()
         daemon = _daemon_processes(d)
         rss_after = _rss(daemon)
+        # The guard's follow-up looks at the sockets that just echoed take a moment: idle
+        # starts after them.
+        time.sleep(SETTLE)
         cpu0, t0 = _cpu_s(daemon), time.monotonic()
         time.sleep(opt.idle)  # the measurement itself: nothing else happens meanwhile
         cpu1, t1 = _cpu_s(daemon), time.monotonic()
