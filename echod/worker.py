@@ -97,7 +97,9 @@ class Worker:
         if method == "stop":
             return await svc.stop(grace=params.get("grace"))
         if method == "apply_live":
-            await svc.apply_live(Config(**params["config"]))
+            config = Config(**params["config"])
+            await svc.apply_live(config)
+            logs.configure(config.log_level, config.log_format)
             return None
         if method == "ring":  # a notification: the verdict rang the bell for these sockets
             svc.ring(params["cookies"])
