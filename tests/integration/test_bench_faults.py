@@ -6,7 +6,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -27,21 +27,27 @@ def reset(conn: socket.socket) -> None:
     conn.close()
 
 
+def receive_until(conn: socket.socket, end: float, handle: Callable[[bytes], object]) -> bool:
+    """Hand what conn receives to handle until `end`; False when the peer closed first."""
+    conn.settimeout(0.02)
+    while time.monotonic() < end:
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            continue
+        if not data:
+            return False
+        handle(data)
+    return True
+
+
 def reset_first_after(delay: float) -> Serve:
     """Echo; reset the first connection `delay` seconds after it was accepted."""
 
     def serve(conn: socket.socket, index: int) -> None:
         deadline = time.monotonic() + delay if index == 0 else float("inf")
-        conn.settimeout(0.02)
-        while time.monotonic() < deadline:
-            try:
-                data = conn.recv(65536)
-            except TimeoutError:
-                continue
-            if not data:
-                return
-            conn.sendall(data)
-        reset(conn)
+        if receive_until(conn, deadline, conn.sendall):
+            reset(conn)
 
     return serve
 
@@ -52,18 +58,15 @@ def echo_then_swallow(limit: int, reset_after: float | None = None) -> Serve:
     def serve(conn: socket.socket, index: int) -> None:
         end = time.monotonic() + (reset_after if reset_after is not None else 60.0)
         echoed = 0
-        conn.settimeout(0.02)
-        while time.monotonic() < end:
-            try:
-                data = conn.recv(65536)
-            except TimeoutError:
-                continue
-            if not data:
-                return
+
+        def echo_some(data: bytes) -> None:
+            nonlocal echoed
             if echoed < limit:
                 conn.sendall(data[: limit - echoed])
                 echoed += len(data)
-        reset(conn)
+
+        if receive_until(conn, end, echo_some):
+            reset(conn)
 
     return serve
 
