@@ -191,11 +191,10 @@ class BacklogGuard:
         rung = set()
         if self._rung_at is not None and now >= self._rung_at + RING_DELAY:
             rung, self._rung, self._rung_at = self._rung, set(), None
+        if now - self._swept_at >= IDLE_CHECK:  # the idle tick: did the ring overflow?
+            rung.update(self._lost_rings(active))  # found there: followed as if rung
         look = {c for c, v in self._due.items() if v[0] <= now} | rung
-        idle_tick = now - self._swept_at >= IDLE_CHECK
         look.update(self._swept(now))
-        if idle_tick:
-            look.update(self._lost_rings(active))
         for conn in look:
             pending = conn.backlog()
             if pending > limit:
