@@ -111,8 +111,9 @@ static __always_inline void mark(__u64 *cookie, __u32 len)
 	__u64 *seen = bpf_map_lookup_elem(&echo_active, cookie);
 
 	if (!seen) {
-		if (!bpf_map_update_elem(&echo_active, cookie, &bytes, BPF_NOEXIST))
-			ring(cookie);
+		/* Ring even when the set is full: the guard must hear of this socket either way. */
+		bpf_map_update_elem(&echo_active, cookie, &bytes, BPF_NOEXIST);
+		ring(cookie);
 		return;
 	}
 	/* The verdict runs for one socket at a time (under its lock): no atomics needed. */

@@ -161,7 +161,8 @@ class Channel:
                     future.set_result(result)
         elif frame[0] == REQUEST and len(frame) == 4:
             _, msgid, method, params = frame
-            fds = [self._fds.popleft() for _ in range(int(params.pop("nfds", 0)))]
+            wanted = int(params.pop("nfds", 0)) if isinstance(params, dict) else 0
+            fds = [self._fds.popleft() for _ in range(min(wanted, len(self._fds)))]
             task = self.loop.create_task(self._serve(msgid, method, params, fds))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

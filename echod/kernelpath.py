@@ -119,8 +119,8 @@ class BacklogGuard:
         self._rung: set[Watched] = set()
         self._rung_at: float | None = None
         self._sweep: Iterator[Watched] = iter(())
-        self._swept_at = time.monotonic()
-        self._marks = 0  # the verdict's ring count at the last idle tick
+        self._swept_at = self._counted_at = time.monotonic()
+        self._marks = 0  # the verdict's ring count at the last count
         self._records = 0  # cookies read from the ring since then
 
     def track(self, conn: Watched) -> None:
@@ -151,7 +151,7 @@ class BacklogGuard:
             # A moment's delay gathers many rings into one look, and skips connections that
             # close within it (connect, one request, close).
             return self._rung_at + RING_DELAY
-        when = self._swept_at + IDLE_CHECK
+        when = min(self._swept_at, self._counted_at) + IDLE_CHECK
         if self._due:
             when = min(when, min(v[0] for v in self._due.values()))
         return when
@@ -186,12 +186,13 @@ class BacklogGuard:
             self._due.clear()
             self._rung.clear()
             self._rung_at = None
-            self._swept_at = now
+            self._swept_at = self._counted_at = now
             return
         rung = set()
         if self._rung_at is not None and now >= self._rung_at + RING_DELAY:
             rung, self._rung, self._rung_at = self._rung, set(), None
-        if now - self._swept_at >= IDLE_CHECK:  # the idle tick: did the ring overflow?
+        if now - self._counted_at >= IDLE_CHECK:  # once a second: did the ring overflow?
+            self._counted_at = now
             rung.update(self._lost_rings(active))  # found there: followed as if rung
         look = {c for c, v in self._due.items() if v[0] <= now} | rung
         look.update(self._swept(now))

@@ -301,7 +301,10 @@ class Service(Lifecycle):
                     async with asyncio.timeout(wait):
                         await self.poked.wait()
             self.poked.clear()
-            self.check_kernel_paths()
+            try:
+                self.check_kernel_paths()
+            except OSError as exc:  # a map call failed: the guard must go on regardless
+                self._log_limited("guard.failed", rate=(1, 10.0), error=str(exc))
 
     def ring(self, cookies: list[int]) -> None:
         """The verdict rang the bell for these sockets: the guard looks at once."""

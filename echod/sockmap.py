@@ -123,9 +123,27 @@ class SocketMaps:
         everything received has been written (see connection.Connection.drained).
         """
         key = _COOKIE.pack(socket_cookie(sock) if cookie is None else cookie)
-        with contextlib.suppress(KeyError):
-            libbpf.map_delete(self.active_fd, key)
-        libbpf.map_delete(self.sockets_fd, key)
+        try:
+            libbpf.map_delete(self.sockets_fd, key)
+        finally:
+            # After the sockhash: a packet in between can no longer mark the socket again.
+            with contextlib.suppress(KeyError):
+                libbpf.map_delete(self.active_fd, key)
+
+    def prune_active(self) -> int:
+        """Delete activity-set keys of sockets no longer in the sockhash; returns how many.
+
+        A worker that dies leaves its sockets' keys behind; a full set could mark no more.
+        """
+        pruned = 0
+        for key in libbpf.map_keys(self.active_fd, 8):
+            try:
+                libbpf.map_lookup(self.sockets_fd, key, 8)
+            except KeyError:
+                with contextlib.suppress(KeyError):
+                    libbpf.map_delete(self.active_fd, key)
+                pruned += 1
+        return pruned
 
     def active(self, limit: int) -> list[int]:
         """Cookies of sockets that received data since they were last cleared (at most limit)."""

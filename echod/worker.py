@@ -52,8 +52,11 @@ class WorkerService(Service):
     def offer(self, fds: list[int]) -> None:
         """The supervisor sent the maps' fds (sockhash, activity set); takes ownership."""
         self.drop_offer()
-        if fds:
+        if len(fds) == 3:  # sockhash, activity set, counters (SocketMaps.fds)
             self.offered = SocketMaps(*fds, owned=True)
+        else:
+            for fd in fds:
+                os.close(fd)
 
     def drop_offer(self) -> None:
         """Close offered fds that were not taken."""
@@ -81,6 +84,10 @@ class Worker:
 
     async def handle(self, method: str, params: dict[str, Any], fds: list[int]) -> Any:
         """Serve one request from the supervisor."""
+        if fds and (method not in ("start", "restart") or self.service is None):
+            for fd in fds:  # only start and restart carry maps: nobody else may keep these
+                os.close(fd)
+            fds = []
         if method == "init":
             return self._init(params)
         svc = self.service

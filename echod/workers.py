@@ -60,6 +60,7 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         self.last_answer = time.monotonic()
         self.last_totals: dict[str, Any] | None = None  # connection counters, last sample
+        self.retired = False  # its counts were kept and its exit logged
         self.last_status: dict[str, Any] | None = None
         self.in_map = 0
         self.counters: dict[str, int] = {}
@@ -89,6 +90,7 @@ class WorkerPool(Lifecycle):
         self._retired_counters: dict[str, int] = {}
         self._rates = Rates()
         self._closing = False
+        self._generation = 0  # moves with every request to all workers (start, stop, ...)
         self._exited: asyncio.Queue[WorkerProcess] = asyncio.Queue()
 
     # -- processes ----------------------------------------------------------------------------
@@ -104,6 +106,7 @@ class WorkerPool(Lifecycle):
 
     async def _spawn(self, index: int) -> WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc: subprocess.Popen[bytes] | None = None
         try:
             # fork + exec is quick, and the child's end of the pair must be passed to it.
             # /proc/self/exe: the path of the interpreter may not be ours to open (a venv
@@ -121,6 +124,8 @@ class WorkerPool(Lifecycle):
             )
         finally:
             theirs.close()
+            if proc is None:
+                ours.close()
         worker: WorkerProcess | None = None
 
         def closed() -> None:
@@ -130,10 +135,14 @@ class WorkerPool(Lifecycle):
         worker = WorkerProcess(index, proc, Channel(ours, on_close=closed))
         try:
             await worker.call("init", INIT_TIMEOUT, index=index, config=self._worker_config())
-        except (RequestError, ChannelClosed, TimeoutError) as exc:
-            worker.proc.kill()
+        except BaseException as exc:
+            worker.retired = True  # never one of the pool's: nothing to keep or start again
             worker.channel.close()
-            raise OSError(f"worker {index} did not start: {exc}") from exc
+            worker.proc.kill()
+            await asyncio.to_thread(worker.proc.wait)
+            if isinstance(exc, RequestError | ChannelClosed | TimeoutError):
+                raise OSError(f"worker {index} did not start: {exc}") from exc
+            raise
         log.info("worker.started", index=index, pid=proc.pid)
         return worker
 
@@ -156,7 +165,9 @@ class WorkerPool(Lifecycle):
 
         A reply that is a worker's status (start, stop, restart) is kept for status_now.
         """
-        workers = list(self.workers.values())
+        self._generation += 1
+        # One that died waits to be started again, and joins in the pool's state then.
+        workers = [w for w in self.workers.values() if not w.channel.closed]
         results = await asyncio.gather(
             *(w.call(method, wait_s, **params) for w in workers), return_exceptions=True
         )
@@ -204,6 +215,7 @@ class WorkerPool(Lifecycle):
         self._unload()
 
     async def _stop_workers(self, grace: float) -> None:
+        self._generation += 1
         busy = [w for w in self.workers.values() if not w.channel.closed]
         results = await asyncio.gather(
             *(w.call("stop", grace + CALL_TIMEOUT, grace=grace) for w in busy),
@@ -221,12 +233,14 @@ class WorkerPool(Lifecycle):
             if self.state == "stopped":
                 raise RequestError("bad_state", "already stopped")
             self.state = "stopping"
-            await self._stop_workers(self.config.shutdown_grace if grace is None else grace)
-            for w in self.workers.values():
-                w.in_map = 0
-            self.mode = None
-            self._unload()
-            self.state = "stopped"
+            try:
+                await self._stop_workers(self.config.shutdown_grace if grace is None else grace)
+            finally:
+                for w in self.workers.values():
+                    w.in_map = 0
+                self.mode = None
+                self._unload()
+                self.state = "stopped"
             log.info("service.stopped")
             return self.status_now()
 
@@ -258,8 +272,11 @@ class WorkerPool(Lifecycle):
     def _sorted(self) -> list[WorkerProcess]:
         return [self.workers[i] for i in sorted(self.workers)]
 
-    async def _ask(self, method: str) -> list[tuple[int, Any]]:
-        workers = self._sorted()
+    async def _ask(
+        self, method: str, workers: list[WorkerProcess] | None = None
+    ) -> list[tuple[int, Any]]:
+        if workers is None:
+            workers = self._sorted()
         results = await asyncio.gather(
             *(w.call(method, QUERY_TIMEOUT) for w in workers), return_exceptions=True
         )
@@ -291,24 +308,26 @@ class WorkerPool(Lifecycle):
     async def sample(self) -> None:
         """The 1 s tick: every worker's counters, for the rates; unanswered ones are hung."""
         now = time.monotonic()
+        generation = self._generation
+        asked = self._sorted()
         total = dict(self._retired_counters)
-        for index, reply in await self._ask("sample"):
-            w = self.workers.get(index)
-            if w is None:
-                continue
+        for w, (_, reply) in zip(asked, await self._ask("sample", asked), strict=True):
+            if self.workers.get(w.index) is not w:
+                continue  # replaced meanwhile
             if reply is None:
                 if now - w.last_answer > WORKER_HANG and w.proc.poll() is None:
-                    log.error("worker.hung", index=index, pid=w.pid, silent_s=WORKER_HANG)
+                    log.error("worker.hung", index=w.index, pid=w.pid, silent_s=WORKER_HANG)
                     w.proc.kill()
                 continue
-            w.last_answer, w.in_map, w.counters = now, reply["in_map"], reply["counters"]
-            w.last_totals = reply["totals"]
+            w.last_answer, w.counters, w.last_totals = now, reply["counters"], reply["totals"]
+            if generation == self._generation:  # not from before a start, stop or restart
+                w.in_map = reply["in_map"]
             for key, value in reply["counters"].items():
                 total[key] = total.get(key, 0) + value
         if self.kernel is not None:
             total.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
         self.rates = self._rates.sample(total)
-        if self.state == "serving":
+        if self.state == "serving" and generation == self._generation and not self._lock.locked():
             self._maybe_unload()
 
     # -- supervision -------------------------------------------------------------------------
@@ -327,18 +346,25 @@ class WorkerPool(Lifecycle):
             w.channel.notify("ring", {"cookies": cookies})
 
     async def _replace(self, worker: WorkerProcess) -> None:
-        code = await asyncio.to_thread(_reap, worker.proc)
-        self.restarts += 1
-        retire(self._retired, worker.last_totals)
-        for key, value in worker.counters.items():
-            self._retired_counters[key] = self._retired_counters.get(key, 0) + value
-        log.error(
-            "worker.exited",
-            index=worker.index,
-            pid=worker.pid,
-            returncode=code,
-            connections_lost=(worker.last_totals or {}).get("connections", {}).get("active", 0),
-        )
+        if not worker.retired:  # once, even when starting its successor has to be retried
+            worker.retired = True
+            code = await asyncio.to_thread(_reap, worker.proc)
+            self.restarts += 1
+            retire(self._retired, worker.last_totals)
+            for key, value in worker.counters.items():
+                self._retired_counters[key] = self._retired_counters.get(key, 0) + value
+            lost = (worker.last_totals or {}).get("connections", {}).get("active", 0)
+            log.error(
+                "worker.exited",
+                index=worker.index,
+                pid=worker.pid,
+                returncode=code,
+                connections_lost=lost,
+            )
+            if self.kernel is not None:
+                # Its sockets' keys would stay in the activity set for ever.
+                with contextlib.suppress(OSError):
+                    self.kernel.maps.prune_active()
         lived = time.monotonic() - worker.started_at
         delay = RESPAWN_DELAY if lived > 10 else min(RESPAWN_DELAY * 2**self.restarts, RESPAWN_MAX)
         await asyncio.sleep(delay)

@@ -173,3 +173,22 @@ def test_peer_that_never_reads_is_bounded_with_workers(
 ) -> None:
     """The supervisor passes the verdict's rings to the workers: the bound holds as in one."""
     assert_never_reader_bounded(echod_factory(mode=mode, args=WORKERS))
+
+
+@pytest.mark.bpf
+def test_a_switch_while_a_worker_is_down_reaches_it_when_it_comes_back(
+    echod_factory: Callable[..., Echod],
+) -> None:
+    d = echod_factory(mode="kernel", args=WORKERS)
+    victim = d.status()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: any(w["state"] == "unresponsive" for w in d.status()["workers"]),
+        what="the supervisor to see the worker gone",
+    )
+    st = d.call("restart", {"mode": "user"})  # the others switch; the dead one is not asked
+    assert st["mode"] == "user"
+    wait_for(lambda: victim not in worker_pids(d) and all_serving(d), what="the new worker")
+    assert all(w["mode"] == "user" for w in d.status()["workers"])
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, os.urandom(2000))
