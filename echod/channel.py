@@ -64,7 +64,7 @@ class Channel:
         self.closed = False
         self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         self._fds: deque[int] = deque()
-        self._out: deque[tuple[bytes, Sequence[int]]] = deque()
+        self._out: deque[tuple[bytes, Sequence[int]]] = deque()  # frames, and our fd copies
         self._writing = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -103,7 +103,9 @@ class Channel:
             self._send(encode_notification(method, params), ())
 
     def _send(self, frame: bytes, fds: Sequence[int]) -> None:
-        self._out.append((frame, fds))
+        # Our own copies: the caller's fds may be closed (an unloaded BPF object) while the
+        # frame waits in the queue, and their numbers reused.
+        self._out.append((frame, [os.dup(fd) for fd in fds]))
         if not self._writing:
             self._flush()
 
@@ -119,8 +121,9 @@ class Channel:
             except OSError:
                 self.close()
                 return
+            _close_all(fds)  # sent with the frame's first byte: the receiver has its own
             if sent < len(frame):
-                self._out[0] = (frame[sent:], ())  # the fds went with the first byte
+                self._out[0] = (frame[sent:], ())
                 break
             self._out.popleft()
         if self._out and not self._writing and not self.closed:
@@ -198,6 +201,8 @@ class Channel:
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
         self.sock.close()
+        while self._out:
+            _close_all(self._out.popleft()[1])
         while self._fds:
             with contextlib.suppress(OSError):
                 os.close(self._fds.popleft())
@@ -206,3 +211,9 @@ class Channel:
                 future.set_exception(ChannelClosed("channel closed"))
         if self.on_close is not None:
             self.on_close()
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
