@@ -51,8 +51,8 @@ class Service(Lifecycle):
         self.guard = BacklogGuard(self._abort_backlog)
         self.in_map = 0  # connections whose socket is in the sockhash
         self.reuse_port = False  # workers share the port (SO_REUSEPORT)
-        self.poked = asyncio.Event()
-        self._budget, self._budget_at = 0, -1e9  # the verdict marked sockets: the guard should look
+        self.poked = asyncio.Event()  # the verdict rang: the guard should look
+        self._budget, self._budget_at = 0, -1e9
         self.rates: dict[str, float] = {}
         self._rates = Rates()
 
@@ -89,33 +89,13 @@ class Service(Lifecycle):
 
     def _listen(self) -> None:
         for host in self.config.hosts:
-            infos = socket.getaddrinfo(
-                host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            family, stype, proto, _, addr = infos[0]
-            sock = socket.socket(family, stype, proto)
+            sock = bind_listener(host, self.config.port, reuse_port=self.reuse_port)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if self.reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                # Inherited by every accepted socket: set once here, not per connection.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # Urgent bytes stay in the stream, as the kernel path echoes them: both modes agree.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-                sock.bind(addr)
                 sock.listen(4096)
                 sock.setblocking(False)
-            except OSError as exc:
+            except OSError:
                 sock.close()
-                hint = ""
-                if exc.errno == errno.EACCES and self.config.port < 1024:
-                    hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)"
-                raise OSError(
-                    exc.errno,
-                    f"cannot listen on {host} port {self.config.port}: {exc.strerror}{hint}",
-                ) from exc
+                raise
             self.listeners.append(sock)
             self.loop.add_reader(sock.fileno(), self._on_accept, sock)
 
@@ -284,7 +264,7 @@ class Service(Lifecycle):
         self.hangups.close()
 
     def check_kernel_paths(self) -> None:
-        """The 100 ms guard over kernel-path sockets (kernelpath.BacklogGuard)."""
+        """Look at the kernel-path sockets that are due (kernelpath.BacklogGuard)."""
         if self.maps is not None:
             cfg = self.config
             self.guard.check(self.maps, cfg.kernel_backlog_limit, cfg.kernel_backlog_total)
@@ -307,7 +287,7 @@ class Service(Lifecycle):
                 self._log_limited("guard.failed", rate=(1, 10.0), error=str(exc))
 
     def ring(self, cookies: list[int]) -> None:
-        """The verdict rang the bell for these sockets: the guard looks at once."""
+        """The verdict rang the bell for these sockets: the guard looks at them shortly."""
         self.guard.ring(cookies)
         self.poked.set()
 
@@ -412,6 +392,37 @@ class Service(Lifecycle):
             },
             "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
         }
+
+
+def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port with the echo service's options, not yet listening.
+
+    OSError names the address (and the capability a low port needs).
+    """
+    family, stype, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, stype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Inherited by every accepted socket: set once here, not per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Urgent bytes stay in the stream, as the kernel path echoes them: both modes agree.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        hint = ""
+        if exc.errno == errno.EACCES and port < 1024:
+            hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        raise OSError(
+            exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}{hint}"
+        ) from exc
+    return sock
 
 
 def insert_failure(exc: OSError) -> str:

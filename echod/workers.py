@@ -34,6 +34,7 @@ from echod.config import LIVE_KEYS, Config
 from echod.lifecycle import Lifecycle
 from echod.metrics import process_figures
 from echod.protocol import RequestError
+from echod.service import bind_listener
 from echod.sockmap import KernelEcho
 
 log = structlog.get_logger("echod.workers")
@@ -422,18 +423,7 @@ def _check_port_free(config: Config) -> None:
     process of the same user that did so too: a plain bind first proves nobody holds it.
     """
     for host in config.hosts:
-        infos = socket.getaddrinfo(
-            host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, stype, proto, _, addr = infos[0]
-        with socket.socket(family, stype, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                raise RequestError(
-                    "listen_failed",
-                    f"cannot listen on {host} port {config.port}: {exc.strerror}",
-                ) from exc
+        try:
+            bind_listener(host, config.port).close()
+        except OSError as exc:
+            raise RequestError("listen_failed", exc.strerror or str(exc)) from exc
