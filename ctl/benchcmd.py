@@ -16,7 +16,7 @@ from echoctl.bench.options import bench_config, load_options
 from echoctl.bench.report import failures, progress_line, render_report
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import control_target
-from echoctl.compare import CompareConfig, CompareError
+from echoctl.compare import BYPASS_SUFFIX, CompareConfig, CompareError
 from echoctl.compare import run_compare as _run_compare
 from echoctl.comparerender import plot, render_sweep, render_table
 from echoctl.interrupt import (
@@ -122,7 +122,18 @@ def _bench_target(
 
 @click.command()
 @load_options
-@click.option("--modes", default="user,kernel", show_default=True, help="Modes, in run order.")
+@click.option(
+    "--modes",
+    default="user,kernel",
+    show_default=True,
+    help="Paths, in run order: user, user+bypass, kernel, kernel+bypass.",
+)
+@click.option(
+    "--bypass",
+    "with_bypass",
+    is_flag=True,
+    help="Add each mode's +bypass path after it (seed 003's experiment, four paths).",
+)
 @click.option(
     "--repeat",
     type=click.IntRange(min=1),
@@ -151,9 +162,10 @@ def compare(ctx: click.Context, **kw: Any) -> None:
     as_json = kw["as_json"] or _group_json(ctx)
     plot_path = kw["plot_path"]
     try:
+        modes = _csv(str, kw["modes"])
         cfg = CompareConfig(
             bench=bench_config(kw, progress=False),
-            modes=_csv(str, kw["modes"]),
+            modes=_with_bypass(modes) if kw["with_bypass"] else modes,
             repeat=kw["repeat"],
             sizes=_csv(int, kw["sizes"]),
             sweep_duration=kw["sweep_duration"],
@@ -208,6 +220,14 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         click.echo(f"echoctl: compare: failed: {'; '.join(result['failures'])}", err=True)
     if plot_error or result["failures"]:
         raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _with_bypass(modes: tuple[str, ...]) -> tuple[str, ...]:
+    """Each mode followed by its +bypass path: user,kernel -> the four paths."""
+    out: list[str] = []
+    for m in modes:
+        out += [m] if m.endswith(BYPASS_SUFFIX) else [m, m + BYPASS_SUFFIX]
+    return tuple(dict.fromkeys(out))
 
 
 def _check_plot_path(path: str) -> None:

@@ -257,15 +257,26 @@ def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -
             live.stop()
 
 
+BYPASS_OPTION = click.option(
+    "--bypass/--no-bypass",
+    default=None,
+    help="Same-host bypass on or off (default: as the daemon has it).",
+)
+
+
 @cli.command()
 @click.option("--mode", type=click.Choice(MODES), help="Echo mode.")
 @click.option("--port", type=click.IntRange(1, 65535), help="TCP port to listen on.")
+@BYPASS_OPTION
 @json_option
 @click.pass_context
-def start(ctx: click.Context, mode: str | None, port: int | None, as_json: bool) -> None:
+def start(
+    ctx: click.Context, mode: str | None, port: int | None, bypass: bool | None, as_json: bool
+) -> None:
     """Start serving (the daemon process keeps running when stopped)."""
     opts = _options(ctx, as_json)
-    params = {k: v for k, v in (("mode", mode), ("port", port)) if v is not None}
+    given = (("mode", mode), ("port", port), ("bypass", bypass))
+    params = {k: v for k, v in given if v is not None}
     _report(opts, _call(opts, "start", "start", params, MUTATE_TIMEOUT))
 
 
@@ -280,12 +291,13 @@ def stop(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--mode", type=click.Choice(MODES), help="Echo mode.")
+@BYPASS_OPTION
 @json_option
 @click.pass_context
-def restart(ctx: click.Context, mode: str | None, as_json: bool) -> None:
-    """Switch mode live: connections migrate, none is closed."""
+def restart(ctx: click.Context, mode: str | None, bypass: bool | None, as_json: bool) -> None:
+    """Switch mode or bypass live: connections migrate, none is closed."""
     opts = _options(ctx, as_json)
-    params = {"mode": mode} if mode is not None else {}
+    params = {k: v for k, v in (("mode", mode), ("bypass", bypass)) if v is not None}
     _report(opts, _call(opts, "restart", "restart", params, MUTATE_TIMEOUT))
 
 

@@ -1,7 +1,9 @@
-"""Compare echod's modes: the same load against each mode in turn, medians over repeats.
+"""Compare echod's paths: the same load against each in turn, medians over repeats.
 
-Replaces the old benchmark.sh. Modes alternate (A B A B ...) so slow drift of a shared machine
-lands on every mode alike; each figure reported is the median of the repeats.
+A path is a mode, with or without the same-host bypass: user, user+bypass, kernel and
+kernel+bypass (the short circuit). Replaces the old benchmark.sh. Paths alternate (A B A B
+...) so slow drift of a shared machine lands on every path alike; each figure reported is the
+median of the repeats.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from echoctl.sysstat import cpu_count
 from echod.config import EFFECTIVE_MODES
 
 SWITCH_TIMEOUT = 60.0
+BYPASS_SUFFIX = "+bypass"
+# What --modes may name: each effective mode, alone or with the bypass.
+PATHS = tuple(p for m in reversed(EFFECTIVE_MODES) for p in (m, m + BYPASS_SUFFIX))
 
 Say = Callable[[str], None]
 
@@ -47,8 +52,8 @@ class CompareConfig:
 
     def validate(self) -> None:
         """Raise ValueError when the configuration makes no sense."""
-        if not self.modes or any(m not in EFFECTIVE_MODES for m in self.modes):
-            raise ValueError(f"modes must be a list of {', '.join(EFFECTIVE_MODES)}")
+        if not self.modes or any(m not in PATHS for m in self.modes):
+            raise ValueError(f"modes must be a list of {', '.join(PATHS)}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError("each mode may appear once")
         if self.repeat < 1:
@@ -75,9 +80,16 @@ def control_call(
         raise CompareError(f"control {method} on {path}: {exc}") from exc
 
 
-def switch_mode(control: str, mode: str) -> dict[str, Any]:
-    """Restart the daemon into `mode`, then check that `status` shows it as the effective mode."""
-    control_call(control, "restart", {"mode": mode}, timeout=SWITCH_TIMEOUT)
+def split_path(path: str) -> tuple[str, bool]:
+    """A path's mode, and whether the bypass is on: "kernel+bypass" -> ("kernel", True)."""
+    mode = path.removesuffix(BYPASS_SUFFIX)
+    return mode, mode != path
+
+
+def switch_mode(control: str, path: str) -> dict[str, Any]:
+    """Restart the daemon onto `path`, then check that `status` shows that mode and bypass."""
+    mode, bypass = split_path(path)
+    control_call(control, "restart", {"mode": mode, "bypass": bypass}, timeout=SWITCH_TIMEOUT)
     deadline = time.monotonic() + SWITCH_TIMEOUT
     while True:
         status: dict[str, Any] = control_call(control, "status")
@@ -87,6 +99,8 @@ def switch_mode(control: str, mode: str) -> dict[str, Any]:
                 raise CompareError(
                     f"asked for {mode} mode, daemon runs {status.get('mode')}: {reason}"
                 )
+            if bool((status.get("bypass") or {}).get("enabled")) != bypass:
+                raise CompareError(f"asked for {path}, the daemon's bypass is not so")
             return status
         if time.monotonic() > deadline:
             raise CompareError(f"daemon not serving after restart: state {status.get('state')}")
@@ -108,13 +122,19 @@ class _Plan:
         self.say(f"[{self.done}/{self.total}] {what}")
 
 
-def restore_mode(control: str, mode: str, say: Say) -> None:
-    """Ask the daemon for `mode` again if the comparison left it asking for another one."""
-    status = control_call(control, "status")
-    if status.get("requested_mode") == mode:
+def _asked(status: dict[str, Any]) -> tuple[Any, bool]:
+    """What a daemon is asking for: its requested mode, and whether the bypass."""
+    return status.get("requested_mode"), bool((status.get("bypass") or {}).get("requested"))
+
+
+def restore_mode(control: str, asked: tuple[str, bool], say: Say) -> None:
+    """Ask the daemon for its mode and bypass again if the comparison left them otherwise."""
+    if _asked(control_call(control, "status")) == asked:
         return
-    say(f"restoring {mode} mode")
-    control_call(control, "restart", {"mode": mode}, timeout=SWITCH_TIMEOUT)
+    mode, bypass = asked
+    say(f"restoring {mode} mode, bypass {'on' if bypass else 'off'}")
+    params = {"mode": mode, "bypass": bypass}
+    control_call(control, "restart", params, timeout=SWITCH_TIMEOUT)
 
 
 def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
@@ -122,7 +142,7 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     cfg.validate()
     if cfg.spawn:
         try:
-            with private_echod(cfg.modes[0], say=say) as daemon:
+            with private_echod(split_path(cfg.modes[0])[0], say=say) as daemon:
                 bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
                 return _run(replace(cfg, bench=bench), daemon.control, say)
         except SpawnError as exc:
@@ -135,8 +155,8 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     except BenchError as exc:
         raise CompareError(str(exc)) from exc
     cfg = replace(cfg, bench=replace(cfg.bench, host=host, port=port))
-    original = status.get("requested_mode")
-    if not isinstance(original, str):
+    original = _asked(status)
+    if not isinstance(original[0], str):
         return _run(cfg, control, say)
     # Someone else's daemon: leave it asking for the mode it was asking for before.
     try:
@@ -145,7 +165,7 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
         try:
             restore_mode(control, original, say)
         except CompareError as exc:
-            say(f"could not restore {original} mode: {exc}")
+            say(f"could not restore {original[0]} mode: {exc}")
         raise
     restore_mode(control, original, say)
     return result
@@ -199,17 +219,23 @@ def _length(b: BenchConfig) -> str:
     return f"{b.duration:g} s" if b.duration else f"{b.rounds} rounds"
 
 
-def _bench(b: BenchConfig, probe: Callable[[], dict[str, Any]], mode: str) -> dict[str, Any]:
+def _bench(b: BenchConfig, probe: Callable[[], dict[str, Any]], path: str) -> dict[str, Any]:
+    mode = split_path(path)[0]
     try:
         report = run_bench(b, server_probe=probe)
     except BenchError as exc:
-        raise CompareError(f"{mode} mode: {exc}") from exc
+        raise CompareError(f"{path}: {exc}") from exc
     server = report["server"]
     if "error" in server:
         # Without the daemon's figures nothing shows which mode was measured.
-        raise CompareError(f"{mode} mode: {server['error']}")
+        raise CompareError(f"{path}: {server['error']}")
     if server.get("mode") != mode:
         raise CompareError(f"the daemon left {mode} mode during the run ({server.get('mode')})")
+    if split_path(path)[1] and not server.get("bypass_redirects"):
+        raise CompareError(
+            f"{path}: no send took the bypass (is the load generator outside bypass_cgroup, "
+            "or on another host?)"
+        )
     on_path = (server.get("connections_by_path") or {}).get(mode)
     # Other clients may add to the count, so this can only catch too few, never too many.
     # Churn holds no connection open to count: every one is new, so it takes the mode's path.

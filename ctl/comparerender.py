@@ -46,7 +46,7 @@ def render_table(result: dict[str, Any]) -> str:
     title = (
         f"{plural(load['connections'], 'connection')} x {load['size']} B {load['pattern']}, "
         f"{length} per "
-        f"run, median of {result['repeat']} (modes alternated)"
+        f"run, median of {result['repeat']} (paths alternated)"
     )
     return title + "\n" + align(rows)
 
@@ -68,7 +68,7 @@ def render_sweep(result: dict[str, Any]) -> str:
     sweep = result["sweep"]
     modes = result["modes"]
     header = ["size"]
-    header += [f"p50 µs {m}" for m in modes] + [f"MB/s {m}" for m in modes]
+    header += [f"tcp_lat µs {m}" for m in modes] + [f"tcp_bw MB/s {m}" for m in modes]
     rows = [header]
     for size in sweep["sizes"]:
         cells = [sweep["modes"][m][str(size)] for m in modes]
@@ -77,8 +77,9 @@ def render_sweep(result: dict[str, Any]) -> str:
         row += [f"{c['mb_per_s']['median']:,.1f}" for c in cells]
         rows.append(row)
     title = (
-        f"size sweep, 1 connection, {sweep['duration_s']:g} s per point: ping-pong p50 latency "
-        f"and stream bandwidth (received), median of {result['repeat']}"
+        f"size sweep, 1 connection, {sweep['duration_s']:g} s per point: tcp_lat is the "
+        f"ping-pong p50 latency, tcp_bw the stream bandwidth received, median of "
+        f"{result['repeat']}"
     )
     return title + "\n" + align(rows)
 
@@ -122,7 +123,7 @@ def draw(result: dict[str, Any]) -> Any:
     ax_bw.set_title("bandwidth, 1 connection (higher is better)")
     machine = result["machine"]
     fig.suptitle(
-        f"echod modes, Linux {machine['kernel']}, {machine['cpus']} CPUs; "
+        f"echod paths, Linux {machine['kernel']}, {machine['cpus']} CPUs; "
         f"bars: min-max of {result['repeat']}"
     )
     fig.tight_layout()

@@ -119,12 +119,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
 
 def mode_text(status: Mapping[str, Any]) -> str:
-    """Effective mode, plus what was requested when that differs."""
-    mode = status.get("mode") or DASH
+    """Effective mode (with " + bypass" when on), plus what was requested when that differs."""
+    mode = str(status.get("mode") or DASH)
+    if _get(status, "bypass", "enabled"):
+        mode += " + bypass"
     requested = status.get("requested_mode")
-    if requested and requested != mode:
+    if requested and requested != status.get("mode"):
         return f"{mode} (requested {requested})"
-    return str(mode)
+    return mode
 
 
 def summary(status: Mapping[str, Any]) -> str:
@@ -145,6 +147,18 @@ def _bpf_text(bpf: Any) -> str:
     names = ", ".join(f"{p.get('name')}#{p.get('id')} ({p.get('type')})" for p in progs)
     maps = len(bpf.get("maps") or [])
     return f"attached: {names or 'no programs'}; {maps} map{'s' if maps != 1 else ''}"
+
+
+def _bypass_text(bypass: Any) -> str:
+    if not isinstance(bypass, Mapping):
+        return DASH
+    if not bypass.get("enabled"):
+        return "off"
+    path = "short circuit" if bypass.get("path") == "short_circuit" else "ingress redirect"
+    return (
+        f"{path}, port {bypass.get('port', DASH)}; {bypass.get('attach', DASH)} at "
+        f"{bypass.get('cgroup', DASH)} (links {', '.join(map(str, bypass.get('link_ids') or []))})"
+    )
 
 
 def _connections_text(status: Mapping[str, Any]) -> str:
@@ -170,6 +184,7 @@ def render_status(status: Mapping[str, Any]) -> str:
         ("pid", str(status.get("pid", DASH))),
         ("version", str(status.get("version", DASH))),
         ("bpf", _bpf_text(status.get("bpf"))),
+        ("bypass", _bypass_text(status.get("bypass"))),
     ]
     workers = status.get("workers") or []
     if len(workers) > 1:
@@ -250,6 +265,7 @@ def render_stats(stats: Mapping[str, Any], bpf_stats_enabled: bool | None = None
         )
     else:
         rows.append(("kernel", DASH))
+    rows.append(("bypass", _bypass_stats_text(stats.get("bypass"))))
     rates = stats.get("rates")
     if isinstance(rates, Mapping) and _rate_items(rates):
         rows.append(("rates", ", ".join(_rate_items(rates))))
@@ -306,14 +322,29 @@ def render_stats(stats: Mapping[str, Any], bpf_stats_enabled: bool | None = None
     return out
 
 
+def _bypass_stats_text(bypass: Any) -> str:
+    if not isinstance(bypass, Mapping):
+        return DASH
+    return (
+        f"{fmt_count(bypass.get('bypassed_conns'))} connections bypassed, "
+        f"{fmt_count(bypass.get('tcp_conns'))} on TCP; "
+        f"{fmt_bytes(bypass.get('short_bytes'))}, {fmt_count(bypass.get('short_msgs'))} sends "
+        f"short-circuited; {fmt_bytes(bypass.get('ingress_bytes'))}, "
+        f"{fmt_count(bypass.get('ingress_msgs'))} to the peer's ingress; "
+        f"{fmt_count(bypass.get('redirect_failures'))} redirect failures"
+    )
+
+
 def _rate_items(rates: Mapping[str, Any]) -> list[str]:
     def total(*keys: str) -> float | None:
         values = [_num(rates.get(k)) for k in keys]
         present = [v for v in values if v is not None]
         return sum(present) if present else None
 
-    reqs = total("user_messages_per_s", "kernel_redirected_packets_per_s")
-    bps = total("user_bytes_per_s", "kernel_redirected_bytes_per_s")
+    reqs = total(
+        "user_messages_per_s", "kernel_redirected_packets_per_s", "bypass_short_msgs_per_s"
+    )
+    bps = total("user_bytes_per_s", "kernel_redirected_bytes_per_s", "bypass_short_bytes_per_s")
     items = []
     if reqs is not None:
         items.append(fmt_rate(reqs))
@@ -344,19 +375,37 @@ class Rates:
     bytes_per_s: float | None = None
     kernel_share: float | None = None
     ns_per_verdict: float | None = None
+    redirects_per_s: float | None = None
 
 
-def _totals(snapshot: Mapping[str, Any]) -> tuple[float, float, float, float, float]:
+def _totals(snapshot: Mapping[str, Any]) -> tuple[float, ...]:
+    """Echoed messages and bytes, bytes echoed in the kernel, verdict runs and ns, redirects.
+
+    The short circuit's sends are echoes the kernel made; the ingress path's are counted
+    where user space echoes them already.
+    """
     stats = snapshot.get("stats") or {}
     user_msgs = _num(_get(stats, "user", "messages")) or 0.0
     user_bytes = _num(_get(stats, "user", "bytes")) or 0.0
     k_pkts = _num(_get(stats, "kernel", "redirected_packets")) or 0.0
     k_bytes = _num(_get(stats, "kernel", "redirected_bytes")) or 0.0
+    short_msgs = _num(_get(stats, "bypass", "short_msgs")) or 0.0
+    short_bytes = _num(_get(stats, "bypass", "short_bytes")) or 0.0
+    redirects = short_msgs + (_num(_get(stats, "bypass", "ingress_msgs")) or 0.0)
     runs = run_ns = 0.0
     for prog in stats.get("bpf_programs") or []:
-        runs += _num(prog.get("run_cnt")) or 0.0
-        run_ns += _num(prog.get("run_time_ns")) or 0.0
-    return user_msgs + k_pkts, user_bytes + k_bytes, k_bytes, runs, run_ns
+        if prog.get("type") not in ("sock_ops", "sk_msg"):  # "per verdict": the echo verdict
+            runs += _num(prog.get("run_cnt")) or 0.0
+            run_ns += _num(prog.get("run_time_ns")) or 0.0
+    kernel_bytes = k_bytes + short_bytes
+    return (
+        user_msgs + k_pkts + short_msgs,
+        user_bytes + kernel_bytes,
+        kernel_bytes,
+        runs,
+        run_ns,
+        redirects,
+    )
 
 
 def rates_between(prev: Mapping[str, Any] | None, cur: Mapping[str, Any]) -> Rates:
@@ -366,7 +415,7 @@ def rates_between(prev: Mapping[str, Any] | None, cur: Mapping[str, Any]) -> Rat
     dt = (_num(cur.get("time")) or 0.0) - (_num(prev.get("time")) or 0.0)
     if dt <= 0:
         return Rates()
-    (m0, b0, k0, r0, n0), (m1, b1, k1, r1, n1) = _totals(prev), _totals(cur)
+    (m0, b0, k0, r0, n0, d0), (m1, b1, k1, r1, n1, d1) = _totals(prev), _totals(cur)
     # Counters reset when the service restarts; a negative delta means "unknown", not negative.
     if m1 < m0 or b1 < b0 or k1 < k0:
         return Rates()
@@ -377,6 +426,7 @@ def rates_between(prev: Mapping[str, Any] | None, cur: Mapping[str, Any]) -> Rat
         bytes_per_s=db / dt,
         kernel_share=100.0 * (k1 - k0) / db if db > 0 else None,
         ns_per_verdict=(n1 - n0) / runs if runs > 0 else None,
+        redirects_per_s=(d1 - d0) / dt if d1 >= d0 and _get(cur, "stats", "bypass") else None,
     )
 
 
@@ -402,10 +452,21 @@ def watch_rows(snapshot: Mapping[str, Any], rates: Rates) -> list[tuple[str, str
             "kernel / user",
             DASH if share is None else f"{share:.1f} % / {100.0 - share:.1f} %",
         ),
+        ("bypass", _watch_bypass(stats.get("bypass"), rates)),
         ("cpu", fmt_percent(proc.get("cpu_percent"))),
         ("rss", fmt_bytes(proc.get("rss_bytes"))),
         ("per verdict", verdict),
     ]
+
+
+def _watch_bypass(bypass: Any, rates: Rates) -> str:
+    if not isinstance(bypass, Mapping):
+        return "off"
+    return (
+        f"{fmt_rate(rates.redirects_per_s, 'redirects/s')}, "
+        f"{fmt_count(bypass.get('redirect_failures'))} failures, "
+        f"{fmt_count(bypass.get('bypassed_conns'))} connections bypassed"
+    )
 
 
 def watch_table(snapshot: Mapping[str, Any], rates: Rates, interval: float) -> Table:

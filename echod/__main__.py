@@ -26,6 +26,12 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for setting in reversed(SCHEMA):
         if setting.flag is None:
             continue
+        if setting.type == "bool":  # --bypass / --no-bypass; None when neither is given
+            negative = "--no-" + setting.flag.removeprefix("--")
+            command = click.option(
+                f"{setting.flag}/{negative}", setting.key, default=None, help=setting.help
+            )(command)
+            continue
         many = setting.type.startswith("list")
         command = click.option(
             setting.flag,

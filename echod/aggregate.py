@@ -74,7 +74,7 @@ def merge_stats(
 ) -> dict[str, Any]:
     """One `stats` from the workers' (and what workers that exited had counted).
 
-    `own` holds the supervisor's parts: kernel, bpf_programs, rates, process, workers.
+    `own` holds the supervisor's parts: kernel, bypass, bpf_programs, rates, process, workers.
     """
     conns: dict[str, Any] = add_counts({}, retired.get("connections", {}))
     user: dict[str, Any] = add_counts({}, retired.get("user", {}))
@@ -89,6 +89,7 @@ def merge_stats(
         "user": user,
         "kernel": own["kernel"],
         "kernel_sockets": kernel_sockets,
+        "bypass": own["bypass"],
         "rates": own["rates"],
         "process": own["process"],
         "bpf_programs": own["bpf_programs"],

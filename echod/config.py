@@ -120,6 +120,18 @@ SCHEMA: tuple[Setting, ...] = (
         help="Echo mode (default auto).", metavar="|".join(MODES),
     ),
     Setting(
+        key="bypass", type="bool", default=_const(False), check=v.boolean, live=False,
+        toml=("", "bypass"), env="ECHOD_BYPASS", flag="--bypass", parse=v.text_bool,
+        help="Same-host bypass (sock_ops + sk_msg) alongside the mode (default off).",
+    ),
+    Setting(
+        key="bypass_cgroup", type="str | None", default=_const(None), check=v.cgroup_dir,
+        live=False, toml=("", "bypass_cgroup"), env="ECHOD_BYPASS_CGROUP",
+        flag="--bypass-cgroup",
+        help="cgroup v2 directory the bypass attaches to (default: the hierarchy's root).",
+        metavar="DIR",
+    ),
+    Setting(
         key="workers", type="int", default=_const("auto"), check=v.workers, live=False,
         toml=("", "workers"), env="ECHOD_WORKERS", flag="--workers", parse=v.text_workers,
         help="Worker processes (default auto: one per CPU; 1: a single process).",
@@ -209,6 +221,8 @@ class Config:
     hosts: list[str] = _default("hosts")
     port: int = _default("port")
     mode: str = _default("mode")
+    bypass: bool = _default("bypass")
+    bypass_cgroup: str | None = _default("bypass_cgroup")
     workers: int = field(default_factory=lambda: v.workers("auto"))
     max_connections: int = _default("max_connections")
     max_connections_per_ip: int = _default("max_connections_per_ip")

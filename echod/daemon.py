@@ -210,6 +210,8 @@ class Daemon:
             "connections": stats["connections"],
             "user": stats["user"],
             "kernel": stats["kernel"],
+            "bypass": stats.get("bypass"),
+            "bypass_status": self.service.base_status()["bypass"],
             "bpf_programs": stats["bpf_programs"],
             "workers": stats.get("workers"),
         }
@@ -228,17 +230,19 @@ class Daemon:
         """Return the service's `stats`."""
         return await self._serving().report_stats()
 
-    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
+    async def start(
+        self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
+    ) -> dict[str, Any]:
         """Start serving (control `start`)."""
-        return await self._serving().start(mode, port)
+        return await self._serving().start(mode, port, bypass)
 
     async def stop(self) -> dict[str, Any]:
         """Stop serving, with the configured grace (control `stop`)."""
         return await self._serving().stop()
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]:
-        """Switch mode live (control `restart`)."""
-        return await self._serving().restart(mode)
+    async def restart(self, mode: str | None = None, bypass: bool | None = None) -> dict[str, Any]:
+        """Switch mode (or bypass) live (control `restart`)."""
+        return await self._serving().restart(mode, bypass)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file: apply what can change live, report what needs a restart."""

@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import importlib.util
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from echod.errors import NotSupported
 log = structlog.get_logger("echod.libbpf")
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
+BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_SK_MSG_VERDICT = 7
 # enum bpf_stats_type
 BPF_STATS_RUN_TIME = 0
 # map update flags
@@ -115,6 +118,17 @@ class _ProgInfo(ctypes.Structure):
     ]
 
 
+class _LinkInfo(ctypes.Structure):
+    """Mirrors the head of struct bpf_link_info: type, id, prog_id."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_union", ctypes.c_uint64 * 8),  # the per-type part, which the kernel fills
+    ]
+
+
 class _MapInfo(ctypes.Structure):
     """Mirrors the head of struct bpf_map_info (the kernel accepts a shorter info_len)."""
 
@@ -157,6 +171,7 @@ class Library:
             "bpf_program__fd": (i, [vp]),
             "bpf_prog_attach": (i, [i, i, i, u32]),
             "bpf_prog_detach2": (i, [i, i, i]),
+            "bpf_link_create": (i, [i, i, i, vp]),
             "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
             "bpf_map_delete_elem": (i, [i, vp]),
@@ -321,6 +336,20 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     check(library().cdll.bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach2")
 
 
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> FdHolder:
+    """Attach a program through a BPF link; the attachment lasts as long as the returned fd.
+
+    Unlike prog_attach, nothing outlives the process: a SIGKILL closes the fd, and the kernel
+    detaches. The target is a cgroup directory's fd for sock_ops, a sockmap's for sk_msg and
+    sk_skb (a link type since Linux 6.10).
+    """
+    fd = check(
+        library().cdll.bpf_link_create(prog_fd, target_fd, attach_type, None),
+        "bpf_link_create",
+    )
+    return FdHolder(fd)
+
+
 def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     """bpf_map_update_elem with raw key and value bytes."""
     rc = library().cdll.bpf_map_update_elem(map_fd, key, value, flags)
@@ -360,6 +389,16 @@ def map_keys(map_fd: int, key_size: int, limit: int | None = None) -> list[bytes
     return keys
 
 
+def percpu_totals(map_fd: int, fields: int, ncpus: int) -> list[int]:
+    """Slot 0 of a PERCPU_ARRAY of `fields` __u64 counters, each summed over every CPU."""
+    record = struct.Struct(f"={fields}Q")
+    raw = map_lookup(map_fd, struct.pack("=I", 0), record.size * ncpus)
+    totals = [0] * fields
+    for values in record.iter_unpack(raw):
+        totals = [t + v for t, v in zip(totals, values, strict=True)]
+    return totals
+
+
 def possible_cpus() -> int:
     """Number of possible CPUs: the stride of per-CPU map values."""
     return check(library().cdll.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
@@ -397,3 +436,9 @@ def map_info(map_fd: int) -> dict[str, Any]:
         "name": info.name.decode(errors="replace"),
         "max_entries": int(info.max_entries),
     }
+
+
+def link_info(link_fd: int) -> dict[str, int]:
+    """id and prog_id of a BPF link (what `bpftool link show` lists)."""
+    info = _info(link_fd, _LinkInfo, "bpf_obj_get_info_by_fd(link)")
+    return {"id": int(info.id), "prog_id": int(info.prog_id), "type": int(info.type)}

@@ -17,11 +17,19 @@ from typing import Any
 import structlog
 
 from echod import __version__
+from echod.bypass import Bypass, bypass_status
 from echod.config import Config
 from echod.protocol import RequestError
 from echod.sockmap import KernelEcho, bpf_status
 
 log = structlog.get_logger("echod.service")
+
+
+def _unavailable(what: str, exc: OSError) -> str:
+    reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        reason += f" ({what} needs root, or CAP_BPF and CAP_NET_ADMIN)"
+    return reason
 
 
 def choose_mode(requested: str, load: Callable[[], None]) -> tuple[str, str | None]:
@@ -35,9 +43,7 @@ def choose_mode(requested: str, load: Callable[[], None]) -> tuple[str, str | No
     try:
         load()
     except OSError as exc:
-        reason = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            reason += " (kernel mode needs root, or CAP_BPF and CAP_NET_ADMIN)"
+        reason = _unavailable("kernel mode", exc)
         if requested == "kernel":
             raise RequestError("not_supported", f"kernel mode unavailable: {reason}") from exc
         log.warning("service.fallback_to_user", reason=reason)
@@ -58,6 +64,8 @@ class Lifecycle:
         self.mode: str | None = None
         self.fallback_reason: str | None = None
         self.kernel: KernelEcho | None = None  # the BPF object, when this process owns it
+        self.bypass_requested = config.bypass
+        self.bypass: Bypass | None = None  # the bypass object, when this process owns it
         self.started_at = time.monotonic()
         self._lock = asyncio.Lock()
 
@@ -73,6 +81,49 @@ class Lifecycle:
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "bpf": bpf_status(self.kernel),
+            "bypass": bypass_status(self.bypass, self.bypass_requested),
+        }
+
+    def _set_bypass(self, want: bool) -> None:
+        """Attach or detach the bypass as asked, then make it follow the port and the mode.
+
+        Raises RequestError("not_supported") when it cannot be attached: the bypass is asked
+        for explicitly, so it never falls back quietly.
+        """
+        if want and self.bypass is None:
+            try:
+                self.bypass = Bypass(self.config.bypass_cgroup).__enter__()
+            except OSError as exc:
+                reason = _unavailable("the bypass", exc)
+                raise RequestError("not_supported", f"bypass unavailable: {reason}") from exc
+            self._bypass_attached(self.bypass)
+        elif not want and self.bypass is not None:
+            self.bypass.close()
+            self.bypass = None
+        if self.bypass is not None and self.mode is not None:
+            self.bypass.follow(self.config.port, self.mode)
+
+    def _bypass_attached(self, bypass: Bypass) -> None:
+        """A bypass object was just attached (the in-process service reads its paths)."""
+
+    def bpf_counters(self) -> dict[str, int]:
+        """The flat counters of the BPF objects this process owns (for the rates)."""
+        out: dict[str, int] = {}
+        if self.kernel is not None:
+            out.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
+        if self.bypass is not None:
+            out.update({f"bypass_{k}": v for k, v in self.bypass.counters().items()})
+        return out
+
+    def bpf_figures(self) -> dict[str, Any]:
+        """stats' kernel, bypass and bpf_programs: the objects this process owns."""
+        programs = self.kernel.programs() if self.kernel is not None else []
+        if self.bypass is not None:
+            programs += self.bypass.programs()
+        return {
+            "kernel": self.kernel.counters() if self.kernel is not None else None,
+            "bypass": self.bypass.counters() if self.bypass is not None else None,
+            "bpf_programs": programs,
         }
 
     def _load_kernel(self) -> None:
@@ -95,26 +146,33 @@ class Lifecycle:
         """The status, from what is known now."""
         raise NotImplementedError
 
-    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
-        """Open the listeners and enter the requested mode; returns the status."""
+    async def start(
+        self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
+    ) -> dict[str, Any]:
+        """Open the listeners and enter the requested mode (and bypass); returns the status."""
         async with self._lock:
             if self.state != "stopped":
                 raise RequestError("bad_state", f"already {self.state}")
-            previous = (self.config, self.requested_mode)
+            previous = (self.config, self.requested_mode, self.bypass_requested)
             if port is not None:
                 self.config = self.config.replace(port=port)
             self.requested_mode = mode or self.requested_mode
+            if bypass is not None:
+                self.bypass_requested = bypass
             self.state = "starting"
             try:
                 self.mode, self.fallback_reason = choose_mode(
                     self.requested_mode, self._load_kernel
                 )
+                # Before the listeners: a client that connects at once is bypassed too.
+                self._set_bypass(self.bypass_requested)
                 await self._open()
             except BaseException:
                 await self._abort_start()
+                self._set_bypass(False)
                 self.state = "stopped"
                 self.mode = None
-                self.config, self.requested_mode = previous
+                self.config, self.requested_mode, self.bypass_requested = previous
                 raise
             self.state = "serving"
             st = self.status_now()
@@ -123,29 +181,41 @@ class Lifecycle:
                 mode=self.mode,
                 listen=st["listen"],
                 fallback_reason=self.fallback_reason,
+                bypass=self.bypass is not None,
             )
             return st
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]:
-        """Switch mode live; no connection is closed and no byte is lost or repeated.
+    def _stop_bypass(self) -> None:
+        """At stop: detach the bypass (bypass_requested stays, for the next start)."""
+        self._set_bypass(False)
+
+    async def restart(self, mode: str | None = None, bypass: bool | None = None) -> dict[str, Any]:
+        """Switch mode (and bypass) live; no connection is closed, no byte lost or repeated.
 
         To kernel: user-path connections move into the sockhash (see migrate.to_kernel).
         To user: new connections are echoed in user space, while kernel-path connections keep
         the kernel path until they close. The reply's "migration" says how many moved and how
         many stayed on their path.
+
+        Bypass on or off, or a mode change with it on, affects new connections only: one in
+        the bypass keeps its path until it closes, and one on TCP stays on TCP.
         """
         async with self._lock:
             if self.state != "serving":
                 raise RequestError("bad_state", f"cannot restart while {self.state}")
             target = mode or self.requested_mode
+            want = self.bypass_requested if bypass is None else bypass
             old, previous = self.mode, (self.requested_mode, self.fallback_reason)
             try:
                 self.mode, self.fallback_reason = choose_mode(target, self._load_kernel)
+                self._set_bypass(want)
             except RequestError:
                 self.mode = old
                 self.requested_mode, self.fallback_reason = previous
+                if self.bypass is not None and old is not None:
+                    self.bypass.follow(self.config.port, old)
                 raise
-            self.requested_mode = target
+            self.requested_mode, self.bypass_requested = target, want
             moved, stayed = await self._switch(old)
             log.info(
                 "service.mode_switched",
@@ -154,5 +224,6 @@ class Lifecycle:
                 moved=moved,
                 stayed=stayed,
                 fallback_reason=self.fallback_reason,
+                bypass=self.bypass is not None,
             )
             return {**self.status_now(), "migration": {"moved": moved, "stayed": stayed}}

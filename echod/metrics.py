@@ -45,7 +45,8 @@ class SnapshotCollector(Collector):
         yield from _build_info(snap)
         yield from _mode(snap)
         yield from _connections(snap.get("connections") or {})
-        yield from _traffic(snap.get("user") or {}, snap.get("kernel"))
+        yield from _traffic(snap.get("user") or {}, snap.get("kernel"), snap.get("bypass"))
+        yield from _bypass(snap.get("bypass"), snap.get("bypass_status") or {})
         yield from _bpf_programs(snap.get("bpf_programs") or [])
         yield from _workers(snap.get("workers") or {})
 
@@ -112,13 +113,19 @@ def _connections(conns: Mapping[str, Any]) -> Iterator[Metric]:
     yield failed
 
 
-def _traffic(user: Mapping[str, Any], kernel: Mapping[str, Any] | None) -> Iterator[Metric]:
+def _traffic(
+    user: Mapping[str, Any], kernel: Mapping[str, Any] | None, bypass: Mapping[str, Any] | None
+) -> Iterator[Metric]:
     echoed = CounterMetricFamily("echod_bytes", "Bytes echoed, by path.", labels=["path"])
     messages = CounterMetricFamily(
         "echod_messages",
-        "Messages echoed, by path (for the kernel: packets redirected).",
+        "Messages echoed, by path (for the kernel: packets redirected; for the short circuit: "
+        "client sends handed to the server socket).",
         labels=["path"],
     )
+    if bypass is not None:
+        echoed.add_metric(["short_circuit"], int(bypass.get("short_bytes", 0)))
+        messages.add_metric(["short_circuit"], int(bypass.get("short_msgs", 0)))
     echoed.add_metric(["user"], int(user.get("bytes", 0)))
     messages.add_metric(["user"], int(user.get("messages", 0)))
     if kernel is not None:
@@ -159,6 +166,57 @@ def _traffic(user: Mapping[str, Any], kernel: Mapping[str, Any] | None) -> Itera
         "echod_kernel_empty_packets",
         "Zero-length skbs (a FIN's) seen by the verdict; not counted as requests.",
         value=int(kernel.get("empty_packets", 0)),
+    )
+
+
+def _bypass(counters: Mapping[str, Any] | None, status: Mapping[str, Any]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "echod_bypass_enabled",
+        "1 while the same-host bypass is attached (sock_ops + sk_msg).",
+        value=1.0 if status.get("enabled") else 0.0,
+    )
+    if counters is None:
+        return  # not attached: no bypass series rather than fake zeros
+    sends = CounterMetricFamily(
+        "echod_bypass_redirects",
+        "Sends the sk_msg program handed to the other end: to its receive queue (ingress) or "
+        "to the server socket's send queue (short_circuit).",
+        labels=["path"],
+    )
+    octets = CounterMetricFamily(
+        "echod_bypass_redirected_bytes", "Bytes of those sends.", labels=["path"]
+    )
+    for path, key in (("ingress", "ingress"), ("short_circuit", "short")):
+        sends.add_metric([path], int(counters.get(f"{key}_msgs", 0)))
+        octets.add_metric([path], int(counters.get(f"{key}_bytes", 0)))
+    yield sends
+    yield octets
+    yield CounterMetricFamily(
+        "echod_bypass_redirect_failures",
+        "Sends of a bypassed connection whose peer had left the map (sent through TCP).",
+        value=int(counters.get("redirect_failures", 0)),
+    )
+    conns = CounterMetricFamily(
+        "echod_bypass_connections",
+        "Connections to echod's port: bypassed, or left on TCP (another host, another cgroup, "
+        "or a client that sent before its server end was established).",
+        labels=["path"],
+    )
+    conns.add_metric(["bypassed"], int(counters.get("bypassed_conns", 0)))
+    conns.add_metric(["tcp"], int(counters.get("tcp_conns", 0)))
+    yield conns
+    socks = CounterMetricFamily(
+        "echod_bypass_sockets",
+        "Socket ends the sock_ops program put in the bypass sockhash, by end.",
+        labels=["end"],
+    )
+    socks.add_metric(["server"], int(counters.get("server_sockets", 0)))
+    socks.add_metric(["client"], int(counters.get("client_sockets", 0)))
+    yield socks
+    yield CounterMetricFamily(
+        "echod_bypass_insert_failures",
+        "Socket ends the sock_ops program could not put in the sockhash (full, or no storage).",
+        value=int(counters.get("insert_failures", 0)),
     )
 
 

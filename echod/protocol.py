@@ -59,11 +59,15 @@ class ControlTarget(Protocol):
 
     async def stats(self) -> dict[str, Any]: ...
 
-    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]: ...
+    async def start(
+        self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
+    ) -> dict[str, Any]: ...
 
     async def stop(self) -> dict[str, Any]: ...
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]: ...
+    async def restart(
+        self, mode: str | None = None, bypass: bool | None = None
+    ) -> dict[str, Any]: ...
 
     async def reload(self) -> dict[str, Any]: ...
 
@@ -113,6 +117,13 @@ def _opt_port(params: dict[str, Any]) -> int | None:
     return port
 
 
+def _opt_bypass(params: dict[str, Any]) -> bool | None:
+    bypass = params.get("bypass")
+    if bypass is None or isinstance(bypass, bool):
+        return bypass
+    raise RequestError("invalid_params", "bypass must be true or false")
+
+
 def _interval(params: dict[str, Any]) -> float:
     value = params.get("interval", DEFAULT_INTERVAL)
     if value is None:
@@ -136,11 +147,11 @@ def validate_params(method: str, params: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise RequestError("invalid_params", "params must be a map of named parameters")
     if method == "start":
-        _check_keys(params, ("mode", "port"))
-        return {"mode": _opt_mode(params), "port": _opt_port(params)}
+        _check_keys(params, ("mode", "port", "bypass"))
+        return {"mode": _opt_mode(params), "port": _opt_port(params), "bypass": _opt_bypass(params)}
     if method == "restart":
-        _check_keys(params, ("mode",))
-        return {"mode": _opt_mode(params)}
+        _check_keys(params, ("mode", "bypass"))
+        return {"mode": _opt_mode(params), "bypass": _opt_bypass(params)}
     if method == "watch":
         _check_keys(params, ("interval",))
         return {"interval": _interval(params)}

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from echod.aggregate import Rates, worker_entry
+from echod.bypass import Bypass, PathReaders
 from echod.config import LIVE_KEYS, Config
 from echod.connection import Connection
 from echod.kernelpath import IDLE_CHECK, MIN_STEP, BacklogGuard, HangupWatcher, Watched
@@ -55,6 +57,7 @@ class Service(Lifecycle):
         self._budget, self._budget_at = 0, -1e9
         self.rates: dict[str, float] = {}
         self._rates = Rates()
+        self.bypass_readers = PathReaders()  # which connections the bypass keeps in user space
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -78,6 +81,9 @@ class Service(Lifecycle):
             kernel = self._bpf.enter_context(KernelEcho(self.config.bpf_object))
             self.kernel, self.maps = kernel, kernel.maps
             kernel.on_bell(self.loop, self.ring)
+
+    def _bypass_attached(self, bypass: Bypass) -> None:
+        self.bypass_readers.add(os.dup(bypass.paths_fd))
 
     def _maybe_unload(self, force: bool = False) -> None:
         """Unload the BPF object (or drop the maps) when nothing uses it any more."""
@@ -132,6 +138,8 @@ class Service(Lifecycle):
             conn.close(reason="shutdown_timeout")
         self.mode = None
         self._maybe_unload(force=True)
+        self._stop_bypass()
+        self.bypass_readers.close()
         self.state = "stopped"
         log.info("service.stopped")
 
@@ -145,7 +153,8 @@ class Service(Lifecycle):
         moved = 0
         if self.mode == "kernel" and old != "kernel":
             assert self.maps is not None
-            moved = await migrate_to_kernel(self.conns, self.maps)
+            stay = [c for c in self.conns if self.bypass_readers.user_only(c.sock)]
+            moved = await migrate_to_kernel(self.conns.difference(stay), self.maps)
         elif self.mode == "user":
             self._maybe_unload()
         return moved, sum(1 for c in self.conns if c.path != self.mode)
@@ -200,7 +209,9 @@ class Service(Lifecycle):
         self.conns.add(conn)
         self.per_ip[peer] += 1
         self.counts["accepted"] += 1
-        if self.mode == "kernel" and self.maps is not None:
+        if self.mode == "kernel" and self.bypass_readers.user_only(sock):
+            self.counts["bypass_user"] += 1  # its bytes come by redirect: user space reads them
+        elif self.mode == "kernel" and self.maps is not None:
             try:
                 self.map_in(conn, self.maps.add(sock))
                 return
@@ -262,6 +273,8 @@ class Service(Lifecycle):
     def close(self) -> None:
         """Release what the service holds for its whole life (call once stopped)."""
         self.hangups.close()
+        self.bypass_readers.close()
+        self._set_bypass(False)
 
     def check_kernel_paths(self) -> None:
         """Look at the kernel-path sockets that are due (kernelpath.BacklogGuard)."""
@@ -341,8 +354,7 @@ class Service(Lifecycle):
             "user_bytes": self.counts["user_bytes"],
             "user_messages": self.counts["user_messages"],
         }
-        if self.kernel is not None:
-            out.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
+        out.update(self.bpf_counters())
         return out
 
     async def report_status(self) -> dict[str, Any]:
@@ -364,15 +376,13 @@ class Service(Lifecycle):
 
     def stats(self) -> dict[str, Any]:
         """Counters, rates, kernel counters and per-program BPF figures."""
-        kernel = self.kernel.counters() if self.kernel is not None else None
         return {
             **self.totals(),
-            "kernel": kernel,
+            **self.bpf_figures(),
             # The daemon's own count: walking the sockhash costs ~50 ms at 19k sockets.
             "kernel_sockets": self.in_map if self.maps is not None else 0,
             "rates": dict(self.rates),
             "process": process_figures(),
-            "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
             "workers": {"count": 1, "restarts": 0},
         }
 
@@ -389,6 +399,7 @@ class Service(Lifecycle):
                 "insert_failed": self.counts["insert_failed"],
                 "insert_failed_reasons": dict(self.insert_failed),
                 "aborted_backlog": self.counts["aborted_backlog"],
+                "bypass_user": self.counts["bypass_user"],
             },
             "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import mmap
 import os
 import socket
@@ -151,12 +152,7 @@ class SocketMaps:
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        raw = libbpf.map_lookup(
-            self.counters_fd, struct.pack("=I", 0), _COUNTERS.size * self._ncpus
-        )
-        totals = [0] * len(COUNTER_FIELDS)
-        for values in _COUNTERS.iter_unpack(raw):
-            totals = [t + v for t, v in zip(totals, values, strict=True)]
+        totals = libbpf.percpu_totals(self.counters_fd, len(COUNTER_FIELDS), self._ncpus)
         return dict(zip(COUNTER_FIELDS, totals, strict=True))
 
     def marks(self) -> int:
@@ -252,6 +248,8 @@ class KernelEcho:
         self.maps = SocketMaps(-1, -1, -1)
         self.bell: Doorbell | None = None
         self.stats_enabled = False
+        self.attach = ""  # "bpf_link", or "prog_attach" on a kernel without sockmap links
+        self.link_fd = -1
 
     def __enter__(self) -> KernelEcho:
         try:
@@ -274,8 +272,7 @@ class KernelEcho:
         self.maps = SocketMaps(self.sockets_fd, obj.map_fd(ACTIVE_MAP), self.counters_fd)
         self.bell = Doorbell(obj.map_fd(BELL_MAP))
         self._stack.callback(self.bell.close)
-        libbpf.prog_attach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
-        self._stack.callback(self._detach)
+        self._attach()
         try:
             # Run-time accounting is a diagnostic: lacking it must not cost kernel mode.
             self._stack.enter_context(libbpf.enable_stats())
@@ -284,8 +281,22 @@ class KernelEcho:
             log.warning("bpf.stats_unavailable", error=str(exc))
         log.info("bpf.attached", object=self.path, **self.ids())
 
-    def _detach(self) -> None:
-        libbpf.prog_detach(self.prog_fd, self.sockets_fd, libbpf.BPF_SK_SKB_STREAM_VERDICT)
+    def _attach(self) -> None:
+        """The verdict on the sockhash: through a BPF link where the kernel has one (6.10+)."""
+        kind = libbpf.BPF_SK_SKB_STREAM_VERDICT
+        try:
+            link = libbpf.link_create(self.prog_fd, self.sockets_fd, kind)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            log.info("bpf.no_sockmap_link", error=str(exc))  # before 6.10: attach to the map
+            libbpf.prog_attach(self.prog_fd, self.sockets_fd, kind)
+            self._stack.callback(libbpf.prog_detach, self.prog_fd, self.sockets_fd, kind)
+            self.attach = "prog_attach"
+            return
+        self._stack.callback(link.close)
+        self.link_fd = link.fd
+        self.attach = "bpf_link"
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -295,7 +306,7 @@ class KernelEcho:
         if self._obj is not None:
             self._stack.close()
             self._obj = None
-            self.prog_fd = self.sockets_fd = self.counters_fd = -1
+            self.prog_fd = self.sockets_fd = self.counters_fd = self.link_fd = -1
             self.maps = SocketMaps(-1, -1, -1)
             log.info("bpf.detached")
 
@@ -363,6 +374,8 @@ class KernelEcho:
             "attached": True,
             "programs": [{"id": ids["prog_id"], "name": PROGRAM, "type": "sk_skb"}],
             "maps": ids["map_ids"],
+            "attach": self.attach,
+            "link_id": libbpf.link_info(self.link_fd)["id"] if self.link_fd >= 0 else None,
             "stats_enabled": self.stats_enabled,
         }
 

@@ -216,6 +216,20 @@ def text_workers(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, got {type_name(value)}")
+    return value
+
+
+def cgroup_dir(value: object) -> str | None:
+    if value is None or value == "":
+        return None  # the root of the cgroup v2 hierarchy, found at run time
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise Invalid(f"must be an absolute path to a cgroup v2 directory, got {value!r}")
+    return os.path.normpath(value)
+
+
 def file_path(value: object) -> str | None:
     if value is None:
         return None
@@ -234,6 +248,17 @@ def text(value: str) -> str:
 
 def text_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def text_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise Invalid(f"must be one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
 
 
 def text_int(text: str) -> int:

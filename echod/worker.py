@@ -49,9 +49,16 @@ class WorkerService(Service):
         self.reuse_port = True
         self.offered: SocketMaps | None = None
 
-    def offer(self, fds: list[int]) -> None:
-        """The supervisor sent the maps' fds (sockhash, activity set); takes ownership."""
+    def offer(self, fds: list[int], bypass: bool = False) -> None:
+        """The supervisor sent the maps' fds (sockhash, activity set); takes ownership.
+
+        With `bypass`, the last fd is the bypass object's path storage, which this worker
+        reads (and keeps until it stops) to know which connections the bypass keeps in user
+        space.
+        """
         self.drop_offer()
+        if bypass and fds:
+            self.bypass_readers.add(fds.pop())
         if len(fds) == 3:  # sockhash, activity set, counters (SocketMaps.fds)
             self.offered = SocketMaps(*fds, owned=True)
         else:
@@ -94,7 +101,7 @@ class Worker:
         if svc is None:
             raise RequestError("bad_state", "not initialised")
         if method in ("start", "restart"):
-            svc.offer(fds)
+            svc.offer(fds, bool(params.get("bypass")))
             try:
                 if method == "start":
                     return await svc.start(params.get("mode"), params.get("port"))

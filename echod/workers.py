@@ -103,7 +103,9 @@ class WorkerPool(Lifecycle):
         of max_connections has SHARE_SLACK more, lest one worker refuse while others have room.
         """
         share = math.ceil(self.config.max_connections * SHARE_SLACK / self.count)
-        return dataclasses.asdict(self.config.replace(max_connections=share, workers=1))
+        # The bypass is the supervisor's: a worker only reads its path storage.
+        mine = self.config.replace(max_connections=share, workers=1, bypass=False)
+        return dataclasses.asdict(mine)
 
     async def _spawn(self, index: int) -> WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -182,8 +184,12 @@ class WorkerPool(Lifecycle):
                 raise result
         return list(zip(workers, results, strict=True))
 
-    def _map_fds(self) -> list[int]:
-        return self.kernel.maps.fds() if self.kernel is not None and self.mode == "kernel" else []
+    def _maps(self) -> dict[str, Any]:
+        """The BPF maps a worker needs now, as start and restart pass them (fds, bypass)."""
+        fds = self.kernel.maps.fds() if self.kernel is not None and self.mode == "kernel" else []
+        if self.bypass is not None:
+            fds.append(self.bypass.paths_fd)  # last, as WorkerService.offer expects
+        return {"fds": fds, "bypass": self.bypass is not None}
 
     # -- mode and BPF -------------------------------------------------------------------------
 
@@ -208,7 +214,7 @@ class WorkerPool(Lifecycle):
 
     async def _open(self) -> None:
         _check_port_free(self.config)
-        await self._each("start", mode=self.mode, port=self.config.port, fds=self._map_fds())
+        await self._each("start", mode=self.mode, port=self.config.port, **self._maps())
 
     async def _abort_start(self) -> None:
         with contextlib.suppress(RequestError):
@@ -241,13 +247,14 @@ class WorkerPool(Lifecycle):
                     w.in_map = 0
                 self.mode = None
                 self._unload()
+                self._stop_bypass()
                 self.state = "stopped"
             log.info("service.stopped")
             return self.status_now()
 
     async def _switch(self, old: str | None) -> tuple[int, int]:
         """Every worker switches; the migration figures are summed."""
-        replies = await self._each("restart", mode=self.mode, fds=self._map_fds())
+        replies = await self._each("restart", mode=self.mode, **self._maps())
         for w, r in replies:
             w.in_map = r["connections_by_path"]["kernel"]
         self._maybe_unload()
@@ -298,8 +305,7 @@ class WorkerPool(Lifecycle):
         """stats: the workers' counters added up, the kernel's counted once."""
         answers = [st for _, st in await self._ask("stats") if st is not None]
         own = {
-            "kernel": self.kernel.counters() if self.kernel is not None else None,
-            "bpf_programs": self.kernel.programs() if self.kernel is not None else [],
+            **self.bpf_figures(),
             "rates": dict(self.rates),
             "process": sum_process([process_figures(), *(st["process"] for st in answers)]),
             "workers": {"count": len(self.workers), "restarts": self.restarts},
@@ -325,8 +331,7 @@ class WorkerPool(Lifecycle):
                 w.in_map = reply["in_map"]
             for key, value in reply["counters"].items():
                 total[key] = total.get(key, 0) + value
-        if self.kernel is not None:
-            total.update({f"kernel_{k}": v for k, v in self.kernel.counters().items()})
+        total.update(self.bpf_counters())
         self.rates = self._rates.sample(total)
         if self.state == "serving" and generation == self._generation and not self._lock.locked():
             self._maybe_unload()
@@ -386,7 +391,7 @@ class WorkerPool(Lifecycle):
         """A new worker joins the pool in the pool's mode."""
         try:
             await worker.call(
-                "start", CALL_TIMEOUT, mode=self.mode, port=self.config.port, fds=self._map_fds()
+                "start", CALL_TIMEOUT, mode=self.mode, port=self.config.port, **self._maps()
             )
         except (RequestError, ChannelClosed, TimeoutError) as exc:
             log.error("worker.start_failed", index=worker.index, error=str(exc))
@@ -406,6 +411,7 @@ class WorkerPool(Lifecycle):
                 w.proc.kill()
                 w.proc.wait()
         self._unload()
+        self._set_bypass(False)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> int | None:

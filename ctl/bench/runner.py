@@ -174,6 +174,7 @@ def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         "pid": after.get("pid"),
         # Probed while the bench connections were open, before any of them closed.
         "connections_by_path": before.get("connections_by_path"),
+        "bypass": bool((after.get("bypass") or {}).get("enabled")),
     }
     if before.get("pid") != after.get("pid"):
         out["error"] = "the daemon restarted during the run"
@@ -183,6 +184,12 @@ def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         if key in p0 and key in p1:
             delta = p1[key] - p0[key]
             out[key] = round(delta, 3) if isinstance(delta, float) else delta
+    b0, b1 = before.get("bypass_counters") or {}, after.get("bypass_counters") or {}
+    if b1:  # sends the bypass redirected during the run, and those it could not
+        out["bypass_redirects"] = sum(
+            b1.get(k, 0) - b0.get(k, 0) for k in ("short_msgs", "ingress_msgs")
+        )
+        out["bypass_failures"] = b1.get("redirect_failures", 0) - b0.get("redirect_failures", 0)
     return out
 
 
@@ -197,6 +204,7 @@ def control_probe(path: str, timeout: float = 5.0) -> ServerProbe:
         except Exception as exc:  # ControlError or OSError: report it; the bench still counts
             return {"error": f"control socket {path}: {exc}"}
         process = stats.get("process", {}) if isinstance(stats, dict) else {}
-        return {**status, "process": process}
+        bypass = stats.get("bypass") if isinstance(stats, dict) else None
+        return {**status, "process": process, "bypass_counters": bypass}
 
     return probe

@@ -24,6 +24,7 @@ def _stats(accepted: int, active: int, user_bytes: int, in_map: int) -> dict[str
 
 OWN = {
     "kernel": {"redirected_packets": 7},
+    "bypass": {"short_msgs": 3},
     "bpf_programs": [{"id": 1}],
     "rates": {},
     "process": {},
@@ -40,6 +41,7 @@ def test_workers_are_added_up_and_the_kernel_is_counted_once() -> None:
     assert merged["user"] == {"bytes": 150, "messages": 6}
     assert merged["kernel_sockets"] == 6
     assert merged["kernel"] == {"redirected_packets": 7}
+    assert merged["bypass"] == {"short_msgs": 3}  # the supervisor's object, counted once
 
 
 def test_what_an_exited_worker_counted_is_kept_but_its_connections_are_not_active() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from echod import libbpf, logs
+from echod import bypass, libbpf, logs
 from echod.config import Config, ConfigError
 from echod.configsource import resolve
 from echod.errors import NotSupported
@@ -166,3 +166,44 @@ def test_rate_limiter_counts_suppressed() -> None:
     assert rl.allow("e", now=0.3) == (False, 0)
     assert rl.allow("other", now=0.3) == (True, 0)
     assert rl.allow("e", now=1.5) == (True, 2)
+
+
+def test_bypass_constants_mirror_their_header() -> None:
+    header = (ROOT / "bpf" / "bypass.h").read_text()
+    body = re.search(r"struct bypass_counters \{(.*?)\};", header, re.S)
+    assert body is not None
+    assert tuple(re.findall(r"__u64 (\w+);", body.group(1))) == bypass.COUNTER_FIELDS
+    defines = {k: int(v) for k, v in re.findall(r"#define (BYPASS_\w+) (\d+)", header)}
+    assert bypass.SETTINGS == {
+        "user": defines["BYPASS_SETTING_USER"],
+        "kernel": defines["BYPASS_SETTING_KERNEL"],
+    }
+    assert bypass.PATHS == {
+        defines["BYPASS_PATH_UNDECIDED"]: "undecided",
+        defines["BYPASS_PATH_TCP"]: "tcp",
+        defines["BYPASS_PATH_INGRESS"]: "ingress",
+        defines["BYPASS_PATH_SHORT"]: "short_circuit",
+    }
+    assert bypass.PATH_INGRESS == defines["BYPASS_PATH_INGRESS"]
+    assert bypass.ROLES == {
+        defines["BYPASS_ROLE_SERVER"]: "server",
+        defines["BYPASS_ROLE_CLIENT"]: "client",
+    }
+    key = re.search(r"struct bypass_key \{(.*?)\};", header, re.S)
+    assert key is not None
+    assert bypass._KEY.size == 8 + 16 + 16 + 4 + 4  # netns, two addresses, two ports
+
+
+def test_bypass_object_ships() -> None:
+    assert bypass.default_object().is_file()
+
+
+def test_cgroup2_root_is_read_from_the_mounts(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    )
+    assert bypass.cgroup2_root(str(mounts)) == "/sys/fs/cgroup/unified"
+    mounts.write_text("tmpfs /sys/fs/cgroup tmpfs rw 0 0\n")
+    with pytest.raises(NotSupported, match="no cgroup v2 hierarchy"):
+        bypass.cgroup2_root(str(mounts))

@@ -40,6 +40,21 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
             {"id": 42, "name": "echo_sockops", "run_cnt": 12, "run_time_ns": 2_000},
         ],
         "workers": {"count": 2, "restarts": 1},
+        "bypass": {
+            "server_sockets": 5,
+            "client_sockets": 6,
+            "insert_failures": 1,
+            "bypassed_conns": 4,
+            "tcp_conns": 2,
+            "ingress_msgs": 0,
+            "ingress_bytes": 0,
+            "short_msgs": 30,
+            "short_bytes": 1920,
+            "tcp_msgs": 3,
+            "tcp_bytes": 300,
+            "redirect_failures": 7,
+        },
+        "bypass_status": {"enabled": True},
     }
     snap.update(changes)
     return snap
@@ -76,6 +91,13 @@ def test_families_and_types() -> None:
         "echod_kernel_missed_packets": "counter",
         "echod_kernel_missed_bytes": "counter",
         "echod_kernel_empty_packets": "counter",
+        "echod_bypass_enabled": "gauge",
+        "echod_bypass_redirects": "counter",
+        "echod_bypass_redirected_bytes": "counter",
+        "echod_bypass_redirect_failures": "counter",
+        "echod_bypass_connections": "counter",
+        "echod_bypass_sockets": "counter",
+        "echod_bypass_insert_failures": "counter",
         "echod_bpf_program_run_count": "counter",
         "echod_bpf_program_run_time_seconds": "counter",
         "echod_workers": "gauge",
@@ -116,6 +138,22 @@ def test_values() -> None:
     assert s[("echod_bpf_program_run_time_seconds_total", verdict)] == pytest.approx(1.5)
     sockops = (("id", "42"), ("prog", "echo_sockops"))
     assert s[("echod_bpf_program_run_time_seconds_total", sockops)] == pytest.approx(2e-6)
+    assert s[("echod_bypass_enabled", ())] == 1
+    assert s[("echod_bytes_total", (("path", "short_circuit"),))] == 1920
+    assert s[("echod_bypass_redirects_total", (("path", "short_circuit"),))] == 30
+    assert s[("echod_bypass_redirects_total", (("path", "ingress"),))] == 0
+    assert s[("echod_bypass_redirect_failures_total", ())] == 7
+    assert s[("echod_bypass_connections_total", (("path", "bypassed"),))] == 4
+    assert s[("echod_bypass_connections_total", (("path", "tcp"),))] == 2
+    assert s[("echod_bypass_sockets_total", (("end", "client"),))] == 6
+    assert s[("echod_bypass_insert_failures_total", ())] == 1
+
+
+def test_bypass_off_has_only_its_gauge() -> None:
+    s = _samples(metrics.render(lambda: _snapshot(bypass=None, bypass_status={})))
+    assert s[("echod_bypass_enabled", ())] == 0
+    assert not any(name.startswith("echod_bypass_") and "enabled" not in name for name, _ in s)
+    assert ("echod_bytes_total", (("path", "short_circuit"),)) not in s
 
 
 def test_user_mode_has_no_kernel_series() -> None:

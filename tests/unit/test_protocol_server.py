@@ -43,7 +43,9 @@ class FakeTarget:
     async def stats(self) -> dict[str, Any]:
         return {"connections": {"active": 0}, "user": {"bytes": 0, "messages": 0}}
 
-    async def start(self, mode: str | None = None, port: int | None = None) -> dict[str, Any]:
+    async def start(
+        self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
+    ) -> dict[str, Any]:
         self.calls.append(("start", {"mode": mode, "port": port}))
         if self.state == "serving":
             raise RequestError("bad_state", "already serving")
@@ -55,7 +57,7 @@ class FakeTarget:
         self.state = "stopped"
         return self.snapshot()
 
-    async def restart(self, mode: str | None = None) -> dict[str, Any]:
+    async def restart(self, mode: str | None = None, bypass: bool | None = None) -> dict[str, Any]:
         self.calls.append(("restart", {"mode": mode}))
         return self.snapshot()
 

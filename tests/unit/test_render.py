@@ -69,8 +69,30 @@ STATUS = {
     "version": "0.1.0",
     "uptime_s": 3723.0,
     "bpf": {"attached": False, "programs": [], "maps": []},
+    "bypass": {"enabled": False, "requested": False},
     "control": {"clients": 2, "watchers": 1},
 }
+
+
+def test_render_status_with_the_short_circuit() -> None:
+    bypass = {
+        "enabled": True,
+        "path": "short_circuit",
+        "port": 8888,
+        "attach": "cgroup sock_ops + sockhash sk_msg, through BPF links",
+        "cgroup": "/sys/fs/cgroup",
+        "link_ids": [7, 8],
+    }
+    status = {**STATUS, "mode": "kernel", "requested_mode": "kernel", "bypass": bypass}
+    rows = dict(line.split(None, 1) for line in render.render_status(status).splitlines())
+    assert rows["mode"] == "kernel + bypass"
+    assert rows["bypass"] == (
+        "short circuit, port 8888; cgroup sock_ops + sockhash sk_msg, through BPF links at "
+        "/sys/fs/cgroup (links 7, 8)"
+    )
+    assert render.summary({**status, "listen": ["127.0.0.1:8888"]}) == (
+        "echod serving in kernel + bypass mode on 127.0.0.1:8888"
+    )
 
 
 def test_render_status() -> None:
@@ -84,6 +106,7 @@ def test_render_status() -> None:
         "pid          42",
         "version      0.1.0",
         "bpf          not attached",
+        "bypass       off",
         "control      clients 2, watchers 1",
     ]
     assert (
