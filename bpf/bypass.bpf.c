@@ -285,19 +285,26 @@ static __always_inline int first_send(struct sk_msg_md *msg, struct bypass_sock 
 	link = bpf_map_lookup_elem(&bypass_links, &mine);
 	if (link && (*link == BYPASS_PATH_INGRESS || *link == BYPASS_PATH_SHORT))
 		path = *link;
-	if (path != BYPASS_PATH_TCP &&
-	    bpf_msg_redirect_hash(msg, &bypass_sockets, peer, redirect_flags(path)) != SK_PASS)
-		path = BYPASS_PATH_TCP; /* the server end has gone already */
-	me->path = path;
 	if (link)
 		bpf_map_delete_elem(&bypass_links, &mine);
-	if (c) {
-		if (path == BYPASS_PATH_TCP)
-			c->tcp_conns++;
-		else
-			c->bypassed_conns++;
+	/*
+	 * No path given: the server end is not echod's on this host, or not established yet.
+	 * Its server end, if it is echod's, counts the connection as on TCP when it finds no link.
+	 */
+	if (path == BYPASS_PATH_TCP) {
+		me->path = path;
+		return tcp(c, len);
 	}
-	return path == BYPASS_PATH_TCP ? tcp(c, len) : redirected(c, path, len);
+	if (bpf_msg_redirect_hash(msg, &bypass_sockets, peer, redirect_flags(path)) != SK_PASS) {
+		me->path = BYPASS_PATH_TCP; /* the server end has gone already */
+		if (c)
+			c->tcp_conns++;
+		return tcp(c, len);
+	}
+	me->path = path;
+	if (c)
+		c->bypassed_conns++;
+	return redirected(c, path, len);
 }
 
 SEC("sk_msg")

@@ -88,7 +88,7 @@ def open_cgroup(path: str) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise NotSupported(exc.errno or errno.ENOENT, "cannot open the cgroup", path) from exc
-    if os.statvfs(path).f_fsid == 0 and not Path(path, "cgroup.procs").exists():
+    if not Path(path, "cgroup.controllers").exists():  # only a cgroup v2 directory has it
         os.close(fd)
         raise NotSupported(errno.ENOTDIR, "not a cgroup v2 directory", path)
     return fd

@@ -20,6 +20,7 @@ from echoctl.spawn import Daemon, SpawnError
 BIN = Path(sys.executable).parent
 HOSTS = ("127.0.0.1", "::1")
 START_TIMEOUT = 15.0
+OUR_PROGRAMS = ("echo_verdict", "bypass_sockops", "bypass_msg")
 STOP_TIMEOUT = 20.0
 
 
@@ -65,8 +66,8 @@ def loaded_bpf_ids(ours: bool = False) -> tuple[set[int], set[int]]:
         or "[]"
     )
     if ours:
-        progs = [p for p in progs if p.get("name") == "echo_verdict"]
-        maps = [m for m in maps if str(m.get("name", "")).startswith("echo_")]
+        progs = [p for p in progs if p.get("name") in OUR_PROGRAMS]
+        maps = [m for m in maps if str(m.get("name", "")).startswith(("echo_", "bypass_"))]
     return {p["id"] for p in progs}, {m["id"] for m in maps}
 
 
@@ -125,8 +126,11 @@ def spawn(
             if d.proc.poll() is None:
                 d.stop()
             raise AssertionError(f"{exc}:\n{d.log()}") from None
-        bpf = st["bpf"]
-        d.bpf_ids = ({p["id"] for p in bpf["programs"]}, set(bpf["maps"]))
+        bpf, bypass = st["bpf"], st.get("bypass") or {}
+        d.bpf_ids = (
+            {p["id"] for p in bpf["programs"]} | set(bypass.get("prog_ids") or []),
+            set(bpf["maps"]) | set(bypass.get("map_ids") or []),
+        )
     return d
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from echoctl.benchcmd import bench, compare
 from tests.integration.bench_util import run_bench
 from tests.integration.conftest import Factory, free_port
 from tests.integration.echo_util import wait_for
+from tests.integration.netns_util import veth_namespace
 
 
 def test_bench_takes_the_port_from_the_control_socket(echod_factory: Factory) -> None:
@@ -42,36 +41,6 @@ def test_compare_refuses_a_port_its_daemon_does_not_serve(echod_factory: Factory
     result = CliRunner().invoke(compare, [*args, "--port", str(free_port()), "--json"])
     assert result.exit_code == 1
     assert "is not the port" in json.loads(result.stdout)["error"]["message"]
-
-
-def ip(*args: str, check: bool = True) -> None:
-    subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
-
-
-@contextlib.contextmanager
-def veth_namespace() -> Iterator[tuple[str, str, str]]:
-    """A network namespace joined to this one by a veth pair in 198.18.0.0/15.
-
-    Yields (namespace, host address, namespace address); everything is removed afterwards.
-    """
-    n = os.getpid()
-    ns, veth = f"echod-bench-{n}", f"eb{n % 10**8}"
-    # A /30 of its own per test process, so that concurrent runs do not collide.
-    base = f"198.18.{n % 256}.{4 * ((n >> 8) % 64)}"
-    prefix, last = base.rsplit(".", 1)
-    host_ip, ns_ip = f"{prefix}.{int(last) + 1}", f"{prefix}.{int(last) + 2}"
-    try:
-        ip("netns", "add", ns)
-        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("addr", "add", f"{host_ip}/30", "dev", veth)
-        ip("link", "set", veth, "up")
-        ip("-n", ns, "addr", "add", f"{ns_ip}/30", "dev", "eth0")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        ip("-n", ns, "link", "set", "lo", "up")
-        yield ns, host_ip, ns_ip
-    finally:
-        ip("link", "del", veth, check=False)
-        ip("netns", "del", ns, check=False)
 
 
 def test_bench_measures_a_daemon_beyond_loopback(tmp_path: Path) -> None:
