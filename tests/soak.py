@@ -4,7 +4,9 @@ Each connection carries its own pseudo-random byte stream, written in pieces of 
 --max-size with up to --window bytes in flight. Every echoed byte is compared at its stream
 offset. A connection with bytes outstanding and no progress for --stall seconds counts as stuck.
 Meanwhile the daemon switches mode (`restart --mode`) --switches times, and each switch opens
-one more stream, so that connections of every age are in flight at every switch.
+one more stream, so that connections of every age are in flight at every switch. With
+--bypass on the same-host bypass stays on throughout; with --bypass switch each switch moves
+one step round user+bypass, kernel+bypass, kernel, user, so that it goes on and off live too.
 
     python -m tests.soak --runs 4 --switches 20 --connections 50 --duration 120
 
@@ -137,6 +139,19 @@ class Options:
     stall: float = 10.0
     start: str = "user"
     workers: int = 1
+    bypass: str = "off"  # off, on, or switch (on and off live, with the mode)
+
+
+def _steps(opt: Options) -> list[tuple[str, bool]]:
+    """The (mode, bypass) of each switch, in order."""
+    if opt.bypass == "switch":
+        cycle = [("kernel", True), ("kernel", False), ("user", False), ("user", True)]
+        if opt.start == "kernel":
+            cycle = [("user", True), ("user", False), ("kernel", False), ("kernel", True)]
+        return [cycle[i % 4] for i in range(opt.switches)]
+    other = {"user": "kernel", "kernel": "user"}
+    modes = [opt.start if i % 2 else other[opt.start] for i in range(opt.switches)]
+    return [(m, opt.bypass == "on") for m in modes]
 
 
 async def _soak(d: Echod, opt: Options) -> dict[str, Any]:
@@ -152,15 +167,16 @@ async def _soak(d: Echod, opt: Options) -> dict[str, Any]:
 
     for _ in range(opt.connections):
         open_stream()
-    mode, switches, failed = opt.start, [], []
-    for _ in range(opt.switches):
+    switches, failed = [], []
+    for mode, bypass in _steps(opt):
         await asyncio.sleep(opt.duration / (opt.switches + 1))
-        mode = "kernel" if mode == "user" else "user"
         try:
-            reply = await asyncio.to_thread(_restart, d.control, mode)
-            switches.append({"mode": mode, **reply["migration"], **_echoed(reply["stats"])})
+            reply = await asyncio.to_thread(_restart, d.control, mode, bypass)
+            switches.append(
+                {"mode": mode, "bypass": bypass, **reply["migration"], **_echoed(reply["stats"])}
+            )
         except Exception as exc:  # a failed switch is a result, reported with the rest
-            failed.append(f"restart --mode {mode}: {exc}")
+            failed.append(f"restart --mode {mode} --bypass={bypass}: {exc}")
         open_stream()
     await asyncio.gather(*tasks)
     errors = [f"{s.host} stream {s.seed}: {s.error}" for s in streams if s.error]
@@ -175,11 +191,11 @@ async def _soak(d: Echod, opt: Options) -> dict[str, Any]:
     }
 
 
-def _restart(control: str, mode: str) -> dict[str, Any]:
+def _restart(control: str, mode: str, bypass: bool) -> dict[str, Any]:
     """Switch; the reply carries the stats taken just before (the BPF counters may go with it)."""
     with ControlClient(control) as client:
         stats = client.call("stats")
-        reply: dict[str, Any] = client.call("restart", {"mode": mode})
+        reply: dict[str, Any] = client.call("restart", {"mode": mode, "bypass": bypass})
         return {**reply, "stats": stats}
 
 
@@ -188,12 +204,16 @@ def _echoed(stats: dict[str, Any]) -> dict[str, int]:
     return {
         "user_bytes": stats["user"]["bytes"],
         "kernel_bytes": (stats["kernel"] or {}).get("redirected_bytes", 0),
+        "short_circuit_bytes": (stats.get("bypass") or {}).get("short_bytes", 0),
     }
 
 
 def run(opt: Options, workdir: Path) -> dict[str, Any]:
     """One soak run against a private daemon; the daemon must exit cleanly afterwards."""
-    d = spawn(workdir, opt.start, args=["--log-level", "info", "--workers", str(opt.workers)])
+    args = ["--log-level", "info", "--workers", str(opt.workers)]
+    if opt.bypass != "off":
+        args.append("--bypass")
+    d = spawn(workdir, opt.start, args=args)
     try:
         began = time.monotonic()
         result = uvloop.run(_soak(d, opt))
@@ -225,10 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall", type=float, default=Options.stall, help="stuck after S seconds")
     p.add_argument("--start", choices=("user", "kernel"), default=Options.start)
     p.add_argument("--workers", type=int, default=Options.workers, help="daemon worker processes")
+    p.add_argument("--bypass", choices=("off", "on", "switch"), default=Options.bypass)
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     a = p.parse_args(argv)
     opt = Options(
-        a.connections, a.duration, a.switches, a.window, a.max_size, a.stall, a.start, a.workers
+        a.connections,
+        a.duration,
+        a.switches,
+        a.window,
+        a.max_size,
+        a.stall,
+        a.start,
+        a.workers,
+        a.bypass,
     )
     failures = 0
     for i in range(1, a.runs + 1):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,7 +83,7 @@ def run_bench(
         server_before = server_probe() if server_probe else None
         start_ns.value = time.monotonic_ns() + 20_000_000
         measure_ns = start_ns.value + int(cfg.warmup * 1e9)
-        go.set()
+        _release(go)
         if interrupt is not None:
             interrupt.graceful(lambda: setattr(stop_flag, "value", 1))
         _sleep_until(measure_ns, stop_flag)
@@ -93,7 +95,7 @@ def run_bench(
         server_after = server_probe() if server_probe else None
     except BaseException:
         stop_flag.value = 1
-        go.set()
+        _release(go)
         _reap(procs)
         raise
     _reap(procs)
@@ -112,6 +114,19 @@ def run_bench(
 def _sleep_until(when_ns: int, stop_flag: Any) -> None:
     while not stop_flag.value and (gap := when_ns - time.monotonic_ns()) > 0:
         time.sleep(min(gap / 1e9, 0.1))
+
+
+def _release(go: Any) -> None:
+    """go.set() with SIGINT and SIGTERM held off: a signal handler that raises inside it
+    leaves the Event's semaphores half-updated, and the next set() then fails an assertion."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
+    try:
+        go.set()
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _reap(procs: list[Any]) -> None:

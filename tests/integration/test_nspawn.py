@@ -150,6 +150,15 @@ python3 -c 'import urllib.request as u; print(u.urlopen(u.Request(
     "http://127.0.0.1:9108/metrics"), timeout=5).read().decode())' > /out/metrics.txt
 put metrics_rc $?
 
+# The same-host bypass, switched on live under the unit (two capabilities, read-only cgroups).
+/usr/local/bin/echoctl --control $SOCK restart --bypass --json > /out/bypass_on.json 2>&1
+put bypass_on_rc $?
+check echo_bypassed echo_once
+/usr/local/bin/echoctl --control $SOCK stats --json > /out/bypass_stats.json
+/usr/local/bin/echoctl --control $SOCK restart --no-bypass > /dev/null 2>&1
+put bypass_off_rc $?
+check echo_after_bypass echo_once
+
 pid_before=$(systemctl show -P MainPID echod)
 check reload systemctl reload echod
 put active_after_reload "$(systemctl is-active echod)"
@@ -397,6 +406,24 @@ def test_unit_serves_in_kernel_mode(run: Run) -> None:
     metrics = (run.outdir / "metrics.txt").read_text()
     assert 'echod_mode{mode="kernel"} 1.0' in metrics
     assert "echod_connections_accepted_total" in metrics
+
+
+def test_bypass_works_under_the_unit(run: Run) -> None:
+    """The short circuit attaches with CAP_BPF + CAP_NET_ADMIN and ProtectControlGroups=yes."""
+    assert run.get(
+        "bypass_on_rc", "echo_bypassed", "bypass_off_rc", "echo_after_bypass"
+    ) == {
+        "bypass_on_rc": "0",
+        "echo_bypassed": "ok",
+        "bypass_off_rc": "0",
+        "echo_after_bypass": "ok",
+    }, run.context  # fmt: skip
+    on = json.loads((run.outdir / "bypass_on.json").read_text())
+    assert on["bypass"]["enabled"] is True, on
+    assert on["bypass"]["path"] == "short_circuit", on
+    stats = json.loads((run.outdir / "bypass_stats.json").read_text())
+    assert stats["bypass"]["bypassed_conns"] >= 1, stats["bypass"]
+    assert stats["bypass"]["short_bytes"] >= 1800, stats["bypass"]
 
 
 def test_reload_reports_a_rejected_config(run: Run) -> None:

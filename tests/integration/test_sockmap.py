@@ -145,7 +145,7 @@ def test_failed_attach_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(errno.EPERM, "refused by the test")
 
     before = loaded_bpf_ids(ours=True)
-    monkeypatch.setattr(libbpf, "prog_attach", refuse)
+    monkeypatch.setattr(libbpf, "link_create", refuse)
     with pytest.raises(OSError, match="refused by the test"), KernelEcho():
         pass
     assert len(seen) == 1, "attach was never reached"
@@ -153,6 +153,29 @@ def test_failed_attach_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     assert progs, "no program of ours was loaded when attach ran"
     assert maps, "no map of ours was loaded when attach ran"
     assert_unloaded(progs, maps)
+
+
+def test_verdict_attaches_through_a_link_or_to_the_map(
+    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
+) -> None:
+    """A BPF link where the kernel has sockmap links (6.10+); prog_attach where it has not."""
+    require_bpf()
+    with KernelEcho() as kernel:
+        assert kernel.attach == "bpf_link"
+        assert kernel.describe()["link_id"] > 0
+    monkeypatch.setattr(
+        libbpf, "link_create", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
+    )
+    with KernelEcho() as kernel:
+        assert kernel.attach == "prog_attach"
+        assert kernel.describe()["link_id"] is None
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        with client, server:
+            kernel.add(server)
+            client.sendall(b"through the map attach")
+            assert recv_exact(client, 22) == b"through the map attach"
+            kernel.remove(server)
 
 
 def test_missing_object_is_file_not_found() -> None:
