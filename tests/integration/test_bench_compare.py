@@ -56,6 +56,40 @@ def test_compare_table_json_and_plot(echod_factory: Factory, tmp_path: Path) -> 
     assert (status["mode"], status["requested_mode"]) == ("user", "user")
 
 
+@pytest.mark.bpf
+def test_compare_bypass_measures_the_four_paths(echod_factory: Factory) -> None:
+    """--bypass adds each mode's +bypass path; each really took its path; the daemon is
+    left asking for what it asked for before."""
+    d = echod_factory(mode="kernel", args=["--bypass"])
+    args = [*target(d), "--bypass", "--repeat", "1", "-c", "2", "-d", "0.5", "--sizes", "1024"]
+    args += ["--sweep-duration", "0.3", "--json"]
+    result = CliRunner().invoke(compare, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    paths = ["user", "user+bypass", "kernel", "kernel+bypass"]
+    assert out["modes"] == paths
+    for run, path in zip(out["runs"], paths, strict=True):
+        server = run["report"]["server"]
+        assert server["mode"] == path.split("+")[0]
+        assert server["bypass"] is path.endswith("+bypass")
+        if server["bypass"]:
+            assert server["bypass_redirects"] > 0
+            assert server["bypass_failures"] == 0
+        assert run["report"]["mismatches"] == 0
+    for path in paths:
+        assert out["sweep"]["modes"][path]["1024"]["mismatches"] == 0
+    assert "tcp_lat µs kernel+bypass" in render_sweep(out)
+    assert "kernel+bypass vs user" in render_table(out)
+    status = d.status()
+    assert (status["requested_mode"], status["bypass"]["enabled"]) == ("kernel", True)
+
+
+def test_compare_refuses_an_unknown_path() -> None:
+    result = CliRunner().invoke(compare, ["--spawn", "--modes", "user,kernel+fast"])
+    assert result.exit_code == 2
+    assert "user+bypass" in result.output
+
+
 def test_compare_spawns_its_own_daemon() -> None:
     args = ["--spawn", "--modes", "user", "--repeat", "2", "-c", "2", "-d", "0.3"]
     result = CliRunner().invoke(compare, args, catch_exceptions=False)

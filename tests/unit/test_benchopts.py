@@ -168,3 +168,14 @@ def test_pacing_needs_plain_ping_pong() -> None:
         BenchConfig(qps=100.0, pipeline=4).validate()
     with pytest.raises(ValueError, match="--qps"):
         BenchConfig(qps=100.0, size=1, size_max=100).validate()
+
+
+def test_compare_paths_are_a_mode_and_the_bypass() -> None:
+    from echoctl.benchcmd import _with_bypass
+    from echoctl.compare import PATHS, split_path
+
+    assert PATHS == ("user", "user+bypass", "kernel", "kernel+bypass")
+    assert split_path("kernel+bypass") == ("kernel", True)
+    assert split_path("user") == ("user", False)
+    assert _with_bypass(("user", "kernel")) == PATHS
+    assert _with_bypass(("kernel+bypass", "user")) == ("kernel+bypass", "user", "user+bypass")

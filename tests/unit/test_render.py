@@ -130,6 +130,32 @@ def _snap(t: float, user: int, kernel: int, runs: int, run_ns: int) -> dict[str,
     }
 
 
+def test_the_short_circuit_counts_as_echo_and_its_redirects_are_shown() -> None:
+    def snap(t: float, short: int, failures: int) -> dict[str, Any]:
+        out = _snap(t, user=0, kernel=0, runs=0, run_ns=0)
+        out["stats"]["bypass"] = {
+            "short_msgs": short,
+            "short_bytes": short * 64,
+            "ingress_msgs": 0,
+            "redirect_failures": failures,
+            "bypassed_conns": 10,
+        }
+        out["stats"]["bpf_programs"].append(
+            {"id": 2, "name": "bypass_msg", "type": "sk_msg", "run_cnt": short, "run_time_ns": 9}
+        )
+        return out
+
+    a, b = snap(10.0, 1000, 0), snap(11.0, 5000, 2)
+    r = render.rates_between(a, b)
+    assert r.req_per_s == pytest.approx(4000.0)  # the kernel echoed them, not user space
+    assert r.redirects_per_s == pytest.approx(4000.0)
+    assert r.kernel_share == pytest.approx(100.0)
+    assert r.ns_per_verdict is None  # the sk_msg program is not the echo verdict
+    rows = dict(render.watch_rows(b, r))
+    assert rows["bypass"] == "4.0k redirects/s, 2 failures, 10 connections bypassed"
+    assert dict(render.watch_rows(_snap(1.0, 1, 1, 1, 1), render.Rates()))["bypass"] == "off"
+
+
 def test_rates_between_snapshots() -> None:
     a = _snap(100.0, user=1000, kernel=0, runs=0, run_ns=0)
     b = _snap(102.0, user=2000, kernel=3000, runs=3000, run_ns=300_000)
