@@ -24,7 +24,13 @@ from tests.integration.conftest import (
     require_bpf,
     spawn,
 )
-from tests.integration.echo_util import connect, recv_exact, roundtrip, wait_for
+from tests.integration.echo_util import (
+    connect,
+    recv_exact,
+    roundtrip,
+    send_without_reading,
+    wait_for,
+)
 from tests.integration.netns_util import veth_namespace
 
 pytestmark = pytest.mark.bpf
@@ -213,6 +219,28 @@ def test_a_client_from_another_host_is_served_through_tcp(echod_factory: Factory
         assert after["tcp_conns"] - before["tcp_conns"] == 1
         assert after["bypassed_conns"] == before["bypassed_conns"]
         assert after["server_sockets"] == before["server_sockets"]
+
+
+def test_a_client_that_never_reads(echod_factory: Factory) -> None:
+    """The short circuit pushes back as TCP does: the server socket's send buffer fills, and
+    the client's sends stop. On the ingress path the kernel queues the echo in the client's
+    socket beyond TCP's window (architecture.md): the daemon's own memory stays bounded and it
+    serves others meanwhile."""
+    for mode, limit in (("kernel", 256 << 20), ("user", 64 << 20)):
+        d = echod_factory(mode=mode, args=["--bypass"])
+        rss_before = d.stats()["process"]["rss_bytes"]
+        with connect("127.0.0.1", d.port) as other, connect("127.0.0.1", d.port) as hog:
+            sent, outcome = send_without_reading(hog, limit, seconds=5.0)
+            for _ in range(20):
+                roundtrip(other, os.urandom(1000))
+            stats = d.stats()
+        assert stats["process"]["rss_bytes"] - rss_before < 32 * 1024 * 1024
+        if mode == "kernel":
+            assert outcome == "deadline", (sent, outcome)
+            assert sent < 64 << 20
+        else:
+            assert outcome == "limit", (sent, outcome)  # the unbounded queue, documented
+        assert stats["connections"]["aborted_backlog"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
