@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
 	systemd systemd-container
 
-.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns clean
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ test: venv deps lint check-bpf
 
 bench: venv
 	$(BIN)/echoctl compare --spawn -c 10 -s 64 -d 5 --repeat 3
+
+# The four paths against a C ping-pong client (root, BPF; clang-14 builds the client).
+CPATHS_ARGS ?= --rounds 3 --seconds 5 --workers 1
+cpaths: venv
+	$(BIN)/python -m tests.cpaths $(CPATHS_ARGS)
 
 # The long live-switch soak (root, BPF): 4 runs x 20 switches x 50 streams, 120 s each.
 SOAK_ARGS ?= --runs 4 --switches 20 --connections 50 --duration 120
