@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     Factory,
     assert_clean_exit,
     assert_unloaded,
+    free_port,
     require_bpf,
     spawn,
 )
@@ -182,6 +183,29 @@ def test_other_servers_are_unaffected(echod_factory: Factory) -> None:
         assert after["server_sockets"] - before["server_sockets"] == 1
     finally:
         other.listener.close()
+
+
+def test_the_watched_port_follows_start(echod_factory: Factory) -> None:
+    d = echod_factory(mode="kernel", args=["--bypass"])
+    d.call("stop")
+    port = free_port()
+    st = d.call("start", {"port": port})
+    assert st["bypass"]["port"] == port
+    before = bypass_counters(d)
+    with connect("127.0.0.1", port) as sock:
+        roundtrip(sock, os.urandom(3000))
+    after = bypass_counters(d)
+    assert after["bypassed_conns"] - before["bypassed_conns"] == 1
+    # The old port is no longer watched: a server that takes it is left alone.
+    other = socket.create_server(("127.0.0.1", d.port))
+    try:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10):
+            other.accept()[0].close()
+        assert bypass_counters(d)["client_sockets"] == after["client_sockets"]
+    finally:
+        other.close()
+    d.call("stop")
+    d.call("start", {"port": d.port})  # back where the fixture expects it
 
 
 def test_a_connection_from_before_the_bypass_stays_on_tcp(echod_factory: Factory) -> None:
