@@ -160,41 +160,23 @@ class PathReaders:
             os.close(fd)
 
 
-class Bypass:
+class Bypass(libbpf.LoadedObject):
     """Open → load → link, as a context manager; close() undoes exactly the steps done."""
 
     def __init__(self, cgroup: str | None = None, path: str | Path | None = None) -> None:
-        self.path = str(path or default_object())
+        super().__init__(str(path or default_object()))
         self.cgroup = cgroup
-        self._stack = contextlib.ExitStack()
-        self._obj: libbpf.BpfObject | None = None
         self._links: list[libbpf.FdHolder] = []
         self.ports_fd = self.counters_fd = self.sockets_fd = -1
         self.paths_fd = -1
         self.watching: dict[int, str] = {}  # port -> the mode it follows
         self._ncpus = 1
 
-    def __enter__(self) -> Bypass:
-        try:
-            self._open()
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _open(self) -> None:
-        if not Path(self.path).is_file():
-            raise FileNotFoundError(2, "BPF object not found", self.path)
         self.cgroup = self.cgroup or cgroup2_root()
         cgroup_fd = open_cgroup(self.cgroup)
         self._stack.callback(os.close, cgroup_fd)
-        obj = libbpf.BpfObject(self.path)
-        self._obj = obj
-        self._stack.callback(obj.close)
-        obj.load()
+        obj = self._load()
         self._ncpus = libbpf.possible_cpus()
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
         self.ports_fd = obj.map_fd(PORTS_MAP)

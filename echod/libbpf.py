@@ -8,6 +8,7 @@ with libbpf's words, not "Unknown error 4001".
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -15,7 +16,7 @@ import importlib.util
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import structlog
 
@@ -324,6 +325,46 @@ class BpfObject:
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             self.lib.cdll.bpf_object__close(ptr)
+
+
+class LoadedObject:
+    """Open → load → attach as a context manager: a failure undoes exactly the steps done.
+
+    A subclass's `_open` calls `_load`, then pushes the undo of each further step onto
+    `self._stack`; its `close` unwinds the stack once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stack = contextlib.ExitStack()
+        self._obj: BpfObject | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _load(self) -> BpfObject:
+        """Open and load the object file (the verifier runs here); closed when the stack is."""
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(errno.ENOENT, "BPF object not found", self.path)
+        obj = BpfObject(self.path)
+        self._obj = obj
+        self._stack.callback(obj.close)
+        obj.load()
+        return obj
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:

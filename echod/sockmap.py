@@ -237,13 +237,11 @@ def bpf_status(kernel: KernelEcho | None) -> dict[str, Any]:
     return kernel.describe()
 
 
-class KernelEcho:
+class KernelEcho(libbpf.LoadedObject):
     """Open → load → attach as a context manager; exit undoes exactly the steps that were done."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = str(path or default_object())
-        self._stack = contextlib.ExitStack()
-        self._obj: libbpf.BpfObject | None = None
+        super().__init__(str(path or default_object()))
         self.prog_fd = self.sockets_fd = self.counters_fd = -1
         self.maps = SocketMaps(-1, -1, -1)
         self.bell: Doorbell | None = None
@@ -251,21 +249,8 @@ class KernelEcho:
         self.attach = ""  # "bpf_link", or "prog_attach" on a kernel without sockmap links
         self.link_fd = -1
 
-    def __enter__(self) -> KernelEcho:
-        try:
-            self._open()
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
     def _open(self) -> None:
-        if not Path(self.path).is_file():
-            raise FileNotFoundError(2, "BPF object not found", self.path)
-        obj = libbpf.BpfObject(self.path)
-        self._obj = obj
-        self._stack.callback(obj.close)
-        obj.load()
+        obj = self._load()
         self.prog_fd = obj.program_fd(PROGRAM)
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
         self.counters_fd = obj.map_fd(COUNTERS_MAP)
@@ -297,9 +282,6 @@ class KernelEcho:
         self._stack.callback(link.close)
         self.link_fd = link.fd
         self.attach = "bpf_link"
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Detach, stop stats, free programs and maps; idempotent."""

@@ -271,56 +271,30 @@ def test_a_client_that_never_reads(echod_factory: Factory) -> None:
 # Switching live, with traffic in flight
 
 
-class Churn(threading.Thread):
-    """New connections one after another, each byte-checked, until halted."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.halt = threading.Event()
-        self.done = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.halt.is_set() and self.done < 5000:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                    payload = os.urandom(1 + self.done % 3000)
-                    sock.sendall(payload)
-                    if recv_exact(sock, len(payload)) != payload:
-                        raise AssertionError(f"mismatch on connection {self.done}")
-                self.done += 1
-        except BaseException as exc:
-            self.error = exc
-
-
 def test_switching_bypass_and_modes_live_loses_nothing(echod_factory: Factory) -> None:
     from tests.integration.traffic import PingPong, Streamer, finish
 
     d = echod_factory(mode="user", args=["--bypass"])
-    clients: list[Any] = [PingPong(d.port, 64), PingPong(d.port, 3000), Streamer(d.port)]
-    churn = Churn(d.port)
-    for c in [*clients, churn]:
+    churn = PingPong(d.port, 3000, churn=True)
+    clients: list[Any] = [PingPong(d.port, 64), PingPong(d.port, 3000), Streamer(d.port), churn]
+    for c in clients:
         c.start()
     steps = [("kernel", True), ("kernel", False), ("user", False), ("user", True)] * 2
     steps += [("kernel", True), ("user", True)]
     try:
         for mode, bypass in steps:
-            wait_for(lambda: churn.done > 0 or churn.error is not None, what="churn traffic")
-            before = churn.done
+            wait_for(lambda: churn.rounds > 0 or churn.error is not None, what="churn traffic")
+            before = churn.rounds
             reply = d.call("restart", {"mode": mode, "bypass": bypass}, timeout=60)
             assert reply["mode"] == mode
             assert reply["bypass"]["enabled"] is bypass
             # Each setting serves new connections, and the old ones go on meanwhile.
             wait_for(
-                lambda b=before: churn.done >= b + 20 or churn.error is not None,
+                lambda b=before: churn.rounds >= b + 20 or churn.error is not None,
                 what=f"connections in {mode} mode, bypass {bypass}",
             )
     finally:
-        churn.halt.set()
         finish(clients)
-        churn.join(30)
-    assert churn.error is None, repr(churn.error)
     assert all(c.rounds > 0 for c in clients if isinstance(c, PingPong))
 
 

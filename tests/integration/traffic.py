@@ -14,25 +14,36 @@ DURATION = 6.0
 
 
 class PingPong(threading.Thread):
-    """Ping-pong random messages until stopped; records any mismatch."""
+    """Ping-pong random messages until stopped; records any mismatch.
 
-    def __init__(self, port: int, size: int) -> None:
+    With `churn`, each round is a new connection that sends right after connect, with
+    messages of 1 to `size` bytes.
+    """
+
+    def __init__(self, port: int, size: int, churn: bool = False) -> None:
         super().__init__(daemon=True)
-        self.port, self.size = port, size
+        self.port, self.size, self.churn = port, size, churn
         self.stop_at = time.monotonic() + DURATION * 3
         self.halt = threading.Event()
         self.rounds = 0
         self.error: BaseException | None = None
 
+    def _going(self) -> bool:
+        return not self.halt.is_set() and time.monotonic() < self.stop_at
+
     def run(self) -> None:
         try:
-            with connect("127.0.0.1", self.port) as sock:
-                while not self.halt.is_set() and time.monotonic() < self.stop_at:
-                    payload = os.urandom(self.size)
-                    sock.sendall(payload)
-                    if recv_exact(sock, len(payload)) != payload:
-                        raise AssertionError(f"mismatch after {self.rounds} rounds")
-                    self.rounds += 1
+            while self._going():
+                with connect("127.0.0.1", self.port) as sock:
+                    while self._going():
+                        size = 1 + self.rounds % self.size if self.churn else self.size
+                        payload = os.urandom(size)
+                        sock.sendall(payload)
+                        if recv_exact(sock, len(payload)) != payload:
+                            raise AssertionError(f"mismatch after {self.rounds} rounds")
+                        self.rounds += 1
+                        if self.churn:
+                            break
         except BaseException as exc:
             self.error = exc
 
