@@ -131,9 +131,6 @@ class PathReaders:
         else:
             self._fds[map_id] = fd
 
-    def __bool__(self) -> bool:
-        return bool(self._fds)
-
     def path(self, sock: socket.socket) -> str | None:
         """The socket's path ("ingress", "short_circuit", ...), None when it has none."""
         key = struct.pack("=i", sock.fileno())
@@ -221,21 +218,14 @@ class Bypass(libbpf.LoadedObject):
         totals = libbpf.percpu_totals(self.counters_fd, len(COUNTER_FIELDS), self._ncpus)
         return dict(zip(COUNTER_FIELDS, totals, strict=True))
 
-    def sockets(self) -> list[dict[str, Any]]:
-        """The sockhash's keys, decoded (walks it: tests and diagnostics only)."""
-        return [decode_key(k) for k in libbpf.map_keys(self.sockets_fd, _KEY.size)]
-
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures, as KernelEcho.programs()."""
-        assert self._obj is not None, "not loaded"
-        out = []
-        for name, kind in ((SOCKOPS_PROGRAM, "sock_ops"), (MSG_PROGRAM, "sk_msg")):
-            info = libbpf.prog_info(self._obj.program_fd(name))
-            info["type"] = kind
-            runs = info["run_cnt"]
-            info["ns_per_run"] = info["run_time_ns"] / runs if runs else None
-            out.append(info)
-        return out
+        obj = self._obj
+        assert obj is not None, "not loaded"
+        return [
+            libbpf.program_figures(obj.program_fd(name), kind)
+            for name, kind in ((SOCKOPS_PROGRAM, "sock_ops"), (MSG_PROGRAM, "sk_msg"))
+        ]
 
     def ids(self) -> dict[str, Any]:
         """Kernel ids of our programs, maps and links."""

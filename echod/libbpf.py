@@ -469,6 +469,14 @@ def prog_info(prog_fd: int) -> dict[str, Any]:
     }
 
 
+def program_figures(prog_fd: int, kind: str) -> dict[str, Any]:
+    """prog_info with the program's type (`stats`' name for it) and ns_per_run added."""
+    info = prog_info(prog_fd)
+    info["type"] = kind
+    info["ns_per_run"] = info["run_time_ns"] / info["run_cnt"] if info["run_cnt"] else None
+    return info
+
+
 def map_info(map_fd: int) -> dict[str, Any]:
     """id, name and max_entries of a map."""
     info = _info(map_fd, _MapInfo, "bpf_obj_get_info_by_fd(map)")

@@ -310,10 +310,7 @@ class KernelEcho(libbpf.LoadedObject):
 
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures: id, name, run_cnt, run_time_ns, ns_per_run."""
-        info = libbpf.prog_info(self.prog_fd)
-        info["type"] = "sk_skb"
-        info["ns_per_run"] = info["run_time_ns"] / info["run_cnt"] if info["run_cnt"] else None
-        return [info]
+        return [libbpf.program_figures(self.prog_fd, "sk_skb")]
 
     def on_bell(
         self,
