@@ -15,6 +15,7 @@ import click
 
 from echoctl import render
 from echoctl.benchcmd import bench, compare
+from echoctl.checkcmd import check
 from echoctl.client import ControlClient, ControlError, client_control_path
 from echoctl.output import (
     EXIT_ERROR,
@@ -323,6 +324,7 @@ def _report(opts: Options, status: Mapping[str, Any]) -> None:
 
 cli.add_command(bench)
 cli.add_command(compare)
+cli.add_command(check)
 
 
 def main() -> None:

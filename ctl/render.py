@@ -186,6 +186,8 @@ def render_status(status: Mapping[str, Any]) -> str:
         ("bpf", _bpf_text(status.get("bpf"))),
         ("bypass", _bypass_text(status.get("bypass"))),
     ]
+    if "self_check" in status:
+        rows.append(("self-check", _self_check_text(status["self_check"])))
     workers = status.get("workers") or []
     if len(workers) > 1:
         rows.append(("workers", _workers_text(workers)))
@@ -198,6 +200,22 @@ def render_status(status: Mapping[str, Any]) -> str:
             )
         )
     return kv(rows)
+
+
+def _self_check_text(paths: Any) -> str:
+    """'kernel passed, kernel+bypass failed (<reason>)'; paths not checked are left out."""
+    if not isinstance(paths, Mapping):
+        return DASH
+    parts = []
+    for path, entry in paths.items():
+        result = (entry or {}).get("result") if isinstance(entry, Mapping) else None
+        if result == "passed":
+            parts.append(f"{path} passed")
+        elif result == "failed":
+            parts.append(f"{path} failed ({entry.get('reason')})")
+        elif result == "not_run" and entry.get("detail"):
+            parts.append(f"{path} not run ({entry.get('detail')})")
+    return "; ".join(parts) or "none run"
 
 
 def _workers_text(workers: list[Mapping[str, Any]]) -> str:
@@ -326,7 +344,8 @@ def _bypass_stats_text(bypass: Any) -> str:
     if not isinstance(bypass, Mapping):
         return DASH
     return (
-        f"{fmt_count(bypass.get('bypassed_conns'))} connections bypassed, "
+        f"{fmt_count(bypass.get('bypassed_conns'))} connections bypassed "
+        f"({fmt_count(bypass.get('late_bypassed_conns'))} after a first echo through TCP), "
         f"{fmt_count(bypass.get('tcp_conns'))} on TCP; "
         f"{fmt_bytes(bypass.get('short_bytes'))}, {fmt_count(bypass.get('short_msgs'))} sends "
         f"short-circuited; {fmt_bytes(bypass.get('ingress_bytes'))}, "

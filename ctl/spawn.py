@@ -142,8 +142,9 @@ def start(
     args: Sequence[str] = (),
     prefix: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> Daemon:
-    """Start echod in `mode` on a free port of `hosts`, its control socket in `workdir`.
+    """Start echod in `mode` on `port` (default: a free one) of `hosts`, control in `workdir`.
 
     `args` go after the ones given here, so they can add to them; `prefix` goes before the
     binary (a wrapper such as `unshare`). With `env` None the daemon inherits this environment.
@@ -151,7 +152,7 @@ def start(
     binary = echod_binary()
     if not binary.exists():
         raise SpawnError(f"{binary} not found: install the project (make venv) first")
-    port = free_port(hosts)
+    port = port or free_port(hosts)
     control = str(workdir / "control.sock")
     log_path = workdir / "echod.log"
     argv = [*prefix, str(binary), "--mode", mode]

@@ -10,7 +10,7 @@ import click
 import uvloop
 
 from echod import __version__, logs
-from echod.config import SCHEMA, ConfigError
+from echod.config import SCHEMA, Config, ConfigError
 from echod.configsource import resolve
 
 # Exit status for a configuration error; the systemd unit does not restart on it.
@@ -51,9 +51,16 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     metavar="FILE",
     help="TOML config file (default /etc/echod/echod.toml if present).",
 )
+@click.option(
+    "--self-check",
+    "self_check",
+    is_flag=True,
+    help="Check every echo path on this kernel, print the result as JSON, and exit "
+    "(1 when a path fails).",
+)
 @_setting_options
 @click.version_option(__version__, prog_name="echod")
-def cli(config_file: str | None, **flags: Any) -> None:
+def cli(config_file: str | None, self_check: bool, **flags: Any) -> None:
     """Serve TCP echo in the kernel (BPF sockmap) or in user space (uvloop)."""
     try:
         config = resolve(flags, config_file)
@@ -61,12 +68,27 @@ def cli(config_file: str | None, **flags: Any) -> None:
         logs.write_line(f"echod: configuration error: {exc}")
         sys.exit(EXIT_CONFIG)
     logs.configure(config.log_level, config.log_format)
+    if self_check:
+        sys.exit(uvloop.run(_self_check(config)))
     from echod.daemon import Daemon
 
     async def run() -> int:
         return await Daemon(config, flags).run()
 
     sys.exit(uvloop.run(run()))
+
+
+async def _self_check(config: Config) -> int:
+    """`echod --self-check`: the four paths on a private listener, then the report on stdout."""
+    import json
+
+    from echod.paths import check_report
+    from echod.selfcheck import SelfCheck
+
+    outcomes = await SelfCheck().every_path(config, None, None)
+    result = check_report(outcomes)
+    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    return 0 if result["passed"] else 1
 
 
 def main() -> None:

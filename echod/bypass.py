@@ -1,11 +1,15 @@
 """Same-host bypass: load bpf/bypass.bpf.c, attach it through BPF links, follow echod's port.
 
-The sock_ops program is attached to a cgroup v2 directory (by default the hierarchy's root),
-so it sees every TCP connection of the processes below; the sk_msg program is attached to the
-bypass sockhash. Both attachments are BPF links: they last as long as this process holds
-their fds, so a SIGKILL leaves nothing attached.
+The sock_ops and cgroup_skb ingress programs are attached to a cgroup v2 directory (by default
+the hierarchy's root), so they see every TCP connection of the processes below; the sk_msg
+program is attached to the bypass sockhash. Every attachment is a BPF link: it lasts as long as
+this process holds its fd, so a SIGKILL leaves nothing attached.
 
-Turning the bypass off, or stopping, detaches both links at once: no new connection enters
+Only echod's connections are touched: the listeners map holds echod's listening addresses
+(network namespace, address, port), and each of echod's listeners carries a mark in its socket
+storage that the kernel copies into every connection it accepts (mark_listener).
+
+Turning the bypass off, or stopping, detaches the links at once: no new connection enters
 the sockhash. The connections already in it keep their path until they close, and the
 kernel frees the programs and maps with the last of them. Removing a socket from the sockhash
 would drop what is queued on its receive side: the bytes echoed to a client that it has not
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -32,17 +37,21 @@ log = structlog.get_logger("echod.bypass")
 
 SOCKOPS_PROGRAM = "bypass_sockops"
 MSG_PROGRAM = "bypass_msg"
+INGRESS_PROGRAM = "bypass_ingress"
+PROGRAMS = (SOCKOPS_PROGRAM, MSG_PROGRAM, INGRESS_PROGRAM)
 SOCKETS_MAP = "bypass_sockets"
-PORTS_MAP = "bypass_ports"
+LISTENERS_MAP = "bypass_listeners"
 PATHS_MAP = "bypass_paths"
 LINKS_MAP = "bypass_links"
 COUNTERS_MAP = "bypass_counters"
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h; the socket module does not export it
 
 # bpf/bypass.h: BYPASS_SETTING_*, BYPASS_PATH_*, BYPASS_ROLE_*.
 SETTINGS = {"user": 1, "kernel": 2}
 PATHS = {0: "undecided", 1: "tcp", 2: "ingress", 3: "short_circuit"}
 PATH_INGRESS = 2
-ROLES = {1: "server", 2: "client"}
+ROLES = {1: "server", 2: "client", 3: "listener"}
+ROLE_LISTENER = 3
 # struct bypass_counters (bpf/bypass.h), each field a __u64.
 COUNTER_FIELDS = (
     "server_sockets",
@@ -57,11 +66,76 @@ COUNTER_FIELDS = (
     "tcp_msgs",
     "tcp_bytes",
     "redirect_failures",
+    "deferred_conns",
+    "late_bypassed_conns",
 )
-_PORT = struct.Struct("=I")
-_SOCK = struct.Struct("=II")  # struct bypass_sock: role, path
-_KEY = struct.Struct("=Q4I4III")  # struct bypass_key: netns, local_ip, remote_ip, ports
-ATTACH = "cgroup sock_ops + sockhash sk_msg, through BPF links"
+_SETTING = struct.Struct("=I")
+# struct bypass_sock: role, path, sent, echoed
+_SOCK = struct.Struct("=IIQQ")
+# struct bypass_key: netns, local_ip, remote_ip, local_port, remote_port
+_KEY = struct.Struct("=Q4I4III")
+# struct bypass_listener: netns, ip, port, pad
+_LISTENER = struct.Struct("=Q4III")
+ATTACH = "cgroup sock_ops + cgroup_skb ingress + sockhash sk_msg, through BPF links"
+BPF_CGROUP_INET_INGRESS = 0
+
+
+def netns_cookie() -> int:
+    """The cookie of this process's network namespace (the listeners map's first field)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def _words(host: str) -> tuple[int, int, int, int]:
+    """An address as the four network-order words of bypass.h (IPv4 v4-mapped)."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    return struct.unpack("=4I", ip.packed)
+
+
+def listener_key(netns: int, host: str, port: int) -> bytes:
+    """A bypass_listeners key: echod listens on host:port (a wildcard host covers all)."""
+    return _LISTENER.pack(netns, *_words(host), port, 0)
+
+
+def socket_key(netns: int, local: tuple[str, int], remote: tuple[str, int]) -> bytes:
+    """The bypass_sockets key of a connection's end (local and remote as that end sees them)."""
+    return _KEY.pack(netns, *_words(local[0]), *_words(remote[0]), local[1], remote[1])
+
+
+def socket_path(paths_fd: int, sock: socket.socket) -> tuple[str, str] | None:
+    """A socket's (role, path) from its bypass_paths storage; None when it has none."""
+    try:
+        raw = libbpf.map_lookup(paths_fd, struct.pack("=i", sock.fileno()), _SOCK.size)
+    except KeyError:
+        return None
+    role, path, _, _ = _SOCK.unpack(raw)
+    return ROLES.get(role, str(role)), PATHS.get(path, str(path))
+
+
+def in_cgroup(cgroup: str, proc: str = "/proc/self/cgroup") -> bool:
+    """Whether this process is in the cgroup v2 directory `cgroup` or below it."""
+    try:
+        with open(proc) as f:
+            rel = next((ln.split("::", 1)[1].strip() for ln in f if ln.startswith("0::")), None)
+        root = cgroup2_root()
+    except (OSError, NotSupported):
+        return False
+    if rel is None:
+        return False
+    mine = os.path.normpath(root + rel)
+    return mine == os.path.normpath(cgroup) or mine.startswith(os.path.normpath(cgroup) + "/")
+
+
+def mark_listener(paths_fd: int, sock: socket.socket) -> None:
+    """Mark one of echod's listeners: every connection it accepts inherits the mark.
+
+    sock_ops takes a server end only if it carries the mark, so a connection another server
+    accepts on the same port (another address, or a more specific bind) is never touched.
+    """
+    value = _SOCK.pack(ROLE_LISTENER, 0, 0, 0)
+    libbpf.map_update(paths_fd, struct.pack("=i", sock.fileno()), value)
 
 
 def default_object() -> Path:
@@ -113,7 +187,8 @@ class PathReaders:
 
     One reader per bypass object this service has seen: after the bypass is turned off, or
     off and on again, connections of the earlier object may still be waiting to be accepted,
-    and their path is in that object's storage. The fds are closed at stop.
+    and their path is in that object's storage. The fds are closed at stop. The same fds mark
+    the service's listeners (mark_listener).
     """
 
     def __init__(self) -> None:
@@ -131,15 +206,35 @@ class PathReaders:
         else:
             self._fds[map_id] = fd
 
+    def mark(self, sock: socket.socket) -> None:
+        """Mark a listener of the service in the newest bypass object (see mark_listener).
+
+        Only the newest one's programs are attached: an older object's mark would only be
+        copied into connections for nothing.
+        """
+        if not self._fds:
+            return
+        newest = next(reversed(self._fds.values()))
+        try:
+            mark_listener(newest, sock)
+        except OSError as exc:  # not marked: its connections stay on TCP
+            log.warning("bypass.mark_failed", error=str(exc))
+
     def path(self, sock: socket.socket) -> str | None:
-        """The socket's path ("ingress", "short_circuit", ...), None when it has none."""
+        """The socket's path ("ingress", "short_circuit", ...), None when it has none.
+
+        Read from the object whose sock_ops took the connection: its server-end entry. Other
+        objects may hold a listener's mark copied into the socket, which says nothing.
+        """
         key = struct.pack("=i", sock.fileno())
-        for fd in self._fds.values():
+        for fd in reversed(self._fds.values()):
             try:
                 raw = libbpf.map_lookup(fd, key, _SOCK.size)
             except (KeyError, OSError):
                 continue
-            return PATHS.get(_SOCK.unpack(raw)[1])
+            role, path, _, _ = _SOCK.unpack(raw)
+            if role != ROLE_LISTENER:
+                return PATHS.get(path)
         return None
 
     def user_only(self, sock: socket.socket) -> bool:
@@ -164,9 +259,11 @@ class Bypass(libbpf.LoadedObject):
         super().__init__(str(path or default_object()))
         self.cgroup = cgroup
         self._links: list[libbpf.FdHolder] = []
-        self.ports_fd = self.counters_fd = self.sockets_fd = -1
+        self.listeners_fd = self.counters_fd = self.sockets_fd = -1
         self.paths_fd = -1
-        self.watching: dict[int, str] = {}  # port -> the mode it follows
+        self.netns = 0
+        self.watching: dict[bytes, str] = {}  # listeners key -> the mode it follows
+        self.endpoints: list[tuple[str, int]] = []  # what the keys name: (host, port)
         self._ncpus = 1
 
     def _open(self) -> None:
@@ -175,14 +272,17 @@ class Bypass(libbpf.LoadedObject):
         self._stack.callback(os.close, cgroup_fd)
         obj = self._load()
         self._ncpus = libbpf.possible_cpus()
+        self.netns = netns_cookie()
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
-        self.ports_fd = obj.map_fd(PORTS_MAP)
+        self.listeners_fd = obj.map_fd(LISTENERS_MAP)
         self.counters_fd = obj.map_fd(COUNTERS_MAP)
         self.paths_fd = obj.map_fd(PATHS_MAP)
-        # sk_msg first: a socket sock_ops inserts must find its program already there.
+        # sk_msg and ingress first: a socket sock_ops inserts must find them already there.
+        cgroup = f"cgroup {self.cgroup}"
         for prog, target, kind, what in (
             (MSG_PROGRAM, self.sockets_fd, libbpf.BPF_SK_MSG_VERDICT, "the bypass sockhash"),
-            (SOCKOPS_PROGRAM, cgroup_fd, libbpf.BPF_CGROUP_SOCK_OPS, f"cgroup {self.cgroup}"),
+            (INGRESS_PROGRAM, cgroup_fd, BPF_CGROUP_INET_INGRESS, cgroup),
+            (SOCKOPS_PROGRAM, cgroup_fd, libbpf.BPF_CGROUP_SOCK_OPS, cgroup),
         ):
             try:
                 link = libbpf.link_create(obj.program_fd(prog), target, kind)
@@ -197,16 +297,40 @@ class Bypass(libbpf.LoadedObject):
     def loaded(self) -> bool:
         return self._obj is not None
 
-    def follow(self, port: int, mode: str) -> None:
-        """Watch port's connections, in mode's way (short circuit in kernel mode); only it."""
-        for old in [p for p in self.watching if p != port]:
+    def follow(self, endpoints: list[tuple[str, int]], mode: str) -> None:
+        """Watch the connections to these listening addresses, in mode's way; only them.
+
+        Each endpoint is (host, port) as echod binds it; a wildcard host covers every local
+        address of its family.
+        """
+        keys = {listener_key(self.netns, host, port): (host, port) for host, port in endpoints}
+        for old in [k for k in self.watching if k not in keys]:
             with contextlib.suppress(KeyError):
-                libbpf.map_delete(self.ports_fd, _PORT.pack(old))
+                libbpf.map_delete(self.listeners_fd, old)
             del self.watching[old]
-        if self.watching.get(port) != mode:
-            libbpf.map_update(self.ports_fd, _PORT.pack(port), _PORT.pack(SETTINGS[mode]))
-            self.watching[port] = mode
-            log.info("bypass.following", port=port, path=self.path_name(mode))
+        changed = False
+        for key in keys:
+            if self.watching.get(key) != mode:
+                libbpf.map_update(self.listeners_fd, key, _SETTING.pack(SETTINGS[mode]))
+                self.watching[key] = mode
+                changed = True
+        self.endpoints = list(keys.values())
+        if changed:
+            log.info("bypass.following", listen=self.endpoints, path=self.path_name(mode))
+
+    def watch(self, endpoints: list[tuple[str, int]], mode: str) -> None:
+        """Watch these listening addresses too, leaving the followed ones (the self-check's)."""
+        for host, port in endpoints:
+            key = listener_key(self.netns, host, port)
+            libbpf.map_update(self.listeners_fd, key, _SETTING.pack(SETTINGS[mode]))
+
+    def unfollow(self, endpoints: list[tuple[str, int]]) -> None:
+        """Stop watching these listening addresses (the self-check's private listener)."""
+        for host, port in endpoints:
+            key = listener_key(self.netns, host, port)
+            if key not in self.watching:
+                with contextlib.suppress(KeyError, OSError):
+                    libbpf.map_delete(self.listeners_fd, key)
 
     @staticmethod
     def path_name(mode: str) -> str:
@@ -222,32 +346,32 @@ class Bypass(libbpf.LoadedObject):
         """Per-program figures, as KernelEcho.programs()."""
         obj = self._obj
         assert obj is not None, "not loaded"
-        return [
-            libbpf.program_figures(obj.program_fd(name), kind)
-            for name, kind in ((SOCKOPS_PROGRAM, "sock_ops"), (MSG_PROGRAM, "sk_msg"))
-        ]
+        kinds = (
+            (SOCKOPS_PROGRAM, "sock_ops"),
+            (MSG_PROGRAM, "sk_msg"),
+            (INGRESS_PROGRAM, "cgroup_skb"),
+        )
+        return [libbpf.program_figures(obj.program_fd(name), kind) for name, kind in kinds]
 
     def ids(self) -> dict[str, Any]:
         """Kernel ids of our programs, maps and links."""
         assert self._obj is not None, "not loaded"
-        names = (SOCKETS_MAP, PORTS_MAP, PATHS_MAP, LINKS_MAP, COUNTERS_MAP)
+        names = (SOCKETS_MAP, LISTENERS_MAP, PATHS_MAP, LINKS_MAP, COUNTERS_MAP)
         return {
-            "prog_ids": [
-                libbpf.prog_info(self._obj.program_fd(p))["id"]
-                for p in (SOCKOPS_PROGRAM, MSG_PROGRAM)
-            ],
+            "prog_ids": [libbpf.prog_info(self._obj.program_fd(p))["id"] for p in PROGRAMS],
             "map_ids": [libbpf.map_info(self._obj.map_fd(m))["id"] for m in names],
             "link_ids": [libbpf.link_info(link.fd)["id"] for link in self._links],
         }
 
     def describe(self) -> dict[str, Any]:
         """What `status` shows under "bypass" while attached."""
-        port, mode = next(iter(self.watching.items()), (None, None))
+        mode = next(iter(self.watching.values()), None)
         return {
             "enabled": True,
             "attach": ATTACH,
             "cgroup": self.cgroup,
-            "port": port,
+            "port": self.endpoints[0][1] if self.endpoints else None,
+            "listen": [_endpoint(host, port) for host, port in self.endpoints],
             "path": self.path_name(mode) if mode else None,
             **self.ids(),
         }
@@ -258,15 +382,20 @@ class Bypass(libbpf.LoadedObject):
         Sockets still in the sockhash keep it (and their path) until they close.
         """
         if self._obj is not None:
-            for port in list(self.watching):  # no new server end is given a path
+            for key in list(self.watching):  # no new server end is given a path
                 with contextlib.suppress(KeyError, OSError):
-                    libbpf.map_delete(self.ports_fd, _PORT.pack(port))
+                    libbpf.map_delete(self.listeners_fd, key)
             self.watching.clear()
+            self.endpoints = []
             self._stack.close()
             self._obj = None
             self._links.clear()
-            self.ports_fd = self.counters_fd = self.sockets_fd = self.paths_fd = -1
+            self.listeners_fd = self.counters_fd = self.sockets_fd = self.paths_fd = -1
             log.info("bypass.detached", cgroup=self.cgroup)
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bypass_status(bypass: Bypass | None, requested: bool) -> dict[str, Any]:

@@ -24,9 +24,14 @@ RECV_SIZE = 256 * 1024
 DRAIN_POLL = 0.002
 DRAIN_POLL_MAX = 0.1
 DRAIN_TIMEOUT = 10.0
-# struct tcp_info (uapi/linux/tcp.h): tcpi_bytes_acked at 120, tcpi_bytes_received at 128.
+# struct tcp_info (uapi/linux/tcp.h): tcpi_state at 0, tcpi_bytes_acked at 120,
+# tcpi_bytes_received at 128.
 _TCP_INFO_LEN = 136
 _BYTES_ACKED_RECEIVED = struct.Struct("=QQ")
+# TCP states (include/net/tcp_states.h): closed (reset, or both sides done), and those in
+# which the peer's FIN has arrived (and counts one in tcpi_bytes_received).
+_TCP_CLOSE = 7
+_PEER_FIN_STATES = frozenset((6, 8, 9, 11))  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
 
 
 def _outq(sock: socket.socket) -> int:
@@ -186,17 +191,23 @@ class Connection:
         """Bytes received but not yet written back: what sits in the psock and in self.out.
 
         acked + queued-in-send-buffer counts what was written; bytes_received counts what came
-        in, plus one for a FIN. In kernel mode this is the only view of the psock queue, which
-        the kernel does not bound (a peer that never reads makes it grow without limit).
+        in, plus one for a FIN (seen by the TCP state, whether or not user space read it yet).
+        A reset socket has nothing left to deliver. In kernel mode this is the only view of the
+        psock queue, which the kernel does not bound (a peer that never reads makes it grow
+        without limit).
         """
         try:
             info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+            state = info[0]
+            if state == _TCP_CLOSE:
+                return 0  # reset (its send queue is purged) or closed: nothing to deliver
             acked, received = _BYTES_ACKED_RECEIVED.unpack_from(info, 120)
             written = acked + _outq(self.sock)
         except OSError:
             return 0  # the socket is gone: nothing left to deliver
+        fin = 1 if self.eof or state in _PEER_FIN_STATES else 0
         # self.out was received and not yet written, so it is already in the difference.
-        return max(received - (1 if self.eof else 0) - written, 0)
+        return max(received - fin - written, 0)
 
     def drained(self) -> bool:
         """Every byte received has been written back to the socket (kernel and user paths)."""

@@ -19,6 +19,7 @@ from echod.configsource import resolve
 from echod.control import ControlServer
 from echod.limits import check_fd_budget
 from echod.protocol import RequestError
+from echod.selfcheck import SelfCheck
 from echod.service import Service
 from echod.workers import WorkerPool
 
@@ -90,6 +91,7 @@ class Daemon:
                 stack.callback(service.close)
             else:
                 service = self.service = Service(self.config)
+            service.checker = SelfCheck()
             control = ControlServer(
                 self.config.control,
                 self,
@@ -212,6 +214,7 @@ class Daemon:
             "kernel": stats["kernel"],
             "bypass": stats.get("bypass"),
             "bypass_status": self.service.base_status()["bypass"],
+            "self_check": self.service.base_status()["self_check"],
             "bpf_programs": stats["bpf_programs"],
             "workers": stats.get("workers"),
         }
@@ -243,6 +246,10 @@ class Daemon:
     async def restart(self, mode: str | None = None, bypass: bool | None = None) -> dict[str, Any]:
         """Switch mode (or bypass) live (control `restart`)."""
         return await self._serving().restart(mode, bypass)
+
+    async def check(self) -> dict[str, Any]:
+        """Run the self-check of every path on a private listener (control `check`)."""
+        return await self._serving().check()
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file: apply what can change live, report what needs a restart."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -19,6 +19,7 @@ import structlog
 from echod import __version__
 from echod.bypass import Bypass, bypass_status
 from echod.config import Config
+from echod.paths import Checker, Outcome, candidates, check_report, path_name, report
 from echod.protocol import RequestError
 from echod.sockmap import KernelEcho, bpf_status
 
@@ -32,23 +33,12 @@ def _unavailable(what: str, exc: OSError) -> str:
     return reason
 
 
-def choose_mode(requested: str, load: Callable[[], None]) -> tuple[str, str | None]:
-    """The mode to serve in and why it is not the one asked for: (mode, fallback reason).
-
-    `load` loads and attaches the BPF object (OSError when it cannot). `auto` falls back to
-    user mode with the reason; `kernel` raises RequestError("not_supported") instead.
-    """
-    if requested == "user":
-        return "user", None
-    try:
-        load()
-    except OSError as exc:
-        reason = _unavailable("kernel mode", exc)
-        if requested == "kernel":
-            raise RequestError("not_supported", f"kernel mode unavailable: {reason}") from exc
-        log.warning("service.fallback_to_user", reason=reason)
-        return "user", reason
-    return "kernel", None
+def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The family and socket address echod binds for host:port (the first the resolver gives)."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, addr
 
 
 class Lifecycle:
@@ -68,6 +58,11 @@ class Lifecycle:
         self.bypass: Bypass | None = None  # the bypass object, when this process owns it
         self.started_at = time.monotonic()
         self._lock = asyncio.Lock()
+        # Runs the self-check before a path serves; the daemon's service has one, a worker
+        # or the self-check's own private service none.
+        self.checker: Checker | None = None
+        self.checks: dict[str, Outcome] = {}  # path -> its latest self-check
+        self.log: Any = log  # the self-check's private service logs its comings and goings less
 
     def base_status(self) -> dict[str, Any]:
         """The fields of `status` that do not depend on who serves the connections."""
@@ -82,29 +77,107 @@ class Lifecycle:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "bpf": bpf_status(self.kernel),
             "bypass": bypass_status(self.bypass, self.bypass_requested),
+            "self_check": report(self.checks),
         }
 
-    def _set_bypass(self, want: bool) -> None:
-        """Attach or detach the bypass as asked, then make it follow the port and the mode.
-
-        Raises RequestError("not_supported") when it cannot be attached: the bypass is asked
-        for explicitly, so it never falls back quietly.
-        """
+    def _attach_bypass(self, want: bool) -> None:
+        """Attach or detach the bypass object (OSError when it cannot be attached)."""
         if want and self.bypass is None:
-            try:
-                self.bypass = Bypass(self.config.bypass_cgroup).__enter__()
-            except OSError as exc:
-                reason = _unavailable("the bypass", exc)
-                raise RequestError("not_supported", f"bypass unavailable: {reason}") from exc
+            self.bypass = Bypass(self.config.bypass_cgroup, self.config.bypass_object).__enter__()
             self._bypass_attached(self.bypass)
         elif not want and self.bypass is not None:
             self.bypass.close()
             self.bypass = None
-        if self.bypass is not None and self.mode is not None:
-            self.bypass.follow(self.config.port, self.mode)
 
     def _bypass_attached(self, bypass: Bypass) -> None:
         """A bypass object was just attached (the in-process service reads its paths)."""
+
+    def _set_bypass(self, want: bool) -> None:
+        """Attach or detach the bypass as asked, then make it follow the listeners and mode.
+
+        Raises RequestError("not_supported") when it cannot be attached: the bypass is asked
+        for explicitly, so it never falls back quietly.
+        """
+        try:
+            self._attach_bypass(want)
+        except OSError as exc:
+            reason = _unavailable("the bypass", exc)
+            raise RequestError("not_supported", f"bypass unavailable: {reason}") from exc
+        self._follow()
+
+    def _follow(self) -> None:
+        """The bypass watches echod's listening addresses, in the mode's way."""
+        if self.bypass is not None and self.mode is not None:
+            self.bypass.follow(self.endpoints(), self.mode)
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The addresses echod listens on, as (numeric host, port)."""
+        port = self.config.port
+        return [(resolve_listen(h, port)[1][0], port) for h in self.config.hosts]
+
+    async def _self_check(self, mode: str, bypass: bool) -> Outcome | None:
+        """Check the path on the loaded objects; None when this service checks nothing."""
+        if self.checker is None:
+            return None
+        outcome = await self.checker.path(
+            self.config, mode, self.bypass if bypass else None, self.kernel
+        )
+        self.checks[outcome.path] = outcome
+        return outcome
+
+    async def _enter(self, requested: str, want_bypass: bool) -> None:
+        """Take the first path that loads, attaches and passes its self-check (paths.candidates).
+
+        Sets mode, fallback_reason and the bypass; the listeners are the caller's. Raises
+        RequestError: not_supported when the path asked for cannot be loaded or attached,
+        self_check_failed when it (or, for auto, every candidate) failed a case.
+        """
+        options = candidates(requested, want_bypass)
+        skipped: list[str] = []
+        for mode, bypass in options:
+            name = path_name(mode, bypass)
+            if mode == "kernel":
+                try:
+                    self._load_kernel()
+                except OSError as exc:
+                    reason = _unavailable("kernel mode", exc)
+                    if requested == "kernel":
+                        raise RequestError(
+                            "not_supported", f"kernel mode unavailable: {reason}"
+                        ) from exc
+                    log.warning("service.fallback", path=name, reason=reason)
+                    skipped.append(f"kernel mode unavailable: {reason}")
+                    continue
+            attached_now = bypass and self.bypass is None
+            if bypass:
+                try:
+                    self._attach_bypass(True)
+                except OSError as exc:
+                    reason = _unavailable("the bypass", exc)
+                    raise RequestError("not_supported", f"bypass unavailable: {reason}") from exc
+            outcome = await self._self_check(mode, bypass)
+            if outcome is None or outcome.result != "failed":
+                self.mode = mode
+                self.fallback_reason = "; ".join(skipped) or None
+                self._attach_bypass(bypass)
+                self._follow()
+                if mode != "kernel":
+                    self._maybe_unload()  # a kernel path that failed leaves nothing loaded
+                if skipped:
+                    log.warning(
+                        "service.fallback_to_user" if mode == "user" else "service.fallback",
+                        path=name,
+                        reason=self.fallback_reason,
+                    )
+                return
+            reason = f"the {name} path failed its self-check: {outcome.reason}"
+            log.error("service.path_refused", path=name, case=outcome.case, detail=outcome.detail)
+            if attached_now:
+                self._attach_bypass(False)
+            if len(options) == 1:
+                raise RequestError("self_check_failed", reason)
+            skipped.append(reason)
+        raise RequestError("self_check_failed", "no path passed: " + "; ".join(skipped))
 
     def bpf_counters(self) -> dict[str, int]:
         """The flat counters of the BPF objects this process owns (for the rates)."""
@@ -146,6 +219,22 @@ class Lifecycle:
         """The status, from what is known now."""
         raise NotImplementedError
 
+    def _maybe_unload(self) -> None:
+        """Unload the BPF object when nothing uses it any more."""
+        raise NotImplementedError
+
+    async def check(self) -> dict[str, Any]:
+        """Run the self-check of every path now (control `check`); returns paths.check_report().
+
+        What is not loaded is loaded for the time of the check; the serving state is left as
+        it was. A service without a checker (a worker) has nothing to run.
+        """
+        async with self._lock:
+            if self.checker is not None:
+                outcomes = await self.checker.every_path(self.config, self.kernel, self.bypass)
+                self.checks.update(outcomes)
+            return check_report(self.checks)
+
     async def start(
         self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
     ) -> dict[str, Any]:
@@ -161,11 +250,8 @@ class Lifecycle:
                 self.bypass_requested = bypass
             self.state = "starting"
             try:
-                self.mode, self.fallback_reason = choose_mode(
-                    self.requested_mode, self._load_kernel
-                )
-                # Before the listeners: a client that connects at once is bypassed too.
-                self._set_bypass(self.bypass_requested)
+                # The bypass before the listeners: a client that connects at once takes it too.
+                await self._enter(self.requested_mode, self.bypass_requested)
                 await self._open()
             except BaseException:
                 await self._abort_start()
@@ -176,7 +262,7 @@ class Lifecycle:
                 raise
             self.state = "serving"
             st = self.status_now()
-            log.info(
+            self.log.info(
                 "service.serving",
                 mode=self.mode,
                 listen=st["listen"],
@@ -207,17 +293,16 @@ class Lifecycle:
             want = self.bypass_requested if bypass is None else bypass
             old, previous = self.mode, (self.requested_mode, self.fallback_reason)
             try:
-                self.mode, self.fallback_reason = choose_mode(target, self._load_kernel)
-                self._set_bypass(want)
+                await self._enter(target, want)
             except RequestError:
                 self.mode = old
                 self.requested_mode, self.fallback_reason = previous
-                if self.bypass is not None and old is not None:
-                    self.bypass.follow(self.config.port, old)
+                self._follow()
+                self._maybe_unload()
                 raise
             self.requested_mode, self.bypass_requested = target, want
             moved, stayed = await self._switch(old)
-            log.info(
+            self.log.info(
                 "service.mode_switched",
                 old=old,
                 new=self.mode,

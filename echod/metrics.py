@@ -49,6 +49,21 @@ class SnapshotCollector(Collector):
         yield from _bypass(snap.get("bypass"), snap.get("bypass_status") or {})
         yield from _bpf_programs(snap.get("bpf_programs") or [])
         yield from _workers(snap.get("workers") or {})
+        yield from _self_check(snap.get("self_check") or {})
+
+
+def _self_check(paths: Mapping[str, Any]) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        "echod_self_check_passed",
+        "The latest self-check of each echo path: 1 passed, 0 failed (a path not yet checked "
+        "has no sample).",
+        labels=["path"],
+    )
+    for path, entry in sorted(paths.items()):
+        result = (entry or {}).get("result")
+        if result in ("passed", "failed"):
+            gauge.add_metric([path], 1.0 if result == "passed" else 0.0)
+    yield gauge
 
 
 def _workers(pool: Mapping[str, Any]) -> Iterator[Metric]:
@@ -198,13 +213,22 @@ def _bypass(counters: Mapping[str, Any] | None, status: Mapping[str, Any]) -> It
     )
     conns = CounterMetricFamily(
         "echod_bypass_connections",
-        "Connections to echod's port: bypassed, or left on TCP (another host, another cgroup, "
-        "or a client that sent before its server end was established).",
+        "Connections to echod's listening addresses: bypassed, or left on TCP for good "
+        "(another host, another cgroup, or a server end gone before the client could take it).",
         labels=["path"],
     )
     conns.add_metric(["bypassed"], int(counters.get("bypassed_conns", 0)))
     conns.add_metric(["tcp"], int(counters.get("tcp_conns", 0)))
     yield conns
+    deferred = CounterMetricFamily(
+        "echod_bypass_deferred_connections",
+        "Client ends whose first send went through TCP because the bypass could not take it yet; "
+        "outcome=late: those that took it later, once their echo had come back.",
+        labels=["outcome"],
+    )
+    deferred.add_metric(["all"], int(counters.get("deferred_conns", 0)))
+    deferred.add_metric(["late"], int(counters.get("late_bypassed_conns", 0)))
+    yield deferred
     socks = CounterMetricFamily(
         "echod_bypass_sockets",
         "Socket ends the sock_ops program put in the bypass sockhash, by end.",

@@ -29,6 +29,7 @@ ERROR_CODES = (
     "bad_state",
     "invalid_config",
     "not_supported",
+    "self_check_failed",
     "listen_failed",
     "busy",
     "internal",
@@ -39,7 +40,7 @@ MAX_FRAME = 64 * 1024
 MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 60.0, 1.0
 
 READ_ONLY_METHODS = ("hello", "status", "stats", "watch")
-MUTATING_METHODS = ("start", "stop", "restart", "reload")
+MUTATING_METHODS = ("start", "stop", "restart", "reload", "check")
 METHODS = READ_ONLY_METHODS + MUTATING_METHODS
 
 
@@ -70,6 +71,8 @@ class ControlTarget(Protocol):
     ) -> dict[str, Any]: ...
 
     async def reload(self) -> dict[str, Any]: ...
+
+    async def check(self) -> dict[str, Any]: ...
 
 
 def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:

@@ -20,7 +20,7 @@ from echod.bypass import Bypass, PathReaders
 from echod.config import LIVE_KEYS, Config
 from echod.connection import Connection
 from echod.kernelpath import IDLE_CHECK, MIN_STEP, BacklogGuard, HangupWatcher, Watched
-from echod.lifecycle import Lifecycle
+from echod.lifecycle import Lifecycle, resolve_listen
 from echod.limits import echo_fd_budget
 from echod.logs import RateLimited
 from echod.metrics import process_figures
@@ -84,6 +84,12 @@ class Service(Lifecycle):
 
     def _bypass_attached(self, bypass: Bypass) -> None:
         self.bypass_readers.add(os.dup(bypass.paths_fd))
+        self._mark_listeners()
+
+    def _mark_listeners(self) -> None:
+        """Mark the listeners in every bypass object seen (bypass.mark_listener)."""
+        for sock in self.listeners:
+            self.bypass_readers.mark(sock)
 
     def _maybe_unload(self, force: bool = False) -> None:
         """Unload the BPF object (or drop the maps) when nothing uses it any more."""
@@ -97,6 +103,7 @@ class Service(Lifecycle):
         for host in self.config.hosts:
             sock = bind_listener(host, self.config.port, reuse_port=self.reuse_port)
             try:
+                self.bypass_readers.mark(sock)  # before listen: every connection carries it
                 sock.listen(4096)
                 sock.setblocking(False)
             except OSError:
@@ -121,7 +128,7 @@ class Service(Lifecycle):
 
     async def _stop(self, grace: float) -> None:
         self.state = "stopping"
-        log.info("service.stopping", connections=len(self.conns), grace_s=grace)
+        self.log.info("service.stopping", connections=len(self.conns), grace_s=grace)
         self._close_listeners()
         conns = list(self.conns)
         for conn in conns:
@@ -141,7 +148,7 @@ class Service(Lifecycle):
         self._stop_bypass()
         self.bypass_readers.close()
         self.state = "stopped"
-        log.info("service.stopped")
+        self.log.info("service.stopped")
 
     async def apply_live(self, config: Config) -> None:
         """Take the settings that can change while serving."""
@@ -267,7 +274,9 @@ class Service(Lifecycle):
             self.per_ip[conn.peer] -= 1
             if self.per_ip[conn.peer] <= 0:
                 del self.per_ip[conn.peer]
-            if self.mode != "kernel" and self.state == "serving":
+            # Not while a start or restart holds the lock: it may have loaded the object for
+            # the path it is checking or entering.
+            if self.mode != "kernel" and self.state == "serving" and not self._lock.locked():
                 self._maybe_unload()
 
     def close(self) -> None:
@@ -410,10 +419,8 @@ def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
 
     OSError names the address (and the capability a low port needs).
     """
-    family, stype, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, stype, proto)
+    family, addr = resolve_listen(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

@@ -59,6 +59,7 @@ class WorkerService(Service):
         self.drop_offer()
         if bypass and fds:
             self.bypass_readers.add(fds.pop())
+            self._mark_listeners()
         if len(fds) == 3:  # sockhash, activity set, counters (SocketMaps.fds)
             self.offered = SocketMaps(*fds, owned=True)
         else:

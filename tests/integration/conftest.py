@@ -20,7 +20,7 @@ from echoctl.spawn import Daemon, SpawnError
 BIN = Path(sys.executable).parent
 HOSTS = ("127.0.0.1", "::1")
 START_TIMEOUT = 15.0
-OUR_PROGRAMS = ("echo_verdict", "bypass_sockops", "bypass_msg")
+OUR_PROGRAMS = ("echo_verdict", "bypass_sockops", "bypass_msg", "bypass_ingress")
 STOP_TIMEOUT = 20.0
 
 
@@ -108,8 +108,10 @@ def spawn(
     wait: bool = True,
     prefix: list[str] | None = None,
     env: dict[str, str] | None = None,
+    hosts: tuple[str, ...] = HOSTS,
+    port: int | None = None,
 ) -> Echod:
-    """Start echod on both loopbacks; with wait, until its control socket says it serves."""
+    """Start echod (on both loopbacks unless `hosts`); with wait, until it serves."""
     argv = ["--log-format", "json", "--log-level", "debug", *(args or [])]
     if "--workers" not in argv:
         # One process unless a test asks for workers (test_workers.py): these tests freeze,
@@ -117,7 +119,7 @@ def spawn(
         argv += ["--workers", "1"]
     # The tests choose every setting: none comes from the caller's environment.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}, **(env or {})}
-    started = spawn_module.start(tmp, mode, HOSTS, argv, prefix or (), env)
+    started = spawn_module.start(tmp, mode, hosts, argv, prefix or (), env, port)
     d = Echod(**vars(started))
     if wait:
         try:
@@ -168,5 +170,28 @@ def daemon(
         require_bpf()
     d = spawn(tmp_path_factory.mktemp("echod"), request.param)
     assert d.status()["mode"] == request.param
+    yield d
+    assert_clean_exit(d)
+
+
+# (mode, bypass): the four paths `echoctl compare --bypass` measures.
+PATHS = [("user", False), ("user", True), ("kernel", False), ("kernel", True)]
+
+
+def path_id(p: tuple[str, bool]) -> str:
+    return p[0] + ("+bypass" if p[1] else "")
+
+
+@pytest.fixture(scope="module", params=PATHS, ids=path_id)
+def on_path(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Echod]:
+    """One daemon per path, shared by the module's tests of that path."""
+    require_bpf()
+    mode, bypass = request.param
+    d = spawn(tmp_path_factory.mktemp("echod"), mode, ["--bypass"] if bypass else [])
+    st = d.status()
+    assert st["mode"] == mode
+    assert st["bypass"]["enabled"] is bypass
     yield d
     assert_clean_exit(d)

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from echod.bypass import cgroup2_root, decode_key
 from tests.integration.conftest import (
     Echod,
     Factory,
-    assert_clean_exit,
     assert_unloaded,
     free_port,
     require_bpf,
@@ -36,13 +34,7 @@ from tests.integration.netns_util import veth_namespace
 
 pytestmark = pytest.mark.bpf
 
-# (mode, bypass): the four paths `echoctl compare --bypass` measures.
-PATHS = [("user", False), ("user", True), ("kernel", False), ("kernel", True)]
 SIZES = [1, 100, 4096, 65536, 1 << 20]
-
-
-def path_id(p: tuple[str, bool]) -> str:
-    return p[0] + ("+bypass" if p[1] else "")
 
 
 def bypass_counters(d: Echod) -> dict[str, int]:
@@ -82,21 +74,6 @@ def our_cgroup_programs() -> list[dict[str, Any]]:
     return found
 
 
-@pytest.fixture(scope="module", params=PATHS, ids=path_id)
-def on_path(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Echod]:
-    """One daemon per path, shared by the module's tests of that path."""
-    require_bpf()
-    mode, bypass = request.param
-    d = spawn(tmp_path_factory.mktemp("echod"), mode, ["--bypass"] if bypass else [])
-    st = d.status()
-    assert st["mode"] == mode
-    assert st["bypass"]["enabled"] is bypass
-    yield d
-    assert_clean_exit(d)
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_every_size_is_echoed_exactly(on_path: Echod, host: str) -> None:
     bypass = on_path.status()["bypass"]["enabled"]
@@ -131,7 +108,8 @@ def test_status_names_the_path_and_the_attach_point(on_path: Echod) -> None:
     assert bypass["cgroup"] == cgroup2_root()
     assert "sock_ops" in bypass["attach"]
     assert "sk_msg" in bypass["attach"]
-    assert len(bypass["link_ids"]) == 2
+    assert "cgroup_skb" in bypass["attach"]
+    assert len(bypass["link_ids"]) == 3
     assert {p["id"] for p in our_cgroup_programs()} & set(bypass["prog_ids"])
     if st["mode"] == "kernel":
         assert st["bpf"]["attach"] == "bpf_link"  # the verdict's sockmap link (Linux 6.10+)
@@ -193,6 +171,7 @@ def test_the_watched_port_follows_start(echod_factory: Factory) -> None:
     assert st["bypass"]["port"] == port
     before = bypass_counters(d)
     with connect("127.0.0.1", port) as sock:
+        roundtrip(sock, os.urandom(3000))  # through TCP: the short circuit waits for its echo
         roundtrip(sock, os.urandom(3000))
     after = bypass_counters(d)
     assert after["bypassed_conns"] - before["bypassed_conns"] == 1
@@ -254,6 +233,8 @@ def test_a_client_that_never_reads(echod_factory: Factory) -> None:
         d = echod_factory(mode=mode, args=["--bypass"])
         rss_before = d.stats()["process"]["rss_bytes"]
         with connect("127.0.0.1", d.port) as other, connect("127.0.0.1", d.port) as hog:
+            # One round trip first: a client takes the short circuit once its echo is back.
+            roundtrip(hog, os.urandom(100))
             sent, outcome = send_without_reading(hog, limit, seconds=5.0)
             for _ in range(20):
                 roundtrip(other, os.urandom(1000))
@@ -303,17 +284,23 @@ def test_workers_share_the_bypass(echod_factory: Factory) -> None:
     before = bypass_counters(d)
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(connect("127.0.0.1", d.port)) for _ in range(8)]
-        for sock in socks:
+        for sock in socks:  # the first echo through TCP, then the short circuit
             roundtrip(sock, os.urandom(20000))
+            roundtrip(sock, os.urandom(20000))
+        middle = bypass_counters(d)
+        assert middle["bypassed_conns"] - before["bypassed_conns"] == 8
         d.call("restart", {"mode": "user"})
+        # The restart's self-check brings connections of its own: count from after it.
+        switched = bypass_counters(d)
         for sock in socks:  # the short circuit keeps its path in user mode
             roundtrip(sock, os.urandom(20000))
+        after_old = bypass_counters(d)
+        assert after_old["short_msgs"] > switched["short_msgs"]
         with connect("127.0.0.1", d.port) as new:  # a new one takes the ingress path
             roundtrip(new, os.urandom(20000))
     after = bypass_counters(d)
-    assert after["bypassed_conns"] - before["bypassed_conns"] == 9
-    assert after["short_msgs"] > before["short_msgs"]
-    assert after["ingress_msgs"] > before["ingress_msgs"]
+    assert after["bypassed_conns"] - after_old["bypassed_conns"] == 1
+    assert after["ingress_msgs"] > after_old["ingress_msgs"]
     assert d.status()["bypass"]["path"] == "ingress"
 
 

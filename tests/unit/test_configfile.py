@@ -26,7 +26,11 @@ from echod.validators import PID_MAX_LIMIT, SUN_PATH_MAX, control_temp_path, par
 REPO = Path(__file__).resolve().parents[2]
 
 # Every Config field an operator can set; the shipped file documents each one.
-FIELDS = {f.name for f in dataclasses.fields(Config)} - {"bpf_object", "config_file"}
+FIELDS = {f.name for f in dataclasses.fields(Config)} - {
+    "bpf_object",
+    "bypass_object",
+    "config_file",
+}
 
 
 @pytest.fixture(autouse=True)

@@ -188,10 +188,24 @@ def test_bypass_constants_mirror_their_header() -> None:
     assert bypass.ROLES == {
         defines["BYPASS_ROLE_SERVER"]: "server",
         defines["BYPASS_ROLE_CLIENT"]: "client",
+        defines["BYPASS_ROLE_LISTENER"]: "listener",
     }
+    assert bypass.ROLE_LISTENER == defines["BYPASS_ROLE_LISTENER"]
     key = re.search(r"struct bypass_key \{(.*?)\};", header, re.S)
     assert key is not None
     assert bypass._KEY.size == 8 + 16 + 16 + 4 + 4  # netns, two addresses, two ports
+    sock = re.search(r"struct bypass_sock \{(.*?)\};", header, re.S)
+    assert sock is not None
+    assert re.findall(r"(__u\d+) (\w+);", sock.group(1)) == [
+        ("__u32", "role"),
+        ("__u32", "path"),
+        ("__u64", "sent"),
+        ("__u64", "echoed"),
+    ]
+    assert bypass._SOCK.size == 24
+    listener = re.search(r"struct bypass_listener \{(.*?)\};", header, re.S)
+    assert listener is not None
+    assert bypass._LISTENER.size == 8 + 16 + 4 + 4  # netns, address, port, pad
 
 
 def test_bypass_object_ships() -> None:

@@ -96,12 +96,14 @@ def test_families_and_types() -> None:
         "echod_bypass_redirected_bytes": "counter",
         "echod_bypass_redirect_failures": "counter",
         "echod_bypass_connections": "counter",
+        "echod_bypass_deferred_connections": "counter",
         "echod_bypass_sockets": "counter",
         "echod_bypass_insert_failures": "counter",
         "echod_bpf_program_run_count": "counter",
         "echod_bpf_program_run_time_seconds": "counter",
         "echod_workers": "gauge",
         "echod_worker_restarts": "counter",
+        "echod_self_check_passed": "gauge",
     }
     assert all(name.startswith("echod_") for name in types)
 
