@@ -18,6 +18,7 @@ read yet.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -185,14 +186,19 @@ def decode_key(raw: bytes) -> dict[str, Any]:
 class PathReaders:
     """Reads sockets' bypass paths from their storage (bypass_paths, keyed by socket fd).
 
-    One reader per bypass object this service has seen: after the bypass is turned off, or
-    off and on again, connections of the earlier object may still be waiting to be accepted,
-    and their path is in that object's storage. The fds are closed at stop. The same fds mark
+    One reader per bypass object this service has seen lately: after the bypass is turned
+    off, or off and on again, connections of the earlier object may still be waiting to be
+    accepted, and their path is in that object's storage. An object that is no longer the
+    attached one is let go RETIRE_AFTER seconds later, when its connections have long been
+    accepted (its maps are freed with its last socket); the rest at stop. The newest fd marks
     the service's listeners (mark_listener).
     """
 
+    RETIRE_AFTER = 5.0
+
     def __init__(self) -> None:
-        self._fds: dict[int, int] = {}  # map id -> fd (owned)
+        self._fds: dict[int, int] = {}  # map id -> fd (owned), oldest first
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # map id -> its release
 
     def add(self, fd: int) -> None:
         """Take ownership of a bypass_paths fd (closed at once if that map is known already)."""
@@ -203,8 +209,27 @@ class PathReaders:
             raise
         if map_id in self._fds:
             os.close(fd)
+            timer = self._timers.pop(map_id, None)
+            if timer is not None:  # attached again before it was let go
+                timer.cancel()
         else:
             self._fds[map_id] = fd
+
+    def retire(self, loop: asyncio.AbstractEventLoop, keep_newest: bool) -> None:
+        """Let go of every object but the newest (or all), RETIRE_AFTER seconds from now."""
+        ids = list(self._fds)
+        for map_id in ids[:-1] if keep_newest else ids:
+            if map_id not in self._timers:
+                self._timers[map_id] = loop.call_later(self.RETIRE_AFTER, self._release, map_id)
+
+    def _release(self, map_id: int) -> None:
+        self._timers.pop(map_id, None)
+        fd = self._fds.pop(map_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self._fds)
 
     def mark(self, sock: socket.socket) -> None:
         """Mark a listener of the service in the newest bypass object (see mark_listener).
@@ -247,6 +272,9 @@ class PathReaders:
 
     def close(self) -> None:
         """Close every fd; idempotent."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
             os.close(fd)

@@ -24,6 +24,11 @@ RECV_SIZE = 256 * 1024
 DRAIN_POLL = 0.002
 DRAIN_POLL_MAX = 0.1
 DRAIN_TIMEOUT = 10.0
+# A connection on the bypass's ingress path has its echo put straight into the client's socket,
+# which no TCP window bounds: every INGRESS_CHECK_EVERY bytes echoed, the client's receive queue
+# is looked at (sockdiag), and past INGRESS_LIMIT the connection is reset.
+INGRESS_CHECK_EVERY = 2 * 1024 * 1024
+INGRESS_LIMIT = 8 * 1024 * 1024
 # struct tcp_info (uapi/linux/tcp.h): tcpi_state at 0, tcpi_bytes_acked at 120,
 # tcpi_bytes_received at 128.
 _TCP_INFO_LEN = 136
@@ -48,6 +53,9 @@ class Host(Protocol):
 
     def count_user(self, nbytes: int) -> None:
         """Account bytes echoed in user space."""
+
+    def check_ingress(self, conn: Connection) -> None:
+        """conn (on the bypass's ingress path) echoed INGRESS_CHECK_EVERY more bytes."""
 
     def map_in(self, conn: Connection, cookie: int) -> None:
         """conn's socket (with this cookie) has just entered the sockhash."""
@@ -76,6 +84,7 @@ class Connection:
         "fd",
         "host",
         "in_map",
+        "ingress",
         "migrating",
         "out",
         "peer",
@@ -91,6 +100,9 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.in_map = False
+        # On the bypass's ingress path: bytes echoed since its client was last looked at,
+        # or -1 for any other connection.
+        self.ingress = -1
         self.cookie = 0  # the socket's cookie, once it is in the sockhash
         self.transport: asyncio.Transport | None = None
         self.protocol: UserEcho | None = None
@@ -290,6 +302,11 @@ class UserEcho(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
         self.host.count_user(len(data))
+        conn = self.conn
+        if conn.ingress >= 0:
+            conn.ingress += len(data)
+            if conn.ingress >= INGRESS_CHECK_EVERY:
+                self.host.check_ingress(conn)
 
     def update_reading(self) -> None:
         """Read only while neither flow control nor a migration holds reading off."""

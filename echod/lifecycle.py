@@ -88,6 +88,10 @@ class Lifecycle:
         elif not want and self.bypass is not None:
             self.bypass.close()
             self.bypass = None
+            self._bypass_detached()
+
+    def _bypass_detached(self) -> None:
+        """The bypass object was detached (the in-process service lets go of its paths)."""
 
     def _bypass_attached(self, bypass: Bypass) -> None:
         """A bypass object was just attached (the in-process service reads its paths)."""

@@ -18,7 +18,7 @@ import structlog
 from echod.aggregate import Rates, worker_entry
 from echod.bypass import Bypass, PathReaders
 from echod.config import LIVE_KEYS, Config
-from echod.connection import Connection
+from echod.connection import INGRESS_LIMIT, Connection
 from echod.kernelpath import IDLE_CHECK, MIN_STEP, BacklogGuard, HangupWatcher, Watched
 from echod.lifecycle import Lifecycle, resolve_listen
 from echod.limits import echo_fd_budget
@@ -26,6 +26,7 @@ from echod.logs import RateLimited
 from echod.metrics import process_figures
 from echod.migrate import migrate_to_kernel
 from echod.protocol import RequestError
+from echod.sockdiag import SockDiag
 from echod.sockmap import KernelEcho, SocketMaps
 
 log = structlog.get_logger("echod.service")
@@ -58,6 +59,7 @@ class Service(Lifecycle):
         self.rates: dict[str, float] = {}
         self._rates = Rates()
         self.bypass_readers = PathReaders()  # which connections the bypass keeps in user space
+        self._diag: SockDiag | None = None  # looks at ingress-path clients' queues
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -84,7 +86,11 @@ class Service(Lifecycle):
 
     def _bypass_attached(self, bypass: Bypass) -> None:
         self.bypass_readers.add(os.dup(bypass.paths_fd))
+        self.bypass_readers.retire(self.loop, keep_newest=True)
         self._mark_listeners()
+
+    def _bypass_detached(self) -> None:
+        self.bypass_readers.retire(self.loop, keep_newest=False)
 
     def _mark_listeners(self) -> None:
         """Mark the listeners in every bypass object seen (bypass.mark_listener)."""
@@ -216,7 +222,10 @@ class Service(Lifecycle):
         self.conns.add(conn)
         self.per_ip[peer] += 1
         self.counts["accepted"] += 1
-        if self.mode == "kernel" and self.bypass_readers.user_only(sock):
+        ingress = self.bypass_readers.user_only(sock)
+        if ingress:
+            conn.ingress = 0  # its echo goes straight into the client: bounded by check_ingress
+        if self.mode == "kernel" and ingress:
             self.counts["bypass_user"] += 1  # its bytes come by redirect: user space reads them
         elif self.mode == "kernel" and self.maps is not None:
             try:
@@ -282,6 +291,9 @@ class Service(Lifecycle):
     def close(self) -> None:
         """Release what the service holds for its whole life (call once stopped)."""
         self.hangups.close()
+        if self._diag is not None:
+            self._diag.close()
+            self._diag = None
         self.bypass_readers.close()
         self._set_bypass(False)
 
@@ -318,6 +330,28 @@ class Service(Lifecycle):
         self.counts["aborted_backlog"] += 1
         self._log_limited("conn.backlog_exceeded", peer=conn.peer, pending=pending, limit=limit)
         conn.abort(reason="backlog")
+
+    def check_ingress(self, conn: Connection) -> None:
+        """Reset an ingress-path connection whose client holds more than INGRESS_LIMIT of echo.
+
+        The redirect puts the echo in the client's receive queue beyond any TCP window, so a
+        client that never reads would otherwise take the host's TCP memory for itself.
+        """
+        conn.ingress = 0
+        try:
+            if self._diag is None:
+                self._diag = SockDiag()
+            peer, local = conn.sock.getpeername()[:2], conn.sock.getsockname()[:2]
+            held = self._diag.rmem(peer, local)
+        except OSError as exc:
+            self._log_limited("conn.ingress_check_failed", rate=(1, 10.0), error=str(exc))
+            return
+        if held is not None and held > INGRESS_LIMIT:
+            self.counts["aborted_backlog"] += 1
+            self._log_limited(
+                "conn.backlog_exceeded", peer=conn.peer, pending=held, limit="ingress"
+            )
+            conn.abort(reason="backlog")
 
     def count_user(self, nbytes: int) -> None:
         """Account bytes echoed in user space."""

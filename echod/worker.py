@@ -59,7 +59,10 @@ class WorkerService(Service):
         self.drop_offer()
         if bypass and fds:
             self.bypass_readers.add(fds.pop())
+            self.bypass_readers.retire(self.loop, keep_newest=True)
             self._mark_listeners()
+        elif not bypass:
+            self.bypass_readers.retire(self.loop, keep_newest=False)
         if len(fds) == 3:  # sockhash, activity set, counters (SocketMaps.fds)
             self.offered = SocketMaps(*fds, owned=True)
         else:

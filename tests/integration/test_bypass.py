@@ -226,12 +226,13 @@ def test_a_client_from_another_host_is_served_through_tcp(echod_factory: Factory
 
 def test_a_client_that_never_reads(echod_factory: Factory) -> None:
     """The short circuit pushes back as TCP does: the server socket's send buffer fills, and
-    the client's sends stop. On the ingress path the kernel queues the echo in the client's
-    socket beyond TCP's window (architecture.md): the daemon's own memory stays bounded and it
-    serves others meanwhile."""
-    for mode, limit in (("kernel", 256 << 20), ("user", 64 << 20)):
+    the client's sends stop. On the ingress path the kernel would queue the echo in the
+    client's socket beyond TCP's window: echod looks at that queue and resets the client past
+    8 MiB (architecture.md). Either way the daemon serves others meanwhile."""
+    for mode, limit in (("kernel", 256 << 20), ("user", 256 << 20)):
         d = echod_factory(mode=mode, args=["--bypass"])
         rss_before = d.stats()["process"]["rss_bytes"]
+        aborted = d.stats()["connections"]["aborted_backlog"]
         with connect("127.0.0.1", d.port) as other, connect("127.0.0.1", d.port) as hog:
             # One round trip first: a client takes the short circuit once its echo is back.
             roundtrip(hog, os.urandom(100))
@@ -243,9 +244,11 @@ def test_a_client_that_never_reads(echod_factory: Factory) -> None:
         if mode == "kernel":
             assert outcome == "deadline", (sent, outcome)
             assert sent < 64 << 20
+            assert stats["connections"]["aborted_backlog"] == aborted
         else:
-            assert outcome == "limit", (sent, outcome)  # the unbounded queue, documented
-        assert stats["connections"]["aborted_backlog"] == 0
+            assert outcome == "reset", (sent, outcome)
+            assert sent < 32 << 20, sent  # 8 MiB queued, and what was in flight
+            assert stats["connections"]["aborted_backlog"] == aborted + 1
 
 
 # ---------------------------------------------------------------------------------------------

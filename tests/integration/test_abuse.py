@@ -1,0 +1,124 @@
+"""What an unprivileged local user can do to the daemon, and the bound each attack now meets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.conftest import Factory
+from tests.integration.echo_util import connect, roundtrip
+
+pytestmark = pytest.mark.bpf
+
+NOBODY = 65534
+# The system's interpreter: the venv's may link into /root, which uid 65534 cannot enter.
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def as_nobody(script: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet as uid/gid 65534 (no capabilities); it prints one JSON line."""
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    return subprocess.run(
+        [PYTHON, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=drop,  # noqa: PLW1509 (the tests are single-threaded here)
+        cwd="/",
+    )
+
+
+def tcp_mem_pages() -> int:
+    """The host's TCP memory in pages (/proc/net/sockstat, TCP mem)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1])
+    raise AssertionError("no TCP line in /proc/net/sockstat")
+
+
+# Sends as fast as it can on one connection and never reads, for up to 5 s or 1 GiB; reports
+# how much it sent, how it ended, and the host's TCP memory at its peak.
+NEVER_READS = r"""
+import json, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"x" * 100); got = b""
+while len(got) < 100: got += s.recv(100)
+s.setblocking(False)
+chunk = b"y" * 65536; sent = 0; outcome = "deadline"; peak = 0
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline and sent < 1 << 30:
+    try:
+        sent += s.send(chunk)
+    except BlockingIOError:
+        time.sleep(0.001)
+    except OSError:
+        outcome = "reset"; break
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split(); peak = max(peak, int(fields[fields.index("mem") + 1]))
+print(json.dumps({"sent": sent, "outcome": outcome, "peak_pages": peak}))
+"""
+
+
+def test_an_unprivileged_client_cannot_take_the_hosts_tcp_memory(echod_factory: Factory) -> None:
+    """user + bypass: the echo redirected into a never-reading client is bounded (8 MiB)."""
+    d = echod_factory(mode="user", args=["--bypass"])
+    before = tcp_mem_pages()
+    done = as_nobody(NEVER_READS, str(d.port))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["outcome"] == "reset", result
+    assert result["sent"] < 32 << 20, result
+    # 8 MiB of echo plus what was in flight: well under 16k pages (64 MiB) above the start.
+    assert result["peak_pages"] - before < 16384, (before, result)
+    assert d.stats()["connections"]["aborted_backlog"] >= 1
+    with connect("127.0.0.1", d.port) as sock:  # the others are served on
+        for _ in range(5):
+            roundtrip(sock, os.urandom(100_000))
+
+
+def _our_bypass_maps() -> int:
+    out = subprocess.run(
+        ["bpftool", "-j", "map", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(1 for m in json.loads(out or "[]") if m.get("name") == "bypass_paths")
+
+
+def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory) -> None:
+    """Each bypass object is let go once no connection can still need it (RETIRE_AFTER)."""
+    import psutil
+
+    from echod.bypass import PathReaders
+    from tests.integration.echo_util import wait_for
+
+    maps_before = _our_bypass_maps()
+    d = echod_factory(mode="user", args=["--workers", "2"])
+    workers = [psutil.Process(w["pid"]) for w in d.status()["workers"]]
+    fds_before = [w.num_fds() for w in workers]
+    for _ in range(10):
+        d.call("restart", {"bypass": True}, timeout=60)
+        d.call("restart", {"bypass": False}, timeout=60)
+    d.call("restart", {"bypass": True}, timeout=60)
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, os.urandom(1000))
+
+    def settled() -> bool:
+        fds = [w.num_fds() for w in workers]
+        # One object attached now: its storage fd in each worker, and its maps on the host.
+        return all(f <= b + 1 for f, b in zip(fds, fds_before, strict=True)) and (
+            _our_bypass_maps() <= maps_before + 1
+        )
+
+    wait_for(settled, timeout=PathReaders.RETIRE_AFTER + 10, what="old bypass objects to go")
