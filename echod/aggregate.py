@@ -65,6 +65,8 @@ def sum_process(figures: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         for key in _PROCESS_SUMS:
             out[key] += fig.get(key, 0)
     out["cpu_percent"] = round(out["cpu_percent"], 1)
+    out["cpu_user_s"] = round(out["cpu_user_s"], 6)
+    out["cpu_system_s"] = round(out["cpu_system_s"], 6)
     out["processes"] = count
     return out
 
@@ -92,6 +94,7 @@ def merge_stats(
         "bypass": own["bypass"],
         "rates": own["rates"],
         "process": own["process"],
+        "processes": own["processes"],
         "bpf_programs": own["bpf_programs"],
         "workers": own["workers"],
     }

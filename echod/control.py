@@ -55,8 +55,10 @@ IDLE_TIMEOUT = 5.0
 # A peer that stops reading its replies is dropped (its transport aborted) once one write has
 # waited this long for the kernel to take it.
 WRITE_TIMEOUT = 30.0
-# Per-uid log events (control.denied, control.busy): this many per period, then a count.
+# Per-uid log events (control.denied, control.busy, control.dropped): this many per period,
+# then a count.
 LOG_BURST, LOG_PERIOD = 5, 5.0
+_INFO_EVENTS = frozenset({"control.dropped"})
 
 
 LINGER_TIMEOUT = 1.0
@@ -205,7 +207,7 @@ class ControlServer:
             log.debug("control.connected", uid=conn.peer.uid, pid=conn.peer.pid)
             await self._serve(conn)
         except TimeoutError:
-            log.info("control.dropped", reason="not reading", uid=conn.peer.uid, pid=conn.peer.pid)
+            self._log_limited("control.dropped", conn, reason="not reading")
         except ConnectionError as exc:
             log.debug("control.client_lost", uid=conn.peer.uid, pid=conn.peer.pid, error=str(exc))
         except asyncio.CancelledError:
@@ -290,7 +292,7 @@ class ControlServer:
 
     async def _fatal(self, conn: _Conn, code: str, message: str) -> None:
         conn.bad_requests += 1
-        log.info("control.dropped", code=code, uid=conn.peer.uid, pid=conn.peer.pid)
+        self._log_limited("control.dropped", conn, code=code)
         await conn.send(encode_response(None, error_body(code, message), None))
         # Closing with unread input makes the kernel reset the peer, which can then lose the
         # error reply: half-close, and discard what is still arriving for a bounded while.
@@ -303,18 +305,23 @@ class ControlServer:
                     discarded += len(data)
 
     def _log_limited(self, event: str, conn: _Conn, **fields: Any) -> None:
-        """A warning, at most LOG_BURST per LOG_PERIOD per event and uid; the rest are counted."""
+        """A log line, at most LOG_BURST per LOG_PERIOD per event and uid; the rest are counted.
+
+        control.dropped is info (a client's own fault), the others warnings.
+        """
         ok, suppressed = self._limiter.allow(event, key=conn.peer.uid)
         if ok:
             extra = {"suppressed": suppressed} if suppressed else {}
-            log.warning(event, uid=conn.peer.uid, pid=conn.peer.pid, **fields, **extra)
+            emit = log.info if event in _INFO_EVENTS else log.warning
+            emit(event, uid=conn.peer.uid, pid=conn.peer.pid, **fields, **extra)
 
     async def _report_suppressed(self) -> None:
         """Write out what the limiter suppressed once each window is over."""
         while True:
             await asyncio.sleep(HOUSEKEEPING)
             for event, uid, count in self._limiter.expired():
-                log.warning(event, uid=uid, suppressed=count)
+                emit = log.info if event in _INFO_EVENTS else log.warning
+                emit(event, uid=uid, suppressed=count)
 
     async def _handle(self, conn: _Conn, frame: Any, size: int) -> None:
         # Read first, so that every refusal of a frame that starts like a request carries it.
@@ -327,7 +334,7 @@ class ControlServer:
                 raise RequestError("unknown_method", f"unknown method {method!r}")
             if method in MUTATING_METHODS and not conn.admin:
                 self._log_limited("control.denied", conn, method=method)
-                raise RequestError("permission_denied", f"{method} needs an admin (uid 0 or group)")
+                raise RequestError("permission_denied", f"{method} needs {self._admins()}")
             kwargs = validate_params(method, params)
             result = await self._handlers[method](conn, kwargs)
         except RequestError as exc:
@@ -345,6 +352,13 @@ class ControlServer:
             # Started only once the acknowledgement is written, so it precedes the first
             # notification on the wire.
             conn.watch = asyncio.create_task(self._watch_loop(conn, kwargs["interval"]))
+
+    def _admins(self) -> str:
+        """Who may call a mutating method, as a refusal names them."""
+        who = ["root"] if self._own_uid == 0 else ["root", f"uid {self._own_uid}"]
+        if self.admin_group is not None:
+            who.append(f"a member of group {self.admin_group!r}")
+        return "an admin: " + ", ".join(who[:-1]) + (" or " if len(who) > 1 else "") + who[-1]
 
     async def _hello(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -404,7 +418,7 @@ class ControlServer:
                 await asyncio.sleep(deadline - now)
         except TimeoutError:
             # The peer stopped reading: drop it, so its handler sees the end of the stream.
-            log.info("control.dropped", reason="not reading", uid=conn.peer.uid, pid=conn.peer.pid)
+            self._log_limited("control.dropped", conn, reason="not reading")
             conn.abort()
         except ConnectionError:
             conn.abort()

@@ -19,11 +19,11 @@ from echod.aggregate import Rates, worker_entry
 from echod.bypass import Bypass, PathReaders
 from echod.config import LIVE_KEYS, Config
 from echod.connection import INGRESS_LIMIT, Connection
+from echod.figures import METER, process_figures
 from echod.kernelpath import IDLE_CHECK, MIN_STEP, BacklogGuard, HangupWatcher, Watched
 from echod.lifecycle import Lifecycle, resolve_listen
 from echod.limits import echo_fd_budget
 from echod.logs import RateLimited
-from echod.metrics import process_figures
 from echod.migrate import migrate_to_kernel
 from echod.protocol import RequestError
 from echod.sockdiag import SockDiag
@@ -416,6 +416,7 @@ class Service(Lifecycle):
     def sample_rates(self) -> None:
         """Take a sample; rates are per second over the interval since the previous one."""
         self.rates = self._rates.sample(self.counters())
+        METER.tick()
 
     def stats(self) -> dict[str, Any]:
         """Counters, rates, kernel counters and per-program BPF figures."""
@@ -425,7 +426,8 @@ class Service(Lifecycle):
             # The daemon's own count: walking the sockhash costs ~50 ms at 19k sockets.
             "kernel_sockets": self.in_map if self.maps is not None else 0,
             "rates": dict(self.rates),
-            "process": process_figures(),
+            "process": (own := process_figures()),
+            "processes": [{"worker": "0", **own}],
             "workers": {"count": 1, "restarts": 0},
         }
 

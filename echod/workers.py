@@ -31,8 +31,8 @@ import structlog
 from echod.aggregate import Rates, merge_stats, merge_status, retire, sum_process
 from echod.channel import Channel, ChannelClosed
 from echod.config import LIVE_KEYS, Config
+from echod.figures import METER, process_figures
 from echod.lifecycle import Lifecycle
-from echod.metrics import process_figures
 from echod.protocol import RequestError
 from echod.service import bind_listener
 from echod.sockmap import KernelEcho
@@ -303,11 +303,16 @@ class WorkerPool(Lifecycle):
 
     async def report_stats(self) -> dict[str, Any]:
         """stats: the workers' counters added up, the kernel's counted once."""
-        answers = [st for _, st in await self._ask("stats") if st is not None]
+        asked = await self._ask("stats")
+        answers = [st for _, st in asked if st is not None]
+        processes = [{"worker": "supervisor", **process_figures()}] + [
+            {"worker": str(index), **st["process"]} for index, st in asked if st is not None
+        ]
         own = {
             **self.bpf_figures(),
             "rates": dict(self.rates),
-            "process": sum_process([process_figures(), *(st["process"] for st in answers)]),
+            "process": sum_process(processes),
+            "processes": processes,
             "workers": {"count": len(self.workers), "restarts": self.restarts},
         }
         return merge_stats(answers, self._retired, own)
@@ -333,6 +338,7 @@ class WorkerPool(Lifecycle):
                 total[key] = total.get(key, 0) + value
         total.update(self.bpf_counters())
         self.rates = self._rates.sample(total)
+        METER.tick()
         if self.state == "serving" and generation == self._generation and not self._lock.locked():
             self._maybe_unload()
 

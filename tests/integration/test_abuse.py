@@ -89,6 +89,19 @@ def test_an_unprivileged_client_cannot_take_the_hosts_tcp_memory(echod_factory: 
             roundtrip(sock, os.urandom(100_000))
 
 
+def _bpf_fds(pid: int) -> int:
+    """How many BPF map, program and link fds a process holds."""
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except FileNotFoundError:
+            continue
+        count += target.startswith(("anon_inode:bpf", "anon_inode:btf"))
+    return count
+
+
 def _our_bypass_maps() -> int:
     out = subprocess.run(
         ["bpftool", "-j", "map", "show"], capture_output=True, text=True, check=True
@@ -106,7 +119,7 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
     maps_before = _our_bypass_maps()
     d = echod_factory(mode="user", args=["--workers", "2"])
     workers = [psutil.Process(w["pid"]) for w in d.status()["workers"]]
-    fds_before = [w.num_fds() for w in workers]
+    fds_before = [_bpf_fds(w.pid) for w in workers]
     for _ in range(10):
         d.call("restart", {"bypass": True}, timeout=60)
         d.call("restart", {"bypass": False}, timeout=60)
@@ -114,11 +127,18 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
     with connect("127.0.0.1", d.port) as sock:
         roundtrip(sock, os.urandom(1000))
 
+    seen: list[object] = []
+
     def settled() -> bool:
-        fds = [w.num_fds() for w in workers]
-        # One object attached now: its storage fd in each worker, and its maps on the host.
+        fds = [_bpf_fds(w.pid) for w in workers]
+        maps = _our_bypass_maps()
+        seen[:] = [fds_before, fds, maps_before, maps]
+        # One object attached now: its path map's fd in each worker, its maps on the host.
         return all(f <= b + 1 for f, b in zip(fds, fds_before, strict=True)) and (
-            _our_bypass_maps() <= maps_before + 1
+            maps <= maps_before + 1
         )
 
-    wait_for(settled, timeout=PathReaders.RETIRE_AFTER + 10, what="old bypass objects to go")
+    try:
+        wait_for(settled, timeout=PathReaders.RETIRE_AFTER + 10, what="old bypass objects to go")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: fds before/after, maps before/after {seen}") from None

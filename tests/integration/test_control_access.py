@@ -63,6 +63,9 @@ def test_unprivileged_client(echod_factory: Factory) -> None:
             r = as_nobody("--control", d.control, *cmd)
             assert r.returncode == 4, r
             assert "permission_denied" in r.stderr
+            # No admin group is configured: the refusal names only who may.
+            assert "needs an admin: root" in r.stderr, r
+            assert "group" not in r.stderr, r
         r = as_nobody("--control", d.control, "--json", "stop")
         assert r.returncode == 4
         assert '"code": "permission_denied"' in r.stdout
@@ -154,6 +157,7 @@ def test_admin_group_from_the_socket_with_proc_hidden(
             r = stop_as_nobody(*groups)
             assert r.returncode == 4, r
             assert "permission_denied" in r.stderr
+            assert "a member of group 'adm'" in r.stderr, r
         r = stop_as_nobody(gid + 1000, gid)
         assert r.returncode == 0, r
     assert d.status()["state"] == "stopped"

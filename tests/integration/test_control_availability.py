@@ -194,6 +194,59 @@ def test_refusals_do_not_flood_the_log(echod_factory: Factory) -> None:
     still_serving(d)
 
 
+GARBAGE_FLOOD = """
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+done = 0
+deadline = time.monotonic() + 30
+while done < n and time.monotonic() < deadline:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(b"\\xc1" * 16)  # never valid MessagePack
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+    s.close()
+    done += 1
+print(done, flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_dropped_garbage_does_not_flood_the_log(echod_factory: Factory) -> None:
+    d = echod_factory(mode="user")
+    clients = 1000
+
+    def logged() -> int:  # what the default level (info) would write
+        return sum(1 for r in log_records(d) if r.get("level") != "debug")
+
+    before = logged()
+    with reachable_by_others(d.control):
+        os.chmod(d.control, 0o666)
+        child = nobody_python(GARBAGE_FLOOD, d.control, str(clients))
+        out, _ = child.communicate(timeout=60)
+    assert int(out) == clients
+
+    def dropped() -> list[dict[str, Any]]:
+        return [r for r in log_records(d) if r.get("event") == "control.dropped"]
+
+    wait_for(
+        lambda: (
+            sum(1 for r in dropped() if "code" in r)
+            + sum(r.get("suppressed", 0) for r in dropped())
+            == clients
+        ),
+        timeout=control.LOG_PERIOD + 10,
+        what="every dropped client logged or counted",
+    )
+    assert all(r["uid"] == NOBODY for r in dropped())
+    assert logged() - before <= 20
+    still_serving(d)
+
+
 @pytest.mark.timeout(120)
 def test_control_answers_at_the_fd_limit(echod_factory: Factory) -> None:
     nofile = 300
