@@ -118,6 +118,7 @@ def worker_entry(index: int, status: Mapping[str, Any]) -> dict[str, Any]:
         "mode": status["mode"],
         "connections": status["connections"],
         "connections_by_path": status["connections_by_path"],
+        **({"stale": True, "silent_s": status["silent_s"]} if status.get("stale") else {}),
     }
 
 

@@ -41,13 +41,17 @@ log = structlog.get_logger("echod.workers")
 
 INIT_TIMEOUT = 30.0  # a new worker's interpreter start and `init`
 CALL_TIMEOUT = 30.0  # start, stop and restart: bounded by the grace and migration deadlines
-QUERY_TIMEOUT = 5.0  # status, stats, sample
-WORKER_HANG = 60.0  # no answer to the tick for this long: killed and started again (an
-# overloaded machine can keep a busy worker from answering for many seconds)
+QUERY_TIMEOUT = 5.0  # apply_live
+# status, stats and the 1 s tick wait this long for each worker; one that has not answered by
+# then is reported from what it said last, marked stale, so one stopped worker cannot stall them.
+ANSWER_WAIT = 0.5
+WORKER_HANG = 15.0  # no answer to the tick for this long: killed and started again (not while
+# it is busy with a start, stop or restart, which have their own deadlines)
 RESPAWN_DELAY = 0.2  # doubled for a worker that dies soon after its start, up to RESPAWN_MAX
 RESPAWN_MAX = 5.0
 SHARE_SLACK = 1.1
 POOL_BELL_GATHER = 0.02  # seconds the supervisor gathers rings before passing them on
+_QUERIES = frozenset({"status", "stats", "sample"})
 _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
@@ -65,6 +69,7 @@ class WorkerProcess:
         self.last_status: dict[str, Any] | None = None
         self.in_map = 0
         self.counters: dict[str, int] = {}
+        self.busy = 0  # start, stop, restart or apply_live requests in flight
 
     @property
     def pid(self) -> int:
@@ -74,7 +79,23 @@ class WorkerProcess:
     async def call(self, method: str, wait_s: float, **params: Any) -> Any:
         """One request to this worker, answered within wait_s seconds."""
         fds = params.pop("fds", ())
-        return await self.channel.call(method, params, fds=fds, wait_s=wait_s)
+        busy = method not in _QUERIES
+        self.busy += busy
+        try:
+            reply = await self.channel.call(method, params, fds=fds, wait_s=wait_s)
+        finally:
+            self.busy -= busy
+        self.last_answer = time.monotonic()
+        return reply
+
+    def stale_status(self, now: float) -> dict[str, Any] | None:
+        """What it said last, marked stale with how long it has been silent.
+
+        None when it said nothing yet, or is gone (its state is then `unresponsive`).
+        """
+        if self.last_status is None or self.channel.closed or self.proc.poll() is not None:
+            return None
+        return {**self.last_status, "stale": True, "silent_s": round(now - self.last_answer, 1)}
 
 
 class WorkerPool(Lifecycle):
@@ -286,7 +307,7 @@ class WorkerPool(Lifecycle):
         if workers is None:
             workers = self._sorted()
         results = await asyncio.gather(
-            *(w.call(method, QUERY_TIMEOUT) for w in workers), return_exceptions=True
+            *(w.call(method, ANSWER_WAIT) for w in workers), return_exceptions=True
         )
         return [
             (w.index, None if isinstance(r, BaseException) else r)
@@ -296,10 +317,16 @@ class WorkerPool(Lifecycle):
     async def report_status(self) -> dict[str, Any]:
         """status: the supervisor's mode and BPF, every worker's connections."""
         answers = await self._ask("status")
+        now = time.monotonic()
+        merged: list[tuple[int, Mapping[str, Any] | None]] = []
         for index, st in answers:
-            if st is not None and index in self.workers:
-                self.workers[index].last_status = st
-        return merge_status(self.base_status(), answers)
+            w = self.workers.get(index)
+            if st is not None and w is not None:
+                w.last_status = st
+            elif w is not None:
+                st = w.stale_status(now)
+            merged.append((index, st))
+        return merge_status(self.base_status(), merged)
 
     async def report_stats(self) -> dict[str, Any]:
         """stats: the workers' counters added up, the kernel's counted once."""
@@ -313,7 +340,12 @@ class WorkerPool(Lifecycle):
             "rates": dict(self.rates),
             "process": sum_process(processes),
             "processes": processes,
-            "workers": {"count": len(self.workers), "restarts": self.restarts},
+            "workers": {
+                "count": len(self.workers),
+                "restarts": self.restarts,
+                # Silent past ANSWER_WAIT: their figures are missing from this answer.
+                "unresponsive": [index for index, st in asked if st is None],
+            },
         }
         return merge_stats(answers, self._retired, own)
 
@@ -327,11 +359,12 @@ class WorkerPool(Lifecycle):
             if self.workers.get(w.index) is not w:
                 continue  # replaced meanwhile
             if reply is None:
-                if now - w.last_answer > WORKER_HANG and w.proc.poll() is None:
+                hung = now - w.last_answer > WORKER_HANG and not w.busy
+                if hung and w.proc.poll() is None:
                     log.error("worker.hung", index=w.index, pid=w.pid, silent_s=WORKER_HANG)
                     w.proc.kill()
                 continue
-            w.last_answer, w.counters, w.last_totals = now, reply["counters"], reply["totals"]
+            w.counters, w.last_totals = reply["counters"], reply["totals"]
             if generation == self._generation:  # not from before a start, stop or restart
                 w.in_map = reply["in_map"]
             for key, value in reply["counters"].items():

@@ -194,3 +194,47 @@ def test_a_switch_while_a_worker_is_down_reaches_it_when_it_comes_back(
     assert all(w["mode"] == "user" for w in d.status()["workers"])
     with connect("127.0.0.1", d.port) as sock:
         roundtrip(sock, os.urandom(2000))
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_worker_is_reported_stale_at_once_then_replaced(
+    echod_factory: Callable[..., Echod],
+) -> None:
+    from echod.workers import ANSWER_WAIT, WORKER_HANG
+
+    d = echod_factory(mode="user", args=WORKERS)
+    stopped, other = worker_pids(d)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # a tick or so of silence
+        for _ in range(3):
+            t0 = time.monotonic()
+            st = d.status()
+            took = time.monotonic() - t0
+            # It does not wait out a long query timeout for the silent worker.
+            assert took < ANSWER_WAIT + 1.5, took
+            entry = next(w for w in st["workers"] if w["pid"] == stopped)
+            assert entry["stale"] is True, entry
+            assert entry["silent_s"] >= 1, entry
+            assert entry["state"] == "serving"  # what it said last
+            assert not any(w.get("stale") for w in st["workers"] if w["pid"] == other)
+            stats = d.stats()
+            assert stats["workers"]["unresponsive"] == [entry["index"]]
+        # Silent for WORKER_HANG: killed and started again.
+        wait_for(
+            lambda: stopped not in worker_pids(d) and all_serving(d),
+            timeout=WORKER_HANG + 10,
+            what="the stopped worker to be replaced",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    assert d.stats()["workers"]["restarts"] == 1
+    assert other in worker_pids(d)
+    assert any('"worker.hung"' in line for line in d.log().splitlines())
+    # The limit the operator reads is the code's.
+    ops = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    assert f"answers nothing for **{WORKER_HANG:g} s**" in ops
+    assert f"waits **{ANSWER_WAIT:g} s** for each worker" in " ".join(
+        (Path(__file__).parents[2] / "docs" / "protocol.md").read_text().split()
+    )

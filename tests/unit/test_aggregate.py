@@ -28,6 +28,7 @@ OWN = {
     "bpf_programs": [{"id": 1}],
     "rates": {},
     "process": {},
+    "processes": [],
     "workers": {"count": 2, "restarts": 0},
 }
 
