@@ -9,7 +9,7 @@ import socket
 import struct
 import termios
 import time
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -65,6 +65,9 @@ class Host(Protocol):
 
     def forget(self, conn: Connection, reason: str) -> None:
         """conn is closed: drop it from the table."""
+
+    def warn(self, event: str, **fields: Any) -> None:
+        """A warning about one connection, rate-limited per event (peers can cause them)."""
 
     async def serve_user(self, conn: Connection) -> None:
         """Serve conn on the user path."""
@@ -231,7 +234,7 @@ class Connection:
         pause = DRAIN_POLL
         while not self.closed and not self.drained():
             if time.monotonic() >= deadline:
-                log.warning("conn.drain_timeout", peer=self.peer, pending=self.backlog())
+                self.host.warn("conn.drain_timeout", peer=self.peer, pending=self.backlog())
                 break
             await asyncio.sleep(pause)
             pause = min(pause * 2, DRAIN_POLL_MAX)  # a peer that never reads costs little

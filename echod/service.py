@@ -358,6 +358,10 @@ class Service(Lifecycle):
         self.counts["user_bytes"] += nbytes
         self.counts["user_messages"] += 1
 
+    def warn(self, event: str, **fields: Any) -> None:
+        """Host.warn: a connection's warning, rate-limited per event."""
+        self._log_limited(event, **fields)
+
     def _log_limited(
         self, event: str, rate: tuple[int, float] | None = None, **fields: Any
     ) -> None:

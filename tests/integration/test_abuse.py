@@ -142,3 +142,42 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
         wait_for(settled, timeout=PathReaders.RETIRE_AFTER + 10, what="old bypass objects to go")
     except AssertionError as e:
         raise AssertionError(f"{e}: fds before/after, maps before/after {seen}") from None
+
+
+# Sends 200 KB and closes without reading: the echo waiting in its receive buffer turns the
+# close into a reset, after its FIN. Repeated for a bounded count and time.
+SEND_AND_RESET = r"""
+import json, socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+done = refused = 0
+deadline = time.monotonic() + 20
+while done + refused < n and time.monotonic() < deadline:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"z" * 200_000)
+        s.close()
+        done += 1
+        time.sleep(0.005)  # ~150 a second: 50 slots hold if each is freed within 0.3 s
+    except OSError:
+        refused += 1
+print(json.dumps({"done": done, "refused": refused}))
+"""
+
+
+def test_peers_that_send_fin_then_reset_are_freed_at_once(echod_factory: Factory) -> None:
+    """Kernel mode: a reset peer has nothing left to receive, so no drain is waited for it."""
+    d = echod_factory(mode="kernel", args=["--max-connections", "50"])
+    done = as_nobody(SEND_AND_RESET, str(d.port), "300")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"done": 300, "refused": 0}, result
+    # None waits out the drain (10 s): all are gone within a few seconds of the last.
+    from tests.integration.echo_util import wait_for
+
+    wait_for(lambda: d.status()["connections"] == 0, timeout=3, what="reset peers freed")
+    stats = d.stats()["connections"]
+    assert stats["refused"]["max_connections"] == 0, stats
+    log = d.log()
+    assert log.count('"conn.drain_timeout"') <= 5, "one warning per connection, not rate-limited"
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, os.urandom(100_000))
