@@ -22,6 +22,7 @@ from echod.protocol import (
     encode_request,
     well_formed_reply,
 )
+from echod.sockfile import admin_socket_path
 
 __all__ = [
     "ControlClient",
@@ -125,6 +126,24 @@ class ControlClient:
         return hello
 
     def _connect(self) -> socket.socket:
+        """Connect: to the admins' socket when we may, else to the shared one.
+
+        The admins' socket (sockfile.admin_socket_path) is one that other uids cannot reach, so
+        their connections cannot delay ours; any failure there falls back to the shared socket.
+        """
+        admin = admin_socket_path(self.path)
+        if os.access(admin, os.W_OK):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(admin)
+            except OSError:
+                sock.close()
+            else:
+                return sock
+        return self._connect_shared()
+
+    def _connect_shared(self) -> socket.socket:
         """Connect, retrying for a short while when the listen backlog is full (EAGAIN)."""
         deadline = time.monotonic() + min(self.timeout, BUSY_RETRY_S)
         pause = 0.01

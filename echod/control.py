@@ -39,7 +39,8 @@ from echod.protocol import (
     request_msgid,
     validate_params,
 )
-from echod.sockfile import SocketFile, resolve_group
+from echod.sockfile import SocketFile, admin_socket_path, resolve_group
+from echod.validators import SUN_PATH_MAX, control_temp_path
 
 log = structlog.get_logger("echod.control")
 
@@ -125,8 +126,13 @@ class ControlServer:
         self.admin_group = admin_group
         self._file = SocketFile(path, mode, resolve_group(group))
         self._admin_gid = resolve_group(admin_group)
+        # The admins' own socket: 0600 (root and the daemon's uid), 0660 with the admin group.
+        self.admin_path = admin_socket_path(path)
+        admin_mode = 0o600 if self._admin_gid is None else 0o660
+        self._admin_file = SocketFile(self.admin_path, admin_mode, self._admin_gid)
         self._own_uid = os.geteuid()
         self._server: asyncio.AbstractServer | None = None
+        self._admin_server: asyncio.AbstractServer | None = None
         self._conns: dict[asyncio.Task[Any], _Conn] = {}
         self._slots: Counter[int] = Counter()  # slots held, by uid
         self._limiter = RateLimited(burst=LOG_BURST, period=LOG_PERIOD)
@@ -165,12 +171,36 @@ class ControlServer:
             raise
         self._housekeeping = asyncio.create_task(self._report_suppressed())
         log.info("control.listening", path=self.path, mode=oct(self.mode), group=self.group)
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        """Bind the admins' socket; without it admins share the socket above (a warning)."""
+        path = self.admin_path
+        if len(control_temp_path(path, 4194304).encode()) > SUN_PATH_MAX:
+            log.warning("control.admin_socket_skipped", path=path, reason="path too long")
+            return
+        try:
+            sock = self._admin_file.bind(LISTEN_BACKLOG)
+        except OSError as exc:
+            log.warning("control.admin_socket_skipped", path=path, reason=str(exc))
+            return
+        try:
+            self._admin_server = await asyncio.start_unix_server(
+                self._on_connect, sock=sock, backlog=LISTEN_BACKLOG
+            )
+        except BaseException:
+            sock.close()
+            self._admin_file.unlink()
+            raise
+        mode = oct(self._admin_file.mode)
+        log.info("control.admin_listening", path=path, mode=mode, group=self.admin_group)
 
     async def close(self) -> None:
         """Stop accepting, end every client and watch stream, and remove the socket file."""
         try:
-            if self._server is not None:
-                self._server.close()
+            for server in (self._server, self._admin_server):
+                if server is not None:
+                    server.close()
             tasks = list(self._conns)
             if self._housekeeping is not None:
                 tasks.append(self._housekeeping)
@@ -178,13 +208,15 @@ class ControlServer:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5.0)
-            if self._server is not None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5.0):
-                        await self._server.wait_closed()
+            for server in (self._server, self._admin_server):
+                if server is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(5.0):
+                            await server.wait_closed()
         finally:
-            self._server = self._housekeeping = None
+            self._server = self._admin_server = self._housekeeping = None
             self._file.unlink()
+            self._admin_file.unlink()
             log.info("control.closed", path=self.path)
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,6 +22,16 @@ from echod.validators import control_temp_path
 log = structlog.get_logger("echod.control")
 
 
+def admin_socket_path(control: str) -> str:
+    """The admin-only control socket beside `control`: control.sock → control.admin.sock.
+
+    Only admins may connect to it (mode 0600, or 0660 with the admin group), so no other uid
+    can fill its accept queue or its slots: `echoctl` uses it when it may.
+    """
+    root, ext = os.path.splitext(control)
+    return f"{root}.admin{ext or '.sock'}"
+
+
 def resolve_group(group: str | None) -> int | None:
     """Return the gid of a group given by name or number; None stays None."""
     if group is None:

@@ -8,6 +8,7 @@ import json
 import os
 import select
 import socket
+import stat
 import subprocess
 import sys
 import termios
@@ -19,6 +20,7 @@ import pytest
 
 from echoctl.client import ControlClient
 from echod import control, limits, protocol
+from echod.sockfile import admin_socket_path
 from tests.integration.conftest import Echod, Factory
 from tests.integration.control_util import ECHOCTL, NOBODY, reachable_by_others, still_serving
 from tests.integration.echo_util import connect, wait_for
@@ -320,3 +322,70 @@ def test_control_backlog_takes_a_burst_of_connects(echod_factory: Factory) -> No
         for s in socks:
             s.close()
     still_serving(d)
+
+
+CONNECT_CHURN = """
+import socket, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + seconds
+n = 0
+print("go", flush=True)
+while time.monotonic() < deadline and n < 500_000:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError:
+        pass
+    s.close()
+    n += 1
+print(n, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_root_status_stays_fast_while_another_uid_churns_connections(
+    echod_factory: Factory,
+) -> None:
+    """Admins have their own socket (0600), which other uids cannot connect to, let alone fill."""
+    d = echod_factory(mode="user")
+    admin = admin_socket_path(d.control)
+    st = os.stat(admin)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, os.geteuid())
+    with reachable_by_others(d.control):
+        os.chmod(d.control, 0o666)
+        churners = [nobody_python(CONNECT_CHURN, d.control, "12") for _ in range(4)]
+        try:
+            for c in churners:
+                assert c.stdout is not None
+                assert c.stdout.readline().strip() == "go"
+            time.sleep(1)
+            took = []
+            for _ in range(100):  # as `echoctl status` does: a new connection per call
+                t0 = time.monotonic()
+                with ControlClient(d.control) as client:
+                    assert client.call("status")["state"] == "serving"
+                took.append(time.monotonic() - t0)
+                time.sleep(0.05)
+            counts = [int(c.communicate(timeout=30)[0]) for c in churners]
+        finally:
+            for c in churners:
+                c.kill()
+                c.wait()
+        # The other uid cannot reach the admins' socket, and is served on the shared one.
+        probe = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        r = subprocess.run(
+            [*NOBODY_PREFIX, sys.executable, "-c", probe, admin], capture_output=True, text=True
+        )
+        assert "PermissionError" in r.stderr, r
+        r = subprocess.run(
+            [*NOBODY_PREFIX, ECHOCTL, "--control", d.control, "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+        )
+        assert r.returncode == 0, r
+    took.sort()
+    p50, p99 = took[len(took) // 2], took[98]
+    assert sum(counts) > 10_000, counts  # the churn ran meanwhile
+    assert p99 < 0.050, f"root status p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
