@@ -186,47 +186,62 @@ def decode_key(raw: bytes) -> dict[str, Any]:
 class PathReaders:
     """Reads sockets' bypass paths from their storage (bypass_paths, keyed by socket fd).
 
-    One reader per bypass object this service has seen lately: after the bypass is turned
-    off, or off and on again, connections of the earlier object may still be waiting to be
-    accepted, and their path is in that object's storage. An object that is no longer the
-    attached one is let go RETIRE_AFTER seconds later, when its connections have long been
-    accepted (its maps are freed with its last socket); the rest at stop. The newest fd marks
-    the service's listeners (mark_listener).
+    One reader per bypass object this service has seen: after the bypass is turned off, or off
+    and on again, connections of the earlier object live on (their client and server ends stay
+    in its sockhash, and a redirect may still hold their bytes), and their path is in that
+    object's storage. So an object that is no longer the attached one is let go only once its
+    sockhash is empty: looked at every RETIRE_CHECK seconds (the sockhash's fd is held for
+    that; holding the storage alone would not tell). Letting go of it earlier frees its maps,
+    and with them the echo a redirect had queued in a live socket: bytes lost. The rest go at
+    stop. The newest storage fd marks the service's listeners (mark_listener).
     """
 
-    RETIRE_AFTER = 5.0
+    RETIRE_CHECK = 5.0
 
     def __init__(self) -> None:
-        self._fds: dict[int, int] = {}  # map id -> fd (owned), oldest first
-        self._timers: dict[int, asyncio.TimerHandle] = {}  # map id -> its release
+        # paths map id -> (paths fd, sockhash fd or -1), both owned; oldest first.
+        self._fds: dict[int, tuple[int, int]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # map id -> its next look
 
-    def add(self, fd: int) -> None:
-        """Take ownership of a bypass_paths fd (closed at once if that map is known already)."""
+    def add(self, fd: int, sockets_fd: int = -1) -> None:
+        """Take ownership of a bypass_paths fd and its object's sockhash fd (closed at once if
+        that object is known already). Without a sockhash fd the object is kept until close().
+        """
         try:
             map_id = libbpf.map_info(fd)["id"]
         except OSError:
-            os.close(fd)
+            _close(fd, sockets_fd)
             raise
         if map_id in self._fds:
-            os.close(fd)
+            _close(fd, sockets_fd)
             timer = self._timers.pop(map_id, None)
             if timer is not None:  # attached again before it was let go
                 timer.cancel()
         else:
-            self._fds[map_id] = fd
+            self._fds[map_id] = (fd, sockets_fd)
 
     def retire(self, loop: asyncio.AbstractEventLoop, keep_newest: bool) -> None:
-        """Let go of every object but the newest (or all), RETIRE_AFTER seconds from now."""
+        """Let go of every object but the newest (or all) once its sockhash is empty."""
         ids = list(self._fds)
         for map_id in ids[:-1] if keep_newest else ids:
-            if map_id not in self._timers:
-                self._timers[map_id] = loop.call_later(self.RETIRE_AFTER, self._release, map_id)
+            if map_id not in self._timers and self._fds[map_id][1] >= 0:
+                self._timers[map_id] = loop.call_later(self.RETIRE_CHECK, self._look, loop, map_id)
 
-    def _release(self, map_id: int) -> None:
+    def _look(self, loop: asyncio.AbstractEventLoop, map_id: int) -> None:
         self._timers.pop(map_id, None)
-        fd = self._fds.pop(map_id, None)
-        if fd is not None:
-            os.close(fd)
+        fds = self._fds.get(map_id)
+        if fds is None:
+            return
+        try:
+            in_use = bool(libbpf.map_keys(fds[1], _MAX_KEY, limit=1))
+        except OSError as exc:
+            log.warning("bypass.retire_check_failed", error=str(exc))
+            in_use = True
+        if in_use:  # a connection of that object is still open
+            self._timers[map_id] = loop.call_later(self.RETIRE_CHECK, self._look, loop, map_id)
+        else:
+            del self._fds[map_id]
+            _close(*fds)
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -239,7 +254,7 @@ class PathReaders:
         """
         if not self._fds:
             return
-        newest = next(reversed(self._fds.values()))
+        newest = next(reversed(self._fds.values()))[0]
         try:
             mark_listener(newest, sock)
         except OSError as exc:  # not marked: its connections stay on TCP
@@ -252,7 +267,7 @@ class PathReaders:
         objects may hold a listener's mark copied into the socket, which says nothing.
         """
         key = struct.pack("=i", sock.fileno())
-        for fd in reversed(self._fds.values()):
+        for fd, _ in reversed(self._fds.values()):
             try:
                 raw = libbpf.map_lookup(fd, key, _SOCK.size)
             except (KeyError, OSError):
@@ -276,7 +291,16 @@ class PathReaders:
             timer.cancel()
         self._timers.clear()
         fds, self._fds = list(self._fds.values()), {}
-        for fd in fds:
+        for pair in fds:
+            _close(*pair)
+
+
+_MAX_KEY = 64  # bpf_map_get_next_key writes the map's key size: the sockhash's is smaller
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
             os.close(fd)
 
 

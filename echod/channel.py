@@ -209,6 +209,8 @@ class Channel:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ChannelClosed("channel closed"))
+        for task in self._tasks:  # requests being served: nobody is left to answer
+            task.cancel()
         if self.on_close is not None:
             self.on_close()
 

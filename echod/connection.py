@@ -9,6 +9,7 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Coroutine
 from typing import Any, Protocol, cast
 
 import structlog
@@ -68,6 +69,9 @@ class Host(Protocol):
 
     def warn(self, event: str, **fields: Any) -> None:
         """A warning about one connection, rate-limited per event (peers can cause them)."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run coro as a task the service owns (cancelled and awaited when it stops)."""
 
     async def serve_user(self, conn: Connection) -> None:
         """Serve conn on the user path."""
@@ -168,7 +172,7 @@ class Connection:
                 if self.drained():  # the usual case: close now, without a task
                     self.close(reason="eof")
                 else:
-                    self.host.loop.create_task(self.finish())
+                    self.host.spawn(self.finish())
                 return
             self.host.count_user(len(data))
             self.out += data

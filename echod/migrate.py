@@ -53,13 +53,13 @@ async def to_kernel(conn: Connection, maps: SocketMaps, deadline: float) -> bool
     conn.transport = conn.protocol = None
     tr.abort()
     if not await _settle(conn, deadline):
-        conn.host.loop.create_task(conn.host.serve_user(conn))
+        conn.host.spawn(conn.host.serve_user(conn))
         return False
     try:
         cookie = maps.add(conn.sock)
     except OSError as exc:
         log.info("conn.migrate_failed", peer=conn.peer, error=str(exc))
-        conn.host.loop.create_task(conn.host.serve_user(conn))
+        conn.host.spawn(conn.host.serve_user(conn))
         return False
     conn.host.map_in(conn, cookie)
     return True

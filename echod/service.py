@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -60,6 +61,24 @@ class Service(Lifecycle):
         self._rates = Rates()
         self.bypass_readers = PathReaders()  # which connections the bypass keeps in user space
         self._diag: SockDiag | None = None  # looks at ingress-path clients' queues
+        # Every task the service starts (a connection's drain, a move to the user path): the
+        # loop holds tasks only weakly, and stop cancels and awaits what is left.
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Host.spawn: run coro as a task the service owns."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _end_tasks(self) -> None:
+        """Cancel the service's tasks still running, and wait for them to finish."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -85,7 +104,7 @@ class Service(Lifecycle):
             kernel.on_bell(self.loop, self.ring)
 
     def _bypass_attached(self, bypass: Bypass) -> None:
-        self.bypass_readers.add(os.dup(bypass.paths_fd))
+        self.bypass_readers.add(os.dup(bypass.paths_fd), os.dup(bypass.sockets_fd))
         self.bypass_readers.retire(self.loop, keep_newest=True)
         self._mark_listeners()
 
@@ -140,7 +159,7 @@ class Service(Lifecycle):
         for conn in conns:
             if conn.in_map:
                 conn.unwatch()
-                self.loop.create_task(conn.finish(within=grace))
+                self.spawn(conn.finish(within=grace))
             elif conn.transport is not None:
                 conn.transport.close()  # flushes what is buffered, then connection_lost
             else:
@@ -149,6 +168,7 @@ class Service(Lifecycle):
             await asyncio.wait([c.done for c in conns], timeout=grace + 0.5)
         for conn in list(self.conns):
             conn.close(reason="shutdown_timeout")
+        await self._end_tasks()
         self.mode = None
         self._maybe_unload(force=True)
         self._stop_bypass()
@@ -236,7 +256,7 @@ class Service(Lifecycle):
                 self.counts["insert_failed"] += 1
                 self.insert_failed[reason] += 1
                 self._log_limited("conn.insert_failed", peer=peer, reason=reason)
-        self.loop.create_task(self.serve_user(conn))
+        self.spawn(self.serve_user(conn))
 
     async def serve_user(self, conn: Connection) -> None:
         """Serve conn on the user path; a failure closes it (and is logged, rate-limited)."""

@@ -15,6 +15,7 @@ so that nothing outlives the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -52,13 +53,14 @@ class WorkerService(Service):
     def offer(self, fds: list[int], bypass: bool = False) -> None:
         """The supervisor sent the maps' fds (sockhash, activity set); takes ownership.
 
-        With `bypass`, the last fd is the bypass object's path storage, which this worker
-        reads (and keeps until it stops) to know which connections the bypass keeps in user
-        space.
+        With `bypass`, the last two fds are the bypass object's sockhash and path storage,
+        which this worker reads to know which connections the bypass keeps in user space, and
+        keeps until no connection of that object is left (PathReaders.retire).
         """
         self.drop_offer()
-        if bypass and fds:
-            self.bypass_readers.add(fds.pop())
+        if bypass and len(fds) >= 2:
+            paths_fd = fds.pop()
+            self.bypass_readers.add(paths_fd, fds.pop())
             self.bypass_readers.retire(self.loop, keep_newest=True)
             self._mark_listeners()
         elif not bypass:
@@ -151,6 +153,8 @@ class Worker:
         finally:
             if self.guard is not None:
                 self.guard.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.guard
             svc = self.service
             if svc is not None:
                 if svc.state != "stopped":

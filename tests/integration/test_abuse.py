@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,15 +111,19 @@ def _our_bypass_maps() -> int:
 
 
 def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory) -> None:
-    """Each bypass object is let go once no connection can still need it (RETIRE_AFTER)."""
+    """An old bypass object is let go once no connection of it is left, and not before."""
     import psutil
 
     from echod.bypass import PathReaders
     from tests.integration.echo_util import wait_for
 
     maps_before = _our_bypass_maps()
-    d = echod_factory(mode="user", args=["--workers", "2"])
+    d = echod_factory(mode="user", args=["--workers", "2", "--bypass"])
     workers = [psutil.Process(w["pid"]) for w in d.status()["workers"]]
+    # A connection of the first object, on its ingress path, open through all the toggles.
+    old = connect("127.0.0.1", d.port)
+    roundtrip(old, os.urandom(100_000))
+    d.call("restart", {"bypass": False}, timeout=60)
     fds_before = [_bpf_fds(w.pid) for w in workers]
     for _ in range(10):
         d.call("restart", {"bypass": True}, timeout=60)
@@ -129,19 +134,35 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
 
     seen: list[object] = []
 
-    def settled() -> bool:
+    def settled(extra: int) -> bool:
         fds = [_bpf_fds(w.pid) for w in workers]
         maps = _our_bypass_maps()
         seen[:] = [fds_before, fds, maps_before, maps]
-        # One object attached now: its path map's fd in each worker, its maps on the host.
-        return all(f <= b + 1 for f, b in zip(fds, fds_before, strict=True)) and (
-            maps <= maps_before + 1
+        # The attached object (and `extra` older ones): its sockhash and path storage fds in
+        # each worker, its maps on the host.
+        return all(f <= b + 2 * (1 + extra) for f, b in zip(fds, fds_before, strict=True)) and (
+            maps <= maps_before + 1 + extra
         )
 
+    def wait_settled(extra: int) -> None:
+        try:
+            wait_for(
+                lambda: settled(extra),
+                timeout=2 * PathReaders.RETIRE_CHECK + 10,
+                what="old bypass objects to go",
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}: fds before/after, maps before/after {seen}") from None
+
     try:
-        wait_for(settled, timeout=PathReaders.RETIRE_AFTER + 10, what="old bypass objects to go")
-    except AssertionError as e:
-        raise AssertionError(f"{e}: fds before/after, maps before/after {seen}") from None
+        wait_settled(extra=1)  # the first object stays: its connection is open
+        time.sleep(PathReaders.RETIRE_CHECK + 1)  # another look at it: still kept
+        assert _our_bypass_maps() == maps_before + 2, seen
+        for _ in range(5):  # and its connection still echoes every byte
+            roundtrip(old, os.urandom(200_000))
+    finally:
+        old.close()
+    wait_settled(extra=0)
 
 
 # Sends 200 KB and closes without reading: the echo waiting in its receive buffer turns the
