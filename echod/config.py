@@ -66,7 +66,8 @@ class ConfigError(ValueError):
         key: str | None = None,
         line: int | None = None,
     ) -> None:
-        super().__init__(message)
+        # One line, whatever a value or key held: it goes to a terminal, a log and systemd.
+        super().__init__(" ".join(message.splitlines()))
         self.path = path
         self.key = key
         self.line = line
@@ -110,7 +111,7 @@ SCHEMA: tuple[Setting, ...] = (
         help="Listen address (IP or host name); repeat for several.", metavar="HOST",
     ),
     Setting(
-        key="port", type="int", default=_const(8888), check=v.integer(1, 65535), live=False,
+        key="port", type="int", default=_const(8888), check=v.integer(1, v.MAX_PORT), live=False,
         toml=("", "port"), env="ECHOD_PORT", flag="--port", parse=v.text_int,
         help="Listen port (default 8888).", metavar="PORT",
     ),
@@ -138,12 +139,15 @@ SCHEMA: tuple[Setting, ...] = (
         metavar="N|auto",
     ),
     Setting(
-        key="max_connections", type="int", default=_const(10000), check=v.integer(1), live=True,
+        key="max_connections", type="int", default=_const(10000),
+        check=v.integer(1, v.MAX_CONNECTIONS, ceiling=True), live=True,
         toml=("", "max_connections"), env="ECHOD_MAX_CONNECTIONS", flag="--max-connections",
-        parse=v.text_int, help="Connection limit.", metavar="N",
+        parse=v.text_int,
+        help="Connection limit (default 10000).", metavar="N",
     ),
     Setting(
-        key="max_connections_per_ip", type="int", default=_const(0), check=v.integer(0), live=True,
+        key="max_connections_per_ip", type="int", default=_const(0),
+        check=v.integer(0, v.MAX_CONNECTIONS, ceiling=True), live=True,
         toml=("", "max_connections_per_ip"), env="ECHOD_MAX_CONNECTIONS_PER_IP",
         parse=v.text_int,
     ),
@@ -181,19 +185,21 @@ SCHEMA: tuple[Setting, ...] = (
         help="Log level (default info).", metavar="|".join(LOG_LEVELS),
     ),
     Setting(
-        key="shutdown_grace", type="float", default=_const(5.0), check=v.seconds, live=True,
-        toml=("", "shutdown_grace"), env="ECHOD_SHUTDOWN_GRACE", parse=v.text_float,
+        key="shutdown_grace", type="float", default=_const(5.0), check=v.seconds(v.MAX_GRACE),
+        live=True, toml=("", "shutdown_grace"), env="ECHOD_SHUTDOWN_GRACE", parse=v.text_float,
     ),
     Setting(
         key="kernel_backlog_limit", type="int", default=_const(32 * 1024 * 1024),
-        check=v.integer(65536), live=True, toml=("", "kernel_backlog_limit"),
+        check=v.integer(65536, v.MAX_BACKLOG, ceiling=True), live=True,
+        toml=("", "kernel_backlog_limit"),
         env="ECHOD_KERNEL_BACKLOG_LIMIT", flag="--kernel-backlog-limit", parse=v.text_int,
         help="Reset a kernel-mode connection whose unread echo exceeds this many bytes.",
         metavar="BYTES",
     ),
     Setting(
         key="kernel_backlog_total", type="int", default=_const(256 * 1024 * 1024),
-        check=v.integer(65536), live=True, toml=("", "kernel_backlog_total"),
+        check=v.integer(65536, v.MAX_BACKLOG, ceiling=True), live=True,
+        toml=("", "kernel_backlog_total"),
         env="ECHOD_KERNEL_BACKLOG_TOTAL", parse=v.text_int,
     ),
     Setting(
