@@ -84,3 +84,23 @@ def test_the_stop_timeout_named_in_the_docs_is_the_unit_s() -> None:
     seconds = timeout.group(1)
     assert f"`TimeoutStopSec=` ({seconds} s in the shipped unit) is the outer limit" in text
     assert f"at most {v.MAX_GRACE:g})" in text
+
+
+# --- flags: every key has one (issue 19, item 13) ----------------------------------------------
+
+
+def test_every_key_has_a_flag_and_the_table_names_it() -> None:
+    for setting in FILE_SETTINGS:
+        assert setting.flag, f"{setting.dotted} has no flag"
+        assert f"`{setting.flag}`" in row(setting)["flag"], setting.dotted
+
+
+def test_help_lists_every_flag() -> None:
+    from click.testing import CliRunner
+
+    from echod.__main__ import cli
+
+    text = CliRunner().invoke(cli, ["--help"], terminal_width=200).output
+    for setting in SCHEMA:
+        if setting.flag:
+            assert f"{setting.flag} " in text or f"{setting.flag}/" in text, setting.flag
