@@ -104,3 +104,36 @@ def test_help_lists_every_flag() -> None:
     for setting in SCHEMA:
         if setting.flag:
             assert f"{setting.flag} " in text or f"{setting.flag}/" in text, setting.flag
+
+
+# --- reload without a config file (issue 19, item 8) -------------------------------------------
+
+PROTOCOL = REPO / "docs" / "protocol.md"
+
+
+def test_protocol_says_what_reload_does_without_a_file() -> None:
+    """The code reloads a file-less daemon as a no-op success; the docs must say the same."""
+    text = " ".join(PROTOCOL.read_text().split())
+    invalid_config = next(
+        line for line in PROTOCOL.read_text().splitlines() if line.startswith("| `invalid_config`")
+    )
+    assert "no config" not in invalid_config
+    assert "A daemon started without a config file has nothing that can have changed" in text
+    assert '`{"applied": [], "needs_restart": []}` (`echoctl reload` prints' in text
+    assert "`configuration unchanged` and exits 0" in text
+
+
+def test_reload_without_a_file_reads_the_default_file_once_it_appears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `reload` calls for a daemon started without a file: resolve(flags, None)."""
+    from echod import configsource
+
+    default = tmp_path / "echod.toml"
+    monkeypatch.setattr(configsource, "DEFAULT_CONFIG_FILE", str(default))
+    before = configsource.resolve({"port": "9000"}, None, {})
+    assert before.config_file is None
+    assert configsource.resolve({"port": "9000"}, None, {}) == before
+    default.write_text("max_connections = 5\n")
+    after = configsource.resolve({"port": "9000"}, None, {})
+    assert (after.config_file, after.max_connections, after.port) == (str(default), 5, 9000)
