@@ -66,7 +66,8 @@ class ConfigError(ValueError):
         key: str | None = None,
         line: int | None = None,
     ) -> None:
-        super().__init__(message)
+        # One line, whatever a value or key held: it goes to a terminal, a log and systemd.
+        super().__init__(" ".join(message.splitlines()))
         self.path = path
         self.key = key
         self.line = line
@@ -107,10 +108,11 @@ SCHEMA: tuple[Setting, ...] = (
     Setting(
         key="hosts", type="list[str]", default=lambda: ["127.0.0.1", "::1"], check=v.hosts,
         live=False, toml=("", "host"), env="ECHOD_HOST", flag="--host", parse=v.text_list,
-        help="Listen address (IP or host name); repeat for several.", metavar="HOST",
+        help="Listen address (IP or host name); repeat or comma-separate for several.",
+        metavar="HOST",
     ),
     Setting(
-        key="port", type="int", default=_const(8888), check=v.integer(1, 65535), live=False,
+        key="port", type="int", default=_const(8888), check=v.integer(1, v.MAX_PORT), live=False,
         toml=("", "port"), env="ECHOD_PORT", flag="--port", parse=v.text_int,
         help="Listen port (default 8888).", metavar="PORT",
     ),
@@ -138,18 +140,24 @@ SCHEMA: tuple[Setting, ...] = (
         metavar="N|auto",
     ),
     Setting(
-        key="max_connections", type="int", default=_const(10000), check=v.integer(1), live=True,
+        key="max_connections", type="int", default=_const(10000),
+        check=v.integer(1, v.MAX_CONNECTIONS, ceiling=True), live=True,
         toml=("", "max_connections"), env="ECHOD_MAX_CONNECTIONS", flag="--max-connections",
-        parse=v.text_int, help="Connection limit.", metavar="N",
+        parse=v.text_int,
+        help="Connection limit (default 10000).", metavar="N",
     ),
     Setting(
-        key="max_connections_per_ip", type="int", default=_const(0), check=v.integer(0), live=True,
+        key="max_connections_per_ip", type="int", default=_const(0),
+        check=v.integer(0, v.MAX_CONNECTIONS, ceiling=True), live=True,
         toml=("", "max_connections_per_ip"), env="ECHOD_MAX_CONNECTIONS_PER_IP",
-        parse=v.text_int,
+        flag="--max-connections-per-ip", parse=v.text_int,
+        help="Connections one client address may hold (default 0: no limit).", metavar="N",
     ),
     Setting(
         key="allow", type="list[str]", default=list, check=v.allow, live=True,
-        toml=("", "allow"), env="ECHOD_ALLOW", parse=v.text_list,
+        toml=("", "allow"), env="ECHOD_ALLOW", flag="--allow", parse=v.text_list,
+        help="Accept clients only from these CIDRs (comma-separated or repeated; default: all).",
+        metavar="CIDR",
     ),
     Setting(
         key="control", type="str", default=default_control_path, check=v.control_path, live=False,
@@ -159,10 +167,13 @@ SCHEMA: tuple[Setting, ...] = (
     Setting(
         key="control_group", type="str | None", default=_const(None), check=v.group,
         live=False, toml=("control", "group"), env="ECHOD_CONTROL_GROUP",
+        flag="--control-group", help="Group owning the control socket, mode 0660.",
+        metavar="GROUP",
     ),
     Setting(
         key="admin_group", type="str | None", default=_const(None), check=v.group, live=False,
-        toml=("control", "admin_group"), env="ECHOD_ADMIN_GROUP",
+        toml=("control", "admin_group"), env="ECHOD_ADMIN_GROUP", flag="--admin-group",
+        help="Group whose members may start, stop, restart and reload.", metavar="GROUP",
     ),
     Setting(
         key="metrics", type="str | None", default=_const(None), check=v.metrics_address, live=True,
@@ -181,20 +192,26 @@ SCHEMA: tuple[Setting, ...] = (
         help="Log level (default info).", metavar="|".join(LOG_LEVELS),
     ),
     Setting(
-        key="shutdown_grace", type="float", default=_const(5.0), check=v.seconds, live=True,
-        toml=("", "shutdown_grace"), env="ECHOD_SHUTDOWN_GRACE", parse=v.text_float,
+        key="shutdown_grace", type="float", default=_const(5.0), check=v.seconds(v.MAX_GRACE),
+        live=True, toml=("", "shutdown_grace"), env="ECHOD_SHUTDOWN_GRACE",
+        flag="--shutdown-grace", parse=v.text_float,
+        help="Seconds a stop waits for connections to drain (default 5).", metavar="SECONDS",
     ),
     Setting(
         key="kernel_backlog_limit", type="int", default=_const(32 * 1024 * 1024),
-        check=v.integer(65536), live=True, toml=("", "kernel_backlog_limit"),
+        check=v.integer(65536, v.MAX_BACKLOG, ceiling=True), live=True,
+        toml=("", "kernel_backlog_limit"),
         env="ECHOD_KERNEL_BACKLOG_LIMIT", flag="--kernel-backlog-limit", parse=v.text_int,
         help="Reset a kernel-mode connection whose unread echo exceeds this many bytes.",
         metavar="BYTES",
     ),
     Setting(
         key="kernel_backlog_total", type="int", default=_const(256 * 1024 * 1024),
-        check=v.integer(65536), live=True, toml=("", "kernel_backlog_total"),
-        env="ECHOD_KERNEL_BACKLOG_TOTAL", parse=v.text_int,
+        check=v.integer(65536, v.MAX_BACKLOG, ceiling=True), live=True,
+        toml=("", "kernel_backlog_total"),
+        env="ECHOD_KERNEL_BACKLOG_TOTAL", flag="--kernel-backlog-total", parse=v.text_int,
+        help="Reset the largest kernel-mode backlogs while their sum exceeds this many bytes.",
+        metavar="BYTES",
     ),
     Setting(
         key="bpf_object", type="str | None", default=_const(None), check=v.file_path,

@@ -8,9 +8,11 @@ so that a message can name it. resolve() layers them over the defaults.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from echod.config import (
     ConfigError,
     build,
 )
-from echod.validators import Invalid, type_name
+from echod.validators import SHOWN_MAX, Invalid, shown, type_name
 
 __all__ = ["find_line", "from_env", "load_file", "loads", "resolve"]
 
@@ -61,14 +63,38 @@ def read_text(path: str) -> str:
     return data.decode("utf-8")
 
 
+class TooLong(tomllib.TOMLDecodeError):
+    """The TOML holds an integer with more digits than Python converts."""
+
+
 def parse(raw: str) -> dict[str, Any]:
-    """The TOML document as a dict; TOMLDecodeError (TooDeep for runaway nesting) if invalid."""
+    """The TOML document as a dict; TOMLDecodeError (TooDeep, TooLong) if invalid."""
     try:
         return tomllib.loads(raw)
     except RecursionError:
         # tomllib recurses once per level of `x = [[[[...`: a deep enough value exhausts the
         # interpreter's stack instead of failing as a syntax error.
         raise TooDeep("arrays or tables are nested too deeply") from None
+    except tomllib.TOMLDecodeError:
+        raise
+    except ValueError:
+        # int() refuses a decimal string over sys.get_int_max_str_digits() (4300) digits, and
+        # tomllib lets that ValueError through.
+        line = _long_number_line(raw)
+        where = f" (at line {line})" if line else ""
+        raise TooLong(f"an integer has too many digits{where}") from None
+
+
+def _long_number_line(raw: str) -> int | None:
+    """The first line with a run of digits too long for int()."""
+    limit = sys.get_int_max_str_digits()
+    for number, line in enumerate(raw.splitlines(), start=1):
+        run = 0
+        for char in line:
+            run = run + 1 if char.isdigit() or char == "_" else 0
+            if run > limit:
+                return number
+    return None
 
 
 def syntax_error_line(exc: tomllib.TOMLDecodeError) -> int | None:
@@ -77,15 +103,93 @@ def syntax_error_line(exc: tomllib.TOMLDecodeError) -> int | None:
     return int(match.group(1)) if match else None
 
 
-# tomllib reports no positions for values, so the line of a bad key is found in the text.
-_HEADER = re.compile(r"\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
-_KEY_PART = r"[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'"
-_ASSIGN = re.compile(rf"\s*((?:{_KEY_PART})(?:\s*\.\s*(?:{_KEY_PART}))*)\s*=")
+# tomllib reports no positions for values, so the line of a bad key is found in the text. This
+# is a scanner, not a regular expression: nothing from the file ever becomes a pattern, and
+# each line is read once, left to right.
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_BLANK = " \t"
 
 
-def _unquote_path(text: str) -> tuple[str, ...]:
-    parts = re.findall(_KEY_PART, text)
-    return tuple(p[1:-1] if p[0] in "\"'" else p for p in parts)
+def _skip_blank(line: str, i: int) -> int:
+    while i < len(line) and line[i] in _BLANK:
+        i += 1
+    return i
+
+
+def _string_end(line: str, i: int) -> int | None:
+    """The index just past the one-line TOML string that opens at line[i]."""
+    quote, j = line[i], i + 1
+    while j < len(line):
+        if line[j] == "\\" and quote == '"':
+            j += 2
+        elif line[j] == quote:
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def _unquote(token: str) -> str:
+    if token[0] == '"' and "\\" in token:
+        try:  # escapes are decoded as tomllib decodes them, so the key compares equal
+            return str(tomllib.loads(f"k = {token}")["k"])
+        except tomllib.TOMLDecodeError:
+            pass
+    return token[1:-1]
+
+
+def _key_path(line: str, i: int) -> tuple[tuple[str, ...], int] | None:
+    """The dotted key starting at line[i] (after blanks), and the index after it; or None."""
+    parts: list[str] = []
+    while True:
+        i = _skip_blank(line, i)
+        if i < len(line) and line[i] in "\"'":
+            end = _string_end(line, i)
+            if end is None:
+                return None
+            parts.append(_unquote(line[i:end]))
+        else:
+            end = i
+            while end < len(line) and line[end] in _BARE:
+                end += 1
+            if end == i:
+                return None
+            parts.append(line[i:end])
+        i = _skip_blank(line, end)
+        if i < len(line) and line[i] == ".":
+            i += 1
+            continue
+        return tuple(parts), i
+
+
+def _header(line: str) -> tuple[str, ...] | None:
+    """The key of a `[table]` or `[[table]]` header line."""
+    i = _skip_blank(line, 0)
+    if not line.startswith("[", i):
+        return None
+    i += 2 if line.startswith("[[", i) else 1
+    found = _key_path(line, i)
+    if found is None or not line.startswith("]", found[1]):
+        return None
+    return found[0]
+
+
+def _assignment(line: str, i: int = 0) -> tuple[tuple[str, ...], int] | None:
+    """The key of `key = ...` at line[i], and the index after the `=`."""
+    found = _key_path(line, i)
+    if found is None or not line.startswith("=", found[1]):
+        return None
+    return found[0], found[1] + 1
+
+
+def _in_inline_table(line: str, start: int, key: str) -> bool:
+    """Whether `key = ...` appears in the inline table that follows line[start]."""
+    for i in range(start, len(line)):
+        if line[i] in "{,":
+            found = _assignment(line, i + 1)
+            if found is not None and found[0] == (key,):
+                return True
+    return False
 
 
 def find_line(raw: str, table: str, key: str | None, needle: str | None = None) -> int | None:
@@ -98,31 +202,44 @@ def find_line(raw: str, table: str, key: str | None, needle: str | None = None) 
     found: int | None = None
     lines = raw.splitlines()
     for number, line in enumerate(lines, start=1):
-        header = _HEADER.match(line)
-        if header:
-            current = _unquote_path(header.group(1))
+        header = _header(line)
+        if header is not None:
+            current = header
             if key is None and current == want:
                 return number
             continue
-        assign = _ASSIGN.match(line)
-        if not assign or key is None:
+        assign = _assignment(line) if key is not None else None
+        if assign is None:
             continue
-        full = current + _unquote_path(assign.group(1))
+        full = current + assign[0]
         # `key = ...` inside [table], `table.key = ...` at the top, or `table = { key = ... }`.
-        if full == (*want, key) or (table and full == want and re.search(rf"\b{key}\b", line)):
+        if full == (*want, key) or (
+            table and full == want and key is not None and _in_inline_table(line, assign[1], key)
+        ):
             found = number
             break
     if found is None:
         return None
     if needle is not None:
         for number in range(found, len(lines) + 1):
-            if needle in lines[number - 1]:
+            line = lines[number - 1]
+            if needle in line:
                 return number
-            if number > found and (
-                _ASSIGN.match(lines[number - 1]) or _HEADER.match(lines[number - 1])
-            ):
+            if number > found and (_assignment(line) or _header(line) is not None):
                 break
     return found
+
+
+def show_key(*parts: str) -> str:
+    """A dotted key as TOML writes it: bare where it can be, else quoted (and short)."""
+    shown = []
+    for part in parts:
+        if part and all(c in _BARE for c in part) and len(part) <= SHOWN_MAX:
+            shown.append(part)
+        else:
+            text = json.dumps(part)
+            shown.append(text if len(text) <= SHOWN_MAX else f'{text[: SHOWN_MAX - 4]}..."')
+    return ".".join(shown)
 
 
 # --- the sources, each validated by the schema --------------------------------------------------
@@ -165,7 +282,8 @@ def _file_layer(raw: str, name: str) -> _Layer:
 
     def fail(table: str, key: str | None, reason: str, needle: str | None = None) -> ConfigError:
         line = find_line(raw, table, key, needle)
-        dotted = (f"{table}.{key}" if table else key) if key else f"[{table}]"
+        parts = [p for p in (table, key) if p]
+        dotted = show_key(*parts) if key else f"[{show_key(table)}]"
         where = f"{name}:{line}" if line else name
         return ConfigError(f"{where}: {dotted}: {reason}", path=name, key=dotted, line=line)
 
@@ -173,10 +291,11 @@ def _file_layer(raw: str, name: str) -> _Layer:
     for top, value in data.items():
         if top in TOML_TABLES:
             if not isinstance(value, dict):
-                raise fail("", top, f"must be a table ([{top}]), got {type_name(value)}")
+                raise fail("", top, f"must be a table ([{show_key(top)}]), got {type_name(value)}")
             items = [(top, k, v) for k, v in value.items()]
         elif isinstance(value, dict):
-            raise fail(top, None, f"unknown table; known tables: {', '.join(sorted(TOML_TABLES))}")
+            tables = ", ".join(sorted(TOML_TABLES))
+            raise fail(top, None, f"unknown table; known tables: {tables}")
         else:
             items = [("", top, value)]
         for table, key, item in items:
@@ -199,7 +318,7 @@ def _env_layer(environ: Mapping[str, str]) -> _Layer:
         text = environ.get(setting.env) if setting.env else None
         if text is None:
             continue
-        origin = f"environment variable {setting.env}={text!r}"
+        origin = f"environment variable {setting.env}={shown(text)}"
         try:
             layer.values[setting.key] = setting.check(setting.parse(text))
         except Invalid as exc:
@@ -217,17 +336,21 @@ def _flag_layer(flags: Mapping[str, Any]) -> _Layer:
         if setting is None:
             raise ConfigError(f"unknown setting {key!r}")
         name = setting.flag or key
-        origin = f"option {name}={value!r}"
+        origin = f"option {name}={shown(value)}"
         try:
-            if isinstance(value, list | tuple):  # a repeated flag: one value each time
-                raw: Any = list(value)
-                origin = f"option {name}={', '.join(map(repr, raw))}"
+            if isinstance(value, list | tuple):  # a repeated flag: each as its variable reads
+                raw: Any = [
+                    p for v in value for p in (setting.parse(v) if isinstance(v, str) else [v])
+                ]
+                listed = ", ".join(map(shown, value[:3]))
+                more = f", ... ({len(value)} values)" if len(value) > 3 else ""
+                origin = f"option {name}={listed}{more}"
             else:
                 raw = setting.parse(value) if isinstance(value, str) else value
             layer.values[key] = setting.check(raw)
         except Invalid as exc:
             if exc.needle is not None and isinstance(value, list | tuple):
-                origin = f"option {name}={exc.needle!r}"
+                origin = f"option {name}={shown(exc.needle)}"
             raise ConfigError(f"{origin}: {exc.reason}", key=name) from None
         layer.origins[key] = origin
     return layer

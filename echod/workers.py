@@ -117,15 +117,16 @@ class WorkerPool(Lifecycle):
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _worker_config(self) -> dict[str, Any]:
-        """The config a worker runs with: limits split between the workers.
+    def _worker_config(self, config: Config | None = None) -> dict[str, Any]:
+        """The config a worker runs with (ours, or `config`): limits split between the workers.
 
         SO_REUSEPORT spreads connections by a hash, so not quite evenly: each worker's share
         of max_connections has SHARE_SLACK more, lest one worker refuse while others have room.
         """
-        share = math.ceil(self.config.max_connections * SHARE_SLACK / self.count)
+        config = self.config if config is None else config
+        share = math.ceil(config.max_connections * SHARE_SLACK / self.count)
         # The bypass is the supervisor's: a worker only reads its path storage.
-        mine = self.config.replace(max_connections=share, workers=1, bypass=False)
+        mine = config.replace(max_connections=share, workers=1, bypass=False)
         return dataclasses.asdict(mine)
 
     async def _spawn(self, index: int) -> WorkerProcess:
@@ -285,9 +286,12 @@ class WorkerPool(Lifecycle):
         )
 
     async def apply_live(self, config: Config) -> None:
-        """Send the live settings to every worker."""
-        self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
-        await self._each("apply_live", QUERY_TIMEOUT, config=self._worker_config())
+        """Send the live settings to every worker; a config that cannot be split stores nothing."""
+        new = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
+        # Split first: a respawn splits self.config again, so it must only ever hold one that can.
+        split = self._worker_config(new)
+        self.config = new
+        await self._each("apply_live", QUERY_TIMEOUT, config=split)
 
     # -- figures -----------------------------------------------------------------------------
 

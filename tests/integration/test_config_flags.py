@@ -1,0 +1,50 @@
+"""The flags for allow, max_connections_per_ip and shutdown_grace, on a real daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from tests.integration.conftest import Echod
+from tests.integration.echo_util import connect, roundtrip, send_without_reading, wait_for
+
+GRACE = 1.0
+
+
+def from_address(source: str, port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), 10, (source, 0))
+
+
+def test_allow_and_per_ip_flags(echod_factory: Callable[..., Echod]) -> None:
+    d = echod_factory(
+        mode="user",
+        args=["--allow", "127.0.0.2/32,127.0.0.3", "--max-connections-per-ip", "1"],
+        hosts=("127.0.0.1",),
+    )
+    with connect("127.0.0.1", d.port) as outside:
+        assert outside.recv(1) == b"", "an address outside --allow was served"
+    with from_address("127.0.0.2", d.port) as first, from_address("127.0.0.3", d.port) as other:
+        roundtrip(first, b"allowed")
+        roundtrip(other, b"allowed too")
+        with from_address("127.0.0.2", d.port) as second:
+            assert second.recv(1) == b"", "--max-connections-per-ip 1 let a second one in"
+    refused = d.stats()["connections"]["refused"]
+    assert (refused["allow"], refused["per_ip"]) == (1, 1)
+
+
+def test_shutdown_grace_flag_bounds_the_stop(echod_factory: Callable[..., Echod]) -> None:
+    """A client that never reads holds its connection for --shutdown-grace, then no longer."""
+    d = echod_factory(mode="user", args=["--shutdown-grace", str(GRACE)], hosts=("127.0.0.1",))
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(connect("127.0.0.1", d.port))
+        sent, how = send_without_reading(sock, 8 << 20, 2)
+        assert how in ("limit", "deadline"), (sent, how)
+        wait_for(lambda: d.status()["connections"] == 1, what="the connection to be counted")
+        started = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        took = time.monotonic() - started
+    assert GRACE * 0.9 <= took < GRACE + 4, took
