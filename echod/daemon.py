@@ -217,6 +217,9 @@ class Daemon:
             "self_check": self.service.base_status()["self_check"],
             "bpf_programs": stats["bpf_programs"],
             "workers": stats.get("workers"),
+            # The sum over the daemon's processes, and each process ({"worker": ..., figures}).
+            "process": stats.get("process"),
+            "processes": stats.get("processes", []),
         }
 
     # -- the control methods

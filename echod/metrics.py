@@ -25,7 +25,38 @@ __all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "sta
 Snapshot = Mapping[str, Any]
 SnapshotFn = Callable[[], Snapshot]
 
-REFUSAL_REASONS = ("max_connections", "allow", "per_ip")
+# The reasons service.py gives; each has a sample (0 until it happens).
+REFUSAL_REASONS = ("max_connections", "allow", "per_ip", "fd_limit")
+INSERT_FAILURE_REASONS = ("map_full", "peer_closed_before_accept")
+# Per-process figures: (family, help, type, the figure's value); the worker label names the
+# process ("supervisor", or a worker's index; "0" in one-process mode).
+_Kind = type[CounterMetricFamily] | type[GaugeMetricFamily]
+_PROCESS_FAMILIES: tuple[tuple[str, str, _Kind, Callable[[Mapping[str, Any]], float]], ...] = (
+    (
+        "echod_process_cpu_seconds",
+        "CPU time (user + system) of each of the daemon's processes.",
+        CounterMetricFamily,
+        lambda p: float(p.get("cpu_user_s", 0)) + float(p.get("cpu_system_s", 0)),
+    ),
+    (
+        "echod_process_resident_memory_bytes",
+        "Resident memory of each of the daemon's processes.",
+        GaugeMetricFamily,
+        lambda p: float(p.get("rss_bytes", 0)),
+    ),
+    (
+        "echod_process_open_fds",
+        "Open file descriptors of each of the daemon's processes.",
+        GaugeMetricFamily,
+        lambda p: float(p.get("open_fds", 0)),
+    ),
+    (
+        "echod_process_threads",
+        "Threads of each of the daemon's processes.",
+        GaugeMetricFamily,
+        lambda p: float(p.get("threads", 0)),
+    ),
+)
 
 
 class SnapshotCollector(Collector):
@@ -40,8 +71,12 @@ class SnapshotCollector(Collector):
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
-        """Take a snapshot and yield every family; called from the HTTP thread."""
-        snap = self._snapshot()
+        """Take a snapshot and yield every family that has a sample."""
+        # A family without samples is only HELP and TYPE lines: leave it out altogether.
+        return (family for family in self._families(self._snapshot()) if family.samples)
+
+    @staticmethod
+    def _families(snap: Snapshot) -> Iterator[Metric]:
         yield from _build_info(snap)
         yield from _mode(snap)
         yield from _connections(snap.get("connections") or {})
@@ -50,6 +85,40 @@ class SnapshotCollector(Collector):
         yield from _bpf_programs(snap.get("bpf_programs") or [])
         yield from _workers(snap.get("workers") or {})
         yield from _self_check(snap.get("self_check") or {})
+        yield from _processes(snap.get("process") or {}, snap.get("processes") or [])
+
+
+def _processes(total: Mapping[str, Any], parts: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    """The sum over the daemon's processes, and each process with a worker label.
+
+    Sum and parts are separate families, so that sum() over a family never counts twice.
+    """
+    if total:
+        yield CounterMetricFamily(
+            "echod_daemon_cpu_seconds",
+            "CPU time (user + system) of all the daemon's processes together.",
+            value=float(total.get("cpu_user_s", 0)) + float(total.get("cpu_system_s", 0)),
+        )
+        for name, key, what in (
+            ("resident_memory_bytes", "rss_bytes", "Resident memory"),
+            ("open_fds", "open_fds", "Open file descriptors"),
+            ("threads", "threads", "Threads"),
+        ):
+            yield GaugeMetricFamily(
+                f"echod_daemon_{name}",
+                f"{what} of all the daemon's processes together.",
+                value=float(total.get(key, 0)),
+            )
+        yield GaugeMetricFamily(
+            "echod_daemon_processes",
+            "Processes of the daemon: the supervisor and its workers (1: a single process).",
+            value=float(total.get("processes", 1)),
+        )
+    for name, text, kind, value in _PROCESS_FAMILIES:
+        family = kind(name, text, labels=["worker"])
+        for part in parts:
+            family.add_metric([str(part.get("worker", ""))], value(part))
+        yield family
 
 
 def _self_check(paths: Mapping[str, Any]) -> Iterator[Metric]:
@@ -123,7 +192,10 @@ def _connections(conns: Mapping[str, Any]) -> Iterator[Metric]:
         "Kernel-mode connections that could not enter the sockhash and were echoed in user space.",
         labels=["reason"],
     )
-    for reason, count in sorted((conns.get("insert_failed_reasons") or {}).items()):
+    reasons = dict.fromkeys(INSERT_FAILURE_REASONS, 0) | dict(
+        conns.get("insert_failed_reasons") or {}
+    )
+    for reason, count in sorted(reasons.items()):
         failed.add_metric([reason], int(count))
     yield failed
 
@@ -169,12 +241,12 @@ def _traffic(
     yield CounterMetricFamily(
         "echod_kernel_missed_packets",
         "Packets passed to user space because the redirect missed the sockhash (a socket leaving "
-        'it); included in echod_kernel_packets{verdict="passed"}.',
+        'it); included in echod_kernel_packets_total{verdict="passed"}.',
         value=int(kernel.get("missed_packets", 0)),
     )
     yield CounterMetricFamily(
         "echod_kernel_missed_bytes",
-        'Bytes of the missed packets; included in echod_kernel_bytes{verdict="passed"}.',
+        'Bytes of the missed packets; included in echod_kernel_bytes_total{verdict="passed"}.',
         value=int(kernel.get("missed_bytes", 0)),
     )
     yield CounterMetricFamily(
@@ -264,7 +336,11 @@ def _bpf_programs(progs: list[Mapping[str, Any]]) -> Iterator[Metric]:
 
 
 def make_registry(snapshot: SnapshotFn, process: bool = True) -> CollectorRegistry:
-    """Return a registry holding the snapshot collector (and process_* figures)."""
+    """Return a registry holding the snapshot collector (and process_* figures).
+
+    process_* is prometheus_client's ProcessCollector: the process serving /metrics alone (the
+    supervisor, with workers). echod_process_*{worker} and echod_daemon_* cover them all.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot))
     if process:

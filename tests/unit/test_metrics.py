@@ -1,15 +1,33 @@
-"""echod.metrics: names, labels and values of the exposition, and the HTTP server thread."""
+"""echod.metrics: names, labels and values of the exposition; docs and HELP texts agree."""
 
 from __future__ import annotations
 
+import errno
+import re
 import threading
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echod import metrics
+from echod import metrics, service
+
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+# The per-process figures `stats` carries (the stats side's contract), for one process.
+FIGURES = {
+    "cpu_percent": 12.5,
+    "cpu_user_s": 1.5,
+    "cpu_system_s": 0.25,
+    "rss_bytes": 40_000_000,
+    "ctx_voluntary": 10,
+    "ctx_involuntary": 2,
+    "page_faults_minor": 100,
+    "page_faults_major": 1,
+    "open_fds": 30,
+    "threads": 3,
+}
 
 
 def _snapshot(**changes: Any) -> dict[str, Any]:
@@ -18,7 +36,7 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
         "version": "0.1.0",
         "connections": {
             "accepted": 12,
-            "refused": {"max_connections": 1, "allow": 2, "per_ip": 3},
+            "refused": {"max_connections": 1, "allow": 2, "per_ip": 3, "fd_limit": 5},
             "active": 4,
             "closed": 8,
             "aborted_backlog": 6,
@@ -55,6 +73,18 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
             "redirect_failures": 7,
         },
         "bypass_status": {"enabled": True},
+        "self_check": {"kernel": {"result": "passed"}, "user": {"result": "failed"}},
+        "process": {
+            **{k: v * 3 for k, v in FIGURES.items()},
+            "cpu_user_s": 4.0,
+            "cpu_system_s": 0.5,
+            "processes": 3,
+        },
+        "processes": [
+            {"worker": "supervisor", **FIGURES},
+            {"worker": "0", **FIGURES, "cpu_user_s": 2.0, "rss_bytes": 41_000_000},
+            {"worker": "1", **FIGURES, "cpu_user_s": 0.5, "open_fds": 31},
+        ],
     }
     snap.update(changes)
     return snap
@@ -104,6 +134,15 @@ def test_families_and_types() -> None:
         "echod_workers": "gauge",
         "echod_worker_restarts": "counter",
         "echod_self_check_passed": "gauge",
+        "echod_daemon_cpu_seconds": "counter",
+        "echod_daemon_resident_memory_bytes": "gauge",
+        "echod_daemon_open_fds": "gauge",
+        "echod_daemon_threads": "gauge",
+        "echod_daemon_processes": "gauge",
+        "echod_process_cpu_seconds": "counter",
+        "echod_process_resident_memory_bytes": "gauge",
+        "echod_process_open_fds": "gauge",
+        "echod_process_threads": "gauge",
     }
     assert all(name.startswith("echod_") for name in types)
 
@@ -117,6 +156,7 @@ def test_values() -> None:
     assert s[("echod_connections_refused_total", (("reason", "max_connections"),))] == 1
     assert s[("echod_connections_refused_total", (("reason", "allow"),))] == 2
     assert s[("echod_connections_refused_total", (("reason", "per_ip"),))] == 3
+    assert s[("echod_connections_refused_total", (("reason", "fd_limit"),))] == 5
     assert s[("echod_connections_active", ())] == 4
     assert s[("echod_connections_closed_total", ())] == 8
     assert s[("echod_bytes_total", (("path", "user"),))] == 100
@@ -135,6 +175,7 @@ def test_values() -> None:
     assert s[("echod_connections_aborted_backlog_total", ())] == 6
     failed = (("reason", "peer_closed_before_accept"),)
     assert s[("echod_connections_insert_failed_total", failed)] == 3
+    assert s[("echod_connections_insert_failed_total", (("reason", "map_full"),))] == 0
     verdict = (("id", "41"), ("prog", "echo_verdict"))
     assert s[("echod_bpf_program_run_count_total", verdict)] == 72
     assert s[("echod_bpf_program_run_time_seconds_total", verdict)] == pytest.approx(1.5)
@@ -188,6 +229,97 @@ def test_every_scrape_takes_a_fresh_snapshot() -> None:
     assert calls == 0  # registering must not call into the daemon
     assert registry.get_sample_value("echod_connections_accepted_total") == 1
     assert registry.get_sample_value("echod_connections_accepted_total") == 2
+
+
+def test_process_sum_and_each_process() -> None:
+    s = _samples(metrics.render(_snapshot))
+    assert s[("echod_daemon_cpu_seconds_total", ())] == pytest.approx(4.5)
+    assert s[("echod_daemon_resident_memory_bytes", ())] == 120_000_000
+    assert s[("echod_daemon_open_fds", ())] == 90
+    assert s[("echod_daemon_threads", ())] == 9
+    assert s[("echod_daemon_processes", ())] == 3
+    cpu = {k[1]: v for k, v in s.items() if k[0] == "echod_process_cpu_seconds_total"}
+    assert cpu == {
+        (("worker", "supervisor"),): pytest.approx(1.75),
+        (("worker", "0"),): pytest.approx(2.25),
+        (("worker", "1"),): pytest.approx(0.75),
+    }
+    assert s[("echod_process_resident_memory_bytes", (("worker", "0"),))] == 41_000_000
+    assert s[("echod_process_open_fds", (("worker", "1"),))] == 31
+    assert s[("echod_process_threads", (("worker", "supervisor"),))] == 3
+    # Nothing of ours shares a family with prometheus_client's process collector.
+    assert not any(name.startswith("process_") for name, _ in s)
+
+
+def test_one_process_has_one_worker_series() -> None:
+    snap = _snapshot(
+        process={**FIGURES, "processes": 1}, processes=[{"worker": "0", **FIGURES}], workers=None
+    )
+    s = _samples(metrics.render(lambda: snap))
+    assert s[("echod_daemon_processes", ())] == 1
+    assert s[("echod_daemon_resident_memory_bytes", ())] == 40_000_000
+    workers = {k[1] for k in s if k[0] == "echod_process_threads"}
+    assert workers == {(("worker", "0"),)}
+
+
+def _helped(text: str) -> set[str]:
+    return set(re.findall(r"^# HELP (\S+) ", text, re.M))
+
+
+def _sampled(text: str) -> set[str]:
+    return set(re.findall(r"^(\w+)[{ ]", text, re.M))
+
+
+def test_every_family_with_help_has_a_sample() -> None:
+    """A HELP and TYPE without a sample (a family never filled) is left out, or filled."""
+    for snap in (
+        _snapshot(),
+        _snapshot(connections={"insert_failed_reasons": {}}),
+        _snapshot(self_check={}, processes=[]),
+        {"mode": None, "version": "0.1.0"},
+    ):
+        text = metrics.render(lambda snap=snap: snap)
+        assert _helped(text) <= _sampled(text)
+    typical = metrics.render(_snapshot)
+    assert "echod_connections_insert_failed_total" in _sampled(typical)
+
+
+def test_insert_failures_have_a_zero_sample_per_known_reason() -> None:
+    s = _samples(metrics.render(lambda: _snapshot(connections={"insert_failed_reasons": {}})))
+    for reason in metrics.INSERT_FAILURE_REASONS:
+        assert s[("echod_connections_insert_failed_total", (("reason", reason),))] == 0
+
+
+def test_reasons_are_the_services() -> None:
+    source = Path(service.__file__).read_text()
+    refusals = set(re.findall(r'_refuse\(sock, peer, "(\w+)"\)', source))
+    assert refusals == set(metrics.REFUSAL_REASONS)
+    named = {
+        service.insert_failure(OSError(code, "x"))
+        for code in (errno.EOPNOTSUPP, errno.ENOSPC, errno.E2BIG, errno.ENOMEM)
+    }
+    assert named == set(metrics.INSERT_FAILURE_REASONS)
+
+
+def test_metric_names_in_help_texts_exist() -> None:
+    text = metrics.render(_snapshot)
+    helps = "\n".join(re.findall(r"^# HELP \S+ (.*)$", text, re.M))
+    cited = set(re.findall(r"\b(echod_\w+)", helps))
+    assert cited
+    assert cited <= _sampled(text)
+
+
+def test_operations_doc_names_every_metric_and_only_those() -> None:
+    doc = OPERATIONS.read_text()
+    text = metrics.render(_snapshot, process=True)
+    exposed = _sampled(text)
+    cited = set(re.findall(r"\b((?:echod|process)_\w+)(?![\w*])", doc))
+    assert cited - exposed == set(), "docs/operations.md names metrics that are not exposed"
+    rows = set(re.findall(r"^\| `((?:echod|process)_\w+)", doc, re.M))
+    ours = {name for name in _helped(text) if name.startswith("echod_")}
+    assert ours - rows == set(), "metrics without a row in docs/operations.md"
+    for reason in (*metrics.REFUSAL_REASONS, *metrics.INSERT_FAILURE_REASONS):
+        assert f"`{reason}`" in doc
 
 
 def test_http_server_serves_from_its_own_thread() -> None:
