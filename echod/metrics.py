@@ -1,14 +1,13 @@
-"""Prometheus exposition of a daemon snapshot, served from a thread off the event loop."""
+"""Prometheus exposition of a daemon snapshot (metrics_http serves it on the event loop)."""
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,9 +17,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from echod.config import EFFECTIVE_MODES
-from echod.validators import parse_address
 
-__all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "start_metrics_server"]
+__all__ = ["SnapshotCollector", "make_registry", "process_figures", "render"]
 
 Snapshot = Mapping[str, Any]
 SnapshotFn = Callable[[], Snapshot]
@@ -353,39 +351,10 @@ def render(snapshot: SnapshotFn, process: bool = False) -> str:
     return generate_latest(make_registry(snapshot, process)).decode()
 
 
-class MetricsServer:
-    """A running /metrics HTTP server; close() stops it."""
-
-    def __init__(self, addr: str, snapshot: SnapshotFn) -> None:
-        host, port = parse_address(addr, min_port=0)
-        # The server runs in its own daemon thread (and a thread per request), so a slow
-        # scraper never stalls the event loop; snapshot() must therefore be thread-safe.
-        self._httpd, self._thread = start_http_server(port, host, make_registry(snapshot))
-        self.host = host
-        self.port: int = self._httpd.server_port
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @property
-    def url(self) -> str:
-        """Where to scrape."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        """Stop serving and release the port; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-
-def start_metrics_server(addr: str, snapshot: SnapshotFn) -> MetricsServer:
-    """Serve /metrics on addr ("127.0.0.1:9108", "[::1]:9108", or a bare port for 127.0.0.1)."""
-    return MetricsServer(addr, snapshot)
+def renderer(snapshot: SnapshotFn) -> Callable[[], bytes]:
+    """What /metrics serves: the snapshot's families and process_*, rendered anew per call."""
+    registry = make_registry(snapshot)
+    return lambda: generate_latest(registry)
 
 
 def process_figures() -> dict[str, Any]:

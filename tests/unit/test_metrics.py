@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import re
 import threading
-import urllib.request
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echod import metrics, service
+from echod import metrics, metrics_http, service
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 # The per-process figures `stats` carries (the stats side's contract), for one process.
@@ -322,38 +323,126 @@ def test_operations_doc_names_every_metric_and_only_those() -> None:
         assert f"`{reason}`" in doc
 
 
-def test_http_server_serves_from_its_own_thread() -> None:
+# -- the /metrics HTTP endpoint (metrics_http), on a loop of the test's own
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "with_body"),
+    [
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*", 200, True),
+        (b"GET / HTTP/1.0", 200, True),
+        (b"GET /metrics?x=1 HTTP/1.1", 200, True),
+        (b"HEAD /metrics HTTP/1.1\nHost: x", 200, False),
+        (b"GET /nope HTTP/1.1", 404, True),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0", 405, True),
+        (b"DELETE /metrics HTTP/1.1", 405, True),
+        (b"GET /metrics HTTP/2.0", 505, True),
+        (b"GET /metrics", 400, True),
+        (b"\x16\x03\x01\x02\x00 garbage", 400, True),
+        (b"GET /metrics HTTP/1.1\r\nno colon here", 400, True),
+        (b"GET /metrics HTTP/1.1\r\n folded: line", 400, True),
+        (b"GET  /metrics HTTP/1.1", 400, True),
+    ],
+)
+def test_request_routing(head: bytes, status: int, with_body: bool) -> None:
+    got_status, body, send_body = metrics_http.respond(head, lambda: b"FIGURES")
+    assert (got_status, send_body) == (status, with_body)
+    assert (body == b"FIGURES") == (status == 200)
+
+
+def test_response_is_one_per_connection() -> None:
+    raw = metrics_http.response(200, b"abc", send_body=False)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert body == b""
+    assert b"Content-Length: 3\r\n" in head  # HEAD says what GET would send
+    assert b"Connection: close" in head
+    assert b"Content-Type: text/plain; version=" in head
+    assert b"Allow: GET, HEAD" in metrics_http.response(405, b"x")
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    """One request, and all the server sends until it closes (within 2 s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    try:
+        async with asyncio.timeout(2):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def test_serves_on_the_loop_and_closes() -> None:
     threads: list[str] = []
 
     def snapshot() -> dict[str, Any]:
         threads.append(threading.current_thread().name)
         return _snapshot()
 
-    server = metrics.start_metrics_server("127.0.0.1:0", snapshot)
-    try:
-        assert server.url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(server.url, timeout=5) as response:
-            assert response.status == 200
-            body = response.read().decode()
-    finally:
-        server.close()
-        server.close()  # idempotent
-    s = _samples(body)
+    async def main() -> tuple[bytes, bytes, int]:
+        server = await metrics_http.start_metrics_server("127.0.0.1:0", metrics.renderer(snapshot))
+        try:
+            assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+            get = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await _exchange(server.port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+            await asyncio.sleep(0.05)
+            return get, head, server.clients
+        finally:
+            await server.close()
+            await server.close()  # idempotent
+
+    get, head, clients = asyncio.run(main())
+    status, _, rest = get.partition(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK"
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(body)}".encode() in headers
+    s = _samples(body.decode())
     assert s[("echod_connections_active", ())] == 4
     assert ("process_cpu_seconds_total", ()) in s
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert head.endswith(b"\r\n\r\n")
+    assert clients == 0  # each connection closed after its one response
     assert threads
-    assert threading.main_thread().name not in threads
+    assert set(threads) == {threading.main_thread().name}
 
 
-def test_bare_port_means_loopback() -> None:
-    server = metrics.start_metrics_server("0", _snapshot)
-    try:
-        assert server.host == "127.0.0.1"
-        assert server.port > 0
-    finally:
-        server.close()
+def test_header_deadline_size_cap_and_client_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_http, "HEADER_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        server = await metrics_http.start_metrics_server("127.0.0.1:0", lambda: b"ok\n")
+        try:
+            # Over-long header: 431 at once, without waiting for the deadline.
+            big = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000
+            assert (await _exchange(server.port, big)).startswith(b"HTTP/1.1 431 ")
+            # Partial headers beyond the cap: the oldest are dropped, at most the cap stays.
+            partial = []
+            for _ in range(metrics_http.MAX_CLIENTS + 4):
+                _, writer = conn = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"GET /metrics HTTP/1.1\r\n")
+                partial.append(conn)
+            await asyncio.sleep(0.05)
+            assert server.clients == metrics_http.MAX_CLIENTS
+            # A scraper still gets through, and the partial ones all end by the deadline.
+            ok = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert ok.endswith(b"\r\n\r\nok\n")
+            start = time.monotonic()
+            for reader, writer in partial:
+                assert await asyncio.wait_for(reader.read(), 2.0) == b""
+                writer.close()
+            assert time.monotonic() - start < 1.0
+            assert server.clients == 0
+        finally:
+            await server.close()
+
+    asyncio.run(main())
 
 
-def test_bad_address_is_refused() -> None:
-    with pytest.raises(ValueError, match="not an IP address"):
-        metrics.start_metrics_server("localhost:9108", _snapshot)
+def test_bare_port_means_loopback_and_bad_address_is_refused() -> None:
+    async def main() -> None:
+        server = await metrics_http.start_metrics_server("0", lambda: b"")
+        assert (server.host, server.port > 0) == ("127.0.0.1", True)
+        await server.close()
+        with pytest.raises(ValueError, match="not an IP address"):
+            await metrics_http.start_metrics_server("localhost:9108", lambda: b"")
+
+    asyncio.run(main())
