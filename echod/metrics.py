@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from echod.config import EFFECTIVE_MODES
 
-__all__ = ["SnapshotCollector", "make_registry", "process_figures", "render"]
+__all__ = ["SnapshotCollector", "make_registry", "render", "renderer"]
 
 Snapshot = Mapping[str, Any]
 SnapshotFn = Callable[[], Snapshot]
@@ -355,35 +354,3 @@ def renderer(snapshot: SnapshotFn) -> Callable[[], bytes]:
     """What /metrics serves: the snapshot's families and process_*, rendered anew per call."""
     registry = make_registry(snapshot)
     return lambda: generate_latest(registry)
-
-
-def process_figures() -> dict[str, Any]:
-    """The daemon's own figures from psutil."""
-    import psutil
-
-    proc = psutil.Process()
-    with proc.oneshot():
-        cpu = proc.cpu_times()
-        ctx = proc.num_ctx_switches()
-        mem = proc.memory_info()
-        faults = _page_faults()
-        return {
-            "cpu_percent": proc.cpu_percent(interval=None),
-            "cpu_user_s": cpu.user,
-            "cpu_system_s": cpu.system,
-            "rss_bytes": mem.rss,
-            "ctx_voluntary": ctx.voluntary,
-            "ctx_involuntary": ctx.involuntary,
-            "page_faults_minor": faults[0],
-            "page_faults_major": faults[1],
-            # Linux 6.2+ gives the count as the directory's size; listing it costs ~15 ms at 19k.
-            "open_fds": os.stat("/proc/self/fd").st_size or proc.num_fds(),
-            "threads": proc.num_threads(),
-        }
-
-
-def _page_faults() -> tuple[int, int]:
-    # /proc/self/stat fields 10 (minflt) and 12 (majflt); the command name may hold spaces.
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[7]), int(fields[9])
