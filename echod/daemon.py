@@ -106,10 +106,11 @@ class Daemon:
                 if isinstance(service, WorkerPool):
                     await service.open()
                 await service.start()
+                # /metrics before the control socket: whoever sees `status` answer can scrape.
+                stack.push_async_callback(self._stop_metrics)
+                self.metrics = await self._start_metrics(self.config.metrics)
                 await self._start_control(control)
                 check_fd_budget(-(-self.config.max_connections // self.config.workers))
-                self.metrics = await self._start_metrics(self.config.metrics)
-                stack.callback(self._stop_metrics)
             except (RequestError, OSError) as exc:
                 message = exc.message if isinstance(exc, RequestError) else describe(exc)
                 log.error("daemon.start_failed", error=message)
@@ -177,29 +178,34 @@ class Daemon:
             await asyncio.sleep(min(TICK, interval or TICK))
 
     async def _start_metrics(self, address: str | None) -> Any:
-        """A metrics server on address (None: off); OSError names the address."""
+        """A metrics server on address (None: off); OSError names the address.
+
+        It serves on this loop, from the snapshot the loop takes each tick (metrics_http says
+        how each connection is bounded).
+        """
         if not address:
             return None
-        from echod import metrics
+        from echod import metrics, metrics_http
 
         self._snapshot = await self._take_snapshot()
         try:
-            server = metrics.start_metrics_server(address, self.metrics_snapshot)
+            render = metrics.renderer(self.metrics_snapshot)
+            server = await metrics_http.start_metrics_server(address, render)
         except OSError as exc:
             raise OSError(exc.errno, f"metrics address {address}: {describe(exc)}") from exc
         log.info("metrics.listening", address=address)
         return server
 
-    def _stop_metrics(self) -> None:
+    async def _stop_metrics(self) -> None:
         if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
+            metrics, self.metrics = self.metrics, None
+            await metrics.close()
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """What a Prometheus scrape reads, from the metrics thread: the last tick's figures.
+        """What a Prometheus scrape reads: the last tick's figures.
 
-        The loop takes the snapshot (connections and maps are only touched from the loop), so a
-        scrape never waits for the loop and never races it.
+        The tick takes the snapshot (asking every worker is a round trip), so a scrape answers
+        at once from what it finds here and never waits on a worker.
         """
         return self._snapshot
 
@@ -217,6 +223,9 @@ class Daemon:
             "self_check": self.service.base_status()["self_check"],
             "bpf_programs": stats["bpf_programs"],
             "workers": stats.get("workers"),
+            # The sum over the daemon's processes, and each process ({"worker": ..., figures}).
+            "process": stats.get("process"),
+            "processes": stats.get("processes", []),
         }
 
     # -- the control methods
@@ -273,7 +282,7 @@ class Daemon:
         needs_restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
         if "metrics" in applied:
             # Bind the new address before anything is committed: a failure keeps the old state.
-            self._stop_metrics()
+            await self._stop_metrics()
             try:
                 self.metrics = await self._start_metrics(new.metrics)
             except OSError:

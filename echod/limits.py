@@ -1,8 +1,9 @@
-"""What the control socket and the echo service may hold: control slots and the fd budget.
+"""What the control socket, /metrics and the echo service may hold: slots and the fd budget.
 
-The control socket keeps MAX_CLIENTS slots for everyone and RESERVED_CLIENTS more for admins.
-The echo service refuses connections FD_RESERVE descriptors below RLIMIT_NOFILE, so that the
-control socket still answers when the echo side is at the fd limit.
+The control socket keeps MAX_CLIENTS slots for everyone and RESERVED_CLIENTS more for admins;
+/metrics keeps METRICS_CLIENTS. The echo service refuses connections FD_RESERVE descriptors
+below RLIMIT_NOFILE, so that the control socket and /metrics still answer when the echo side
+is at the fd limit.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ log = structlog.get_logger("echod.control")
 MAX_CLIENTS = 64
 MAX_CLIENTS_PER_UID = 8
 RESERVED_CLIENTS = 16
+# /metrics connections open at once (more: the oldest still sending its header is dropped).
+METRICS_CLIENTS = 16
+# The metrics listener's backlog: the loop accepts what its queue holds at one wake-up before
+# the cap above sees them, so about that many more may be open for a moment.
+METRICS_BACKLOG = 8
 # Descriptors the echo service leaves free (it refuses connections this far below
-# RLIMIT_NOFILE): every control slot, plus the daemon's own files (BPF, epoll, metrics, ...).
-FD_RESERVE = MAX_CLIENTS + RESERVED_CLIENTS + 64
+# RLIMIT_NOFILE): every control slot, every /metrics connection (with one accept batch), plus
+# the daemon's own files (BPF, epoll, listeners, ...).
+FD_RESERVE = MAX_CLIENTS + RESERVED_CLIENTS + METRICS_CLIENTS + METRICS_BACKLOG + 64
 
 
 def slot_refusal(admin: bool, uid: int, total: int, of_uid: int) -> str | None:

@@ -1,14 +1,12 @@
-"""Prometheus exposition of a daemon snapshot, served from a thread off the event loop."""
+"""Prometheus exposition of a daemon snapshot (metrics_http serves it on the event loop)."""
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,14 +16,44 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from echod.config import EFFECTIVE_MODES
-from echod.validators import parse_address
 
-__all__ = ["SnapshotCollector", "MetricsServer", "make_registry", "render", "start_metrics_server"]
+__all__ = ["SnapshotCollector", "make_registry", "render", "renderer"]
 
 Snapshot = Mapping[str, Any]
 SnapshotFn = Callable[[], Snapshot]
 
-REFUSAL_REASONS = ("max_connections", "allow", "per_ip")
+# The reasons service.py gives; each has a sample (0 until it happens).
+REFUSAL_REASONS = ("max_connections", "allow", "per_ip", "fd_limit")
+INSERT_FAILURE_REASONS = ("map_full", "peer_closed_before_accept")
+# Per-process figures: (family, help, type, the figure's value); the worker label names the
+# process ("supervisor", or a worker's index; "0" in one-process mode).
+_Kind = type[CounterMetricFamily] | type[GaugeMetricFamily]
+_PROCESS_FAMILIES: tuple[tuple[str, str, _Kind, Callable[[Mapping[str, Any]], float]], ...] = (
+    (
+        "echod_process_cpu_seconds",
+        "CPU time (user + system) of each of the daemon's processes.",
+        CounterMetricFamily,
+        lambda p: float(p.get("cpu_user_s", 0)) + float(p.get("cpu_system_s", 0)),
+    ),
+    (
+        "echod_process_resident_memory_bytes",
+        "Resident memory of each of the daemon's processes.",
+        GaugeMetricFamily,
+        lambda p: float(p.get("rss_bytes", 0)),
+    ),
+    (
+        "echod_process_open_fds",
+        "Open file descriptors of each of the daemon's processes.",
+        GaugeMetricFamily,
+        lambda p: float(p.get("open_fds", 0)),
+    ),
+    (
+        "echod_process_threads",
+        "Threads of each of the daemon's processes.",
+        GaugeMetricFamily,
+        lambda p: float(p.get("threads", 0)),
+    ),
+)
 
 
 class SnapshotCollector(Collector):
@@ -40,8 +68,12 @@ class SnapshotCollector(Collector):
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
-        """Take a snapshot and yield every family; called from the HTTP thread."""
-        snap = self._snapshot()
+        """Take a snapshot and yield every family that has a sample."""
+        # A family without samples is only HELP and TYPE lines: leave it out altogether.
+        return (family for family in self._families(self._snapshot()) if family.samples)
+
+    @staticmethod
+    def _families(snap: Snapshot) -> Iterator[Metric]:
         yield from _build_info(snap)
         yield from _mode(snap)
         yield from _connections(snap.get("connections") or {})
@@ -50,6 +82,40 @@ class SnapshotCollector(Collector):
         yield from _bpf_programs(snap.get("bpf_programs") or [])
         yield from _workers(snap.get("workers") or {})
         yield from _self_check(snap.get("self_check") or {})
+        yield from _processes(snap.get("process") or {}, snap.get("processes") or [])
+
+
+def _processes(total: Mapping[str, Any], parts: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    """The sum over the daemon's processes, and each process with a worker label.
+
+    Sum and parts are separate families, so that sum() over a family never counts twice.
+    """
+    if total:
+        yield CounterMetricFamily(
+            "echod_daemon_cpu_seconds",
+            "CPU time (user + system) of all the daemon's processes together.",
+            value=float(total.get("cpu_user_s", 0)) + float(total.get("cpu_system_s", 0)),
+        )
+        for name, key, what in (
+            ("resident_memory_bytes", "rss_bytes", "Resident memory"),
+            ("open_fds", "open_fds", "Open file descriptors"),
+            ("threads", "threads", "Threads"),
+        ):
+            yield GaugeMetricFamily(
+                f"echod_daemon_{name}",
+                f"{what} of all the daemon's processes together.",
+                value=float(total.get(key, 0)),
+            )
+        yield GaugeMetricFamily(
+            "echod_daemon_processes",
+            "Processes of the daemon: the supervisor and its workers (1: a single process).",
+            value=float(total.get("processes", 1)),
+        )
+    for name, text, kind, value in _PROCESS_FAMILIES:
+        family = kind(name, text, labels=["worker"])
+        for part in parts:
+            family.add_metric([str(part.get("worker", ""))], value(part))
+        yield family
 
 
 def _self_check(paths: Mapping[str, Any]) -> Iterator[Metric]:
@@ -123,7 +189,10 @@ def _connections(conns: Mapping[str, Any]) -> Iterator[Metric]:
         "Kernel-mode connections that could not enter the sockhash and were echoed in user space.",
         labels=["reason"],
     )
-    for reason, count in sorted((conns.get("insert_failed_reasons") or {}).items()):
+    reasons = dict.fromkeys(INSERT_FAILURE_REASONS, 0) | dict(
+        conns.get("insert_failed_reasons") or {}
+    )
+    for reason, count in sorted(reasons.items()):
         failed.add_metric([reason], int(count))
     yield failed
 
@@ -169,12 +238,12 @@ def _traffic(
     yield CounterMetricFamily(
         "echod_kernel_missed_packets",
         "Packets passed to user space because the redirect missed the sockhash (a socket leaving "
-        'it); included in echod_kernel_packets{verdict="passed"}.',
+        'it); included in echod_kernel_packets_total{verdict="passed"}.',
         value=int(kernel.get("missed_packets", 0)),
     )
     yield CounterMetricFamily(
         "echod_kernel_missed_bytes",
-        'Bytes of the missed packets; included in echod_kernel_bytes{verdict="passed"}.',
+        'Bytes of the missed packets; included in echod_kernel_bytes_total{verdict="passed"}.',
         value=int(kernel.get("missed_bytes", 0)),
     )
     yield CounterMetricFamily(
@@ -264,7 +333,11 @@ def _bpf_programs(progs: list[Mapping[str, Any]]) -> Iterator[Metric]:
 
 
 def make_registry(snapshot: SnapshotFn, process: bool = True) -> CollectorRegistry:
-    """Return a registry holding the snapshot collector (and process_* figures)."""
+    """Return a registry holding the snapshot collector (and process_* figures).
+
+    process_* is prometheus_client's ProcessCollector: the process serving /metrics alone (the
+    supervisor, with workers). echod_process_*{worker} and echod_daemon_* cover them all.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot))
     if process:
@@ -277,68 +350,7 @@ def render(snapshot: SnapshotFn, process: bool = False) -> str:
     return generate_latest(make_registry(snapshot, process)).decode()
 
 
-class MetricsServer:
-    """A running /metrics HTTP server; close() stops it."""
-
-    def __init__(self, addr: str, snapshot: SnapshotFn) -> None:
-        host, port = parse_address(addr, min_port=0)
-        # The server runs in its own daemon thread (and a thread per request), so a slow
-        # scraper never stalls the event loop; snapshot() must therefore be thread-safe.
-        self._httpd, self._thread = start_http_server(port, host, make_registry(snapshot))
-        self.host = host
-        self.port: int = self._httpd.server_port
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @property
-    def url(self) -> str:
-        """Where to scrape."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        """Stop serving and release the port; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-
-def start_metrics_server(addr: str, snapshot: SnapshotFn) -> MetricsServer:
-    """Serve /metrics on addr ("127.0.0.1:9108", "[::1]:9108", or a bare port for 127.0.0.1)."""
-    return MetricsServer(addr, snapshot)
-
-
-def process_figures() -> dict[str, Any]:
-    """The daemon's own figures from psutil."""
-    import psutil
-
-    proc = psutil.Process()
-    with proc.oneshot():
-        cpu = proc.cpu_times()
-        ctx = proc.num_ctx_switches()
-        mem = proc.memory_info()
-        faults = _page_faults()
-        return {
-            "cpu_percent": proc.cpu_percent(interval=None),
-            "cpu_user_s": cpu.user,
-            "cpu_system_s": cpu.system,
-            "rss_bytes": mem.rss,
-            "ctx_voluntary": ctx.voluntary,
-            "ctx_involuntary": ctx.involuntary,
-            "page_faults_minor": faults[0],
-            "page_faults_major": faults[1],
-            # Linux 6.2+ gives the count as the directory's size; listing it costs ~15 ms at 19k.
-            "open_fds": os.stat("/proc/self/fd").st_size or proc.num_fds(),
-            "threads": proc.num_threads(),
-        }
-
-
-def _page_faults() -> tuple[int, int]:
-    # /proc/self/stat fields 10 (minflt) and 12 (majflt); the command name may hold spaces.
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[7]), int(fields[9])
+def renderer(snapshot: SnapshotFn) -> Callable[[], bytes]:
+    """What /metrics serves: the snapshot's families and process_*, rendered anew per call."""
+    registry = make_registry(snapshot)
+    return lambda: generate_latest(registry)
