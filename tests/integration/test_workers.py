@@ -232,9 +232,3 @@ def test_a_stopped_worker_is_reported_stale_at_once_then_replaced(
     assert d.stats()["workers"]["restarts"] == 1
     assert other in worker_pids(d)
     assert any('"worker.hung"' in line for line in d.log().splitlines())
-    # The limit the operator reads is the code's.
-    ops = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
-    assert f"answers nothing for **{WORKER_HANG:g} s**" in ops
-    assert f"waits **{ANSWER_WAIT:g} s** for each worker" in " ".join(
-        (Path(__file__).parents[2] / "docs" / "protocol.md").read_text().split()
-    )
