@@ -18,11 +18,11 @@ from echod.config import default_control_path
 from echod.protocol import (
     API_VERSION,
     NOTIFICATION,
+    admin_socket_path,
     describe_exception,
     encode_request,
     well_formed_reply,
 )
-from echod.sockfile import admin_socket_path
 
 __all__ = [
     "ControlClient",

@@ -141,7 +141,8 @@ class Connection:
 
         It is not watched for input: the psock wakes its readers after every skb it redirects,
         so an EPOLLIN watch would wake the daemon once per echoed message. Bytes that miss the
-        redirect are found by the 100 ms guard (kernelpath.BacklogGuard).
+        redirect are found by the guard (kernelpath.BacklogGuard), which the verdict's doorbell
+        rings and a slow round robin backs up.
         """
         self.host.hangups.add(self)
 

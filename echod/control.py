@@ -31,6 +31,7 @@ from echod.protocol import (
     MUTATING_METHODS,
     ControlTarget,
     RequestError,
+    admin_socket_path,
     describe_exception,
     encode_notification,
     encode_response,
@@ -39,7 +40,7 @@ from echod.protocol import (
     request_msgid,
     validate_params,
 )
-from echod.sockfile import SocketFile, admin_socket_path, resolve_group
+from echod.sockfile import SocketFile, resolve_group
 from echod.validators import SUN_PATH_MAX, control_temp_path
 
 log = structlog.get_logger("echod.control")

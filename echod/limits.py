@@ -12,7 +12,7 @@ import resource
 
 import structlog
 
-log = structlog.get_logger("echod.control")
+log = structlog.get_logger("echod.limits")
 
 # Slots: MAX_CLIENTS for everyone, of which one unprivileged uid may hold MAX_CLIENTS_PER_UID;
 # RESERVED_CLIENTS more are for admins only (root, the daemon's uid, the admin group).

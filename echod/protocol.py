@@ -10,6 +10,7 @@ bytes; neither defines any of this again.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Protocol
 
 import msgpack
@@ -200,3 +201,13 @@ def well_formed_reply(frame: Any) -> bool:
     if frame[0] == RESPONSE:
         return len(frame) == 4 and (frame[2] is None or isinstance(frame[2], dict))
     return frame[0] == NOTIFICATION and len(frame) == 3
+
+
+def admin_socket_path(control: str) -> str:
+    """The admin-only control socket beside `control`: control.sock → control.admin.sock.
+
+    Only admins may connect to it (mode 0600, or 0660 with the admin group), so no other uid
+    can fill its accept queue or its slots: `echoctl` uses it when it may.
+    """
+    root, ext = os.path.splitext(control)
+    return f"{root}.admin{ext or '.sock'}"

@@ -19,17 +19,7 @@ import structlog
 
 from echod.validators import control_temp_path
 
-log = structlog.get_logger("echod.control")
-
-
-def admin_socket_path(control: str) -> str:
-    """The admin-only control socket beside `control`: control.sock → control.admin.sock.
-
-    Only admins may connect to it (mode 0600, or 0660 with the admin group), so no other uid
-    can fill its accept queue or its slots: `echoctl` uses it when it may.
-    """
-    root, ext = os.path.splitext(control)
-    return f"{root}.admin{ext or '.sock'}"
+log = structlog.get_logger("echod.sockfile")
 
 
 def resolve_group(group: str | None) -> int | None:

@@ -20,7 +20,7 @@ import pytest
 
 from echoctl.client import ControlClient
 from echod import control, limits, protocol
-from echod.sockfile import admin_socket_path
+from echod.protocol import admin_socket_path
 from tests.integration.conftest import Echod, Factory
 from tests.integration.control_util import ECHOCTL, NOBODY, reachable_by_others, still_serving
 from tests.integration.echo_util import connect, wait_for
