@@ -17,6 +17,7 @@ from echod import __version__, logs, systemd
 from echod.config import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
 from echod.configsource import resolve
 from echod.control import ControlServer
+from echod.lifecycle import Lifecycle
 from echod.limits import check_fd_budget
 from echod.protocol import RequestError
 from echod.selfcheck import SelfCheck
@@ -30,7 +31,6 @@ __all__ = ["LIVE_KEYS", "RESTART_KEYS", "Daemon", "describe"]
 TICK = 1.0
 
 # What the daemon drives: one in-process service (--workers 1), or a pool of worker processes.
-Echo = Service | WorkerPool
 
 
 class Daemon:
@@ -44,7 +44,7 @@ class Daemon:
         self.config = config
         self.flags = dict(flags or {})
         self.should_exit = asyncio.Event()
-        self.service: Echo | None = None
+        self.service: Lifecycle | None = None
         self.metrics: Any = None
         self._snapshot: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
@@ -85,12 +85,13 @@ class Daemon:
         _raise_fd_limit()
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(self.signal_handlers())
-            service: Echo
+            # One interface (Lifecycle) for one process or a supervisor and its workers.
+            service: Lifecycle
             if self.config.workers > 1:
-                service = self.service = WorkerPool(self.config)
-                stack.callback(service.close)
+                service = WorkerPool(self.config)
             else:
-                service = self.service = Service(self.config)
+                service = Service(self.config)
+            self.service = service
             service.checker = SelfCheck()
             control = ControlServer(
                 self.config.control,
@@ -99,12 +100,10 @@ class Daemon:
                 admin_group=self.config.admin_group,
             )
             stack.push_async_callback(control.close)
-            if isinstance(service, Service):
-                stack.callback(service.close)
+            stack.push_async_callback(service.aclose)
             stack.push_async_callback(self._stop_service)
             try:
-                if isinstance(service, WorkerPool):
-                    await service.open()
+                await service.open()
                 await service.start()
                 # /metrics before the control socket: whoever sees `status` answer can scrape.
                 stack.push_async_callback(self._stop_metrics)
@@ -230,7 +229,7 @@ class Daemon:
 
     # -- the control methods
 
-    def _serving(self) -> Echo:
+    def _serving(self) -> Lifecycle:
         assert self.service is not None, "control methods are served only while running"
         return self.service
 

@@ -60,6 +60,7 @@ class Lifecycle:
         self._lock = asyncio.Lock()
         # Runs the self-check before a path serves; the daemon's service has one, a worker
         # or the self-check's own private service none.
+        self.rates: dict[str, float] = {}  # per second, over the last tick (sample)
         self.checker: Checker | None = None
         self.checks: dict[str, Outcome] = {}  # path -> its latest self-check
         self.log: Any = log  # the self-check's private service logs its comings and goings less
@@ -225,6 +226,39 @@ class Lifecycle:
 
     def _maybe_unload(self) -> None:
         """Unload the BPF object when nothing uses it any more."""
+        raise NotImplementedError
+
+    # -- what the daemon drives: one interface for the in-process service and the pool -------
+
+    async def open(self) -> None:
+        """Before the first start (the pool starts its worker processes here)."""
+
+    async def aclose(self) -> None:
+        """After the last stop: release what is held for the service's whole life."""
+        raise NotImplementedError
+
+    async def stop(self, grace: float | None = None) -> dict[str, Any]:
+        """Stop serving: connections drain within the grace; returns the status."""
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Background work while the daemon runs, until cancelled."""
+        raise NotImplementedError
+
+    async def sample(self) -> None:
+        """The daemon's 1 s tick: rates (and the pool's look at its workers)."""
+        raise NotImplementedError
+
+    async def report_status(self) -> dict[str, Any]:
+        """`status` as the daemon answers it."""
+        raise NotImplementedError
+
+    async def report_stats(self) -> dict[str, Any]:
+        """`stats` as the daemon answers it."""
+        raise NotImplementedError
+
+    async def apply_live(self, config: Config) -> None:
+        """Take the settings that can change while serving."""
         raise NotImplementedError
 
     async def check(self) -> dict[str, Any]:

@@ -308,6 +308,10 @@ class Service(Lifecycle):
             if self.mode != "kernel" and self.state == "serving" and not self._lock.locked():
                 self._maybe_unload()
 
+    async def aclose(self) -> None:
+        """Lifecycle.aclose: close()."""
+        self.close()
+
     def close(self) -> None:
         """Release what the service holds for its whole life (call once stopped)."""
         self.hangups.close()

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -58,7 +57,7 @@ _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FD
 class WorkerProcess:
     """One worker: its process and its channel."""
 
-    def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+    def __init__(self, index: int, proc: asyncio.subprocess.Process, channel: Channel) -> None:
         self.index = index
         self.proc = proc
         self.channel = channel
@@ -93,7 +92,7 @@ class WorkerProcess:
 
         None when it said nothing yet, or is gone (its state is then `unresponsive`).
         """
-        if self.last_status is None or self.channel.closed or self.proc.poll() is not None:
+        if self.last_status is None or self.channel.closed or self.proc.returncode is not None:
             return None
         return {**self.last_status, "stale": True, "silent_s": round(now - self.last_answer, 1)}
 
@@ -131,20 +130,23 @@ class WorkerPool(Lifecycle):
 
     async def _spawn(self, index: int) -> WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        proc: subprocess.Popen[bytes] | None = None
+        proc: asyncio.subprocess.Process | None = None
         try:
-            # fork + exec is quick, and the child's end of the pair must be passed to it.
             # /proc/self/exe: the path of the interpreter may not be ours to open (a venv
             # whose interpreter links into a home directory, for a daemon running as
-            # `echod`), while the running image always is; argv[0] still names the venv.
+            # `echod`), while the running image always is. That image does not know the venv
+            # it runs for (uvloop makes it argv[0] too), so the worker is given our sys.path.
             # Only the supervisor speaks to systemd (NotifyAccess=main).
             env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-m", "echod.worker", str(theirs.fileno())],
-                executable="/proc/self/exe",
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            proc = await asyncio.create_subprocess_exec(
+                "/proc/self/exe",
+                "-m",
+                "echod.worker",
+                str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,  # a terminal's ^C reaches the supervisor alone
-                stdin=subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL,
                 env=env,
             )
         finally:
@@ -163,8 +165,9 @@ class WorkerPool(Lifecycle):
         except BaseException as exc:
             worker.retired = True  # never one of the pool's: nothing to keep or start again
             worker.channel.close()
-            worker.proc.kill()
-            await asyncio.to_thread(worker.proc.wait)
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+            await worker.proc.wait()
             if isinstance(exc, RequestError | ChannelClosed | TimeoutError):
                 raise OSError(f"worker {index} did not start: {exc}") from exc
             raise
@@ -364,9 +367,10 @@ class WorkerPool(Lifecycle):
                 continue  # replaced meanwhile
             if reply is None:
                 hung = now - w.last_answer > WORKER_HANG and not w.busy
-                if hung and w.proc.poll() is None:
+                if hung and w.proc.returncode is None:
                     log.error("worker.hung", index=w.index, pid=w.pid, silent_s=WORKER_HANG)
-                    w.proc.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
                 continue
             w.counters, w.last_totals = reply["counters"], reply["totals"]
             if generation == self._generation:  # not from before a start, stop or restart
@@ -397,7 +401,7 @@ class WorkerPool(Lifecycle):
     async def _replace(self, worker: WorkerProcess) -> None:
         if not worker.retired:  # once, even when starting its successor has to be retried
             worker.retired = True
-            code = await asyncio.to_thread(_reap, worker.proc)
+            code = await _reap(worker, 10.0)
             self.restarts += 1
             retire(self._retired, worker.last_totals)
             for key, value in worker.counters.items():
@@ -438,31 +442,32 @@ class WorkerPool(Lifecycle):
             )
         except (RequestError, ChannelClosed, TimeoutError) as exc:
             log.error("worker.start_failed", index=worker.index, error=str(exc))
-            worker.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
 
-    def close(self) -> None:
-        """End every worker process (they have stopped serving by now)."""
+    async def aclose(self) -> None:
+        """End every worker process (they have stopped serving by now), waiting without
+        blocking the loop: 5 s for all to exit, then SIGKILL."""
         self._closing = True
         for w in self.workers.values():
             w.channel.close()  # the worker sees EOF and exits
         deadline = time.monotonic() + 5.0
         for w in self.workers.values():
-            try:
-                w.proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                log.error("worker.kill", index=w.index, pid=w.pid)
-                w.proc.kill()
-                w.proc.wait()
+            await _reap(w, max(deadline - time.monotonic(), 0.01))
         self._unload()
         self._set_bypass(False)
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+async def _reap(worker: WorkerProcess, wait_s: float) -> int:
+    """The worker's exit status, once it has exited; SIGKILL after wait_s seconds."""
     try:
-        return proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+        async with asyncio.timeout(wait_s):
+            return await worker.proc.wait()
+    except TimeoutError:
+        log.error("worker.kill", index=worker.index, pid=worker.pid)
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
+        return await worker.proc.wait()
 
 
 def _check_port_free(config: Config) -> None:
