@@ -35,6 +35,15 @@ MAX_TIMEOUT = 86400.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The rule of echod.config.default_control_path and client_control_path, in words (UID is the
+# caller's uid); test_ctl_help checks it against the path echoctl really uses.
+CONTROL_HELP = (
+    "Control socket [env ECHOD_CONTROL; default: /run/echod/control.sock as root, else "
+    "$XDG_RUNTIME_DIR/echod/control.sock, or /tmp/echod-UID/echod/control.sock when "
+    "XDG_RUNTIME_DIR is unset or empty; a user whose socket does not exist gets the system "
+    "daemon's /run/echod/control.sock when that one exists]."
+)
+
 
 @dataclass
 class Options:
@@ -91,9 +100,7 @@ def _call(
     "--control",
     envvar="ECHOD_CONTROL",
     metavar="SOCK",
-    help="Control socket [env ECHOD_CONTROL; default /run/echod/control.sock as root, "
-    "else $XDG_RUNTIME_DIR/echod/control.sock, or /run/echod/control.sock when that is "
-    "absent].",
+    help=CONTROL_HELP,
 )
 @click.option(
     "--timeout",
