@@ -114,6 +114,8 @@ def test_render_status() -> None:
         == "echod serving in user (requested auto) mode on 127.0.0.1:8888, [::1]:8888"
     )
     assert render.summary({"state": "stopped"}) == "echod stopped"
+    restarted = {**STATUS, "migration": {"moved": 3, "stayed": 1}}
+    assert render.summary(restarted).endswith("[::1]:8888; connections moved 3, stayed 1")
 
 
 def _snap(t: float, user: int, kernel: int, runs: int, run_ns: int) -> dict[str, Any]:
