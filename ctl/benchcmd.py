@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -230,10 +231,16 @@ def _with_bypass(modes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def pip_command() -> str:
+    """The pip of the environment echoctl runs in (/opt/echod/bin/pip when installed there)."""
+    pip = Path(sys.executable).parent / "pip"
+    return str(pip) if pip.exists() else f"{sys.executable} -m pip"
+
+
 def _check_plot_path(path: str) -> None:
     """Refuse a --plot file that cannot be written, or no matplotlib, before any run starts."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs the plot extra: pip install 'echod[plot]' (or matplotlib)")
+        raise ValueError(f"--plot needs matplotlib: {pip_command()} install 'matplotlib>=3.7'")
     existed = os.path.exists(path)
     try:
         with open(path, "ab"):
