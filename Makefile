@@ -26,10 +26,15 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# The TCP port of run, bench and cpaths: make bench PORT=9000 (empty: run's 8888, and a free
+# port for bench and cpaths). Only the command line sets it, never an inherited $PORT.
+PORT =
+PORT_FLAG = $(if $(PORT),--port $(PORT))
+
 # Extra daemon flags: make run ARGS="--port 9000 --mode user"
 ARGS ?=
 run: venv
-	$(BIN)/echod $(ARGS)
+	$(BIN)/echod $(PORT_FLAG) $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check echod ctl tests
@@ -51,13 +56,14 @@ integration: venv deps
 test: venv deps lint check-bpf
 	$(BIN)/pytest tests
 
+BENCH_ARGS ?= -c 10 -s 64 -d 5 --repeat 3
 bench: venv
-	$(BIN)/echoctl compare --spawn -c 10 -s 64 -d 5 --repeat 3
+	$(BIN)/echoctl compare --spawn $(PORT_FLAG) $(BENCH_ARGS)
 
 # The four paths against a C ping-pong client (root, BPF; clang-14 builds the client).
 CPATHS_ARGS ?= --rounds 3 --seconds 5 --workers 1
 cpaths: venv
-	$(BIN)/python -m tests.cpaths $(CPATHS_ARGS)
+	$(BIN)/python -m tests.cpaths $(PORT_FLAG) $(CPATHS_ARGS)
 
 # The long live-switch soak (root, BPF): 4 runs x 20 switches x 50 streams, 120 s each.
 SOAK_ARGS ?= --runs 4 --switches 20 --connections 50 --duration 120

@@ -150,7 +150,12 @@ def _bench_target(
     show_default=True,
     help="Seconds per sweep point.",
 )
-@click.option("--spawn", is_flag=True, help="Start a private echod for the comparison.")
+@click.option(
+    "--spawn",
+    is_flag=True,
+    help="Start a private echod for the comparison, on --host and --port when given "
+    "(default 127.0.0.1 and a free port).",
+)
 @click.option(
     "--plot",
     "plot_path",

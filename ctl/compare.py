@@ -47,7 +47,9 @@ class CompareConfig:
     sweep_duration: float = 2.0
     control: str | None = None
     spawn: bool = False
-    host: str | None = None  # explicit target; None: where the --control daemon listens
+    # Explicit target; None: where the --control daemon listens (with spawn: 127.0.0.1, a free
+    # port).
+    host: str | None = None
     port: int | None = None
 
     def validate(self) -> None:
@@ -142,7 +144,9 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     cfg.validate()
     if cfg.spawn:
         try:
-            with private_echod(split_path(cfg.modes[0])[0], say=say) as daemon:
+            hosts = (cfg.host,) if cfg.host else ("127.0.0.1",)
+            mode = split_path(cfg.modes[0])[0]
+            with private_echod(mode, hosts, say=say, port=cfg.port) as daemon:
                 bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
                 return _run(replace(cfg, bench=bench), daemon.control, say)
         except SpawnError as exc:
