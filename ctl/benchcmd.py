@@ -193,8 +193,8 @@ def compare(ctx: click.Context, **kw: Any) -> None:
             click.echo(text, err=True)
 
     try:
-        with catching(Interrupt()):
-            result = _run_compare(cfg, say)
+        with catching(Interrupt()) as interrupt:
+            result = _run_compare(cfg, say, interrupt)
     except ValueError as exc:
         raise usage(str(exc), as_json) from exc
     except CompareError as exc:
@@ -203,8 +203,13 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         raise failed("compare", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
     except Terminated:
         raise failed("compare", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
+    if result.get("interrupted") and not result["runs"]:
+        # Nothing finished: no table to show, as when a signal comes before any run.
+        word = "terminated" if result["interrupted"] == "SIGTERM" else "interrupted"
+        code = exit_status(interrupt.signum or EXIT_INTERRUPTED - 128)
+        raise failed("compare", word, as_json, word, code) from None
     plot_error = None
-    if plot_path:
+    if plot_path and not result.get("interrupted"):  # a partial sweep is not drawn
         try:
             plot(result, plot_path)
         except (OSError, ImportError) as exc:
@@ -222,6 +227,11 @@ def compare(ctx: click.Context, **kw: Any) -> None:
             click.echo(f"\nfigure written to {plot_path}")
     if plot_error:
         click.echo(f"echoctl: compare: {plot_error}", err=True)
+    if result.get("interrupted"):
+        # The runs finished before the signal are printed above, marked as interrupted.
+        if not as_json:
+            click.echo(f"echoctl: compare: interrupted by {result['interrupted']}", err=True)
+        raise click.exceptions.Exit(exit_status(interrupt.signum or EXIT_INTERRUPTED - 128))
     if result["failures"] and not as_json:
         click.echo(f"echoctl: compare: failed: {'; '.join(result['failures'])}", err=True)
     if plot_error or result["failures"]:
