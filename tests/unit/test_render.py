@@ -298,3 +298,13 @@ def test_sweep_plot_scales_and_labels() -> None:
         assert labels == ["1 B", "64 B", "4 KiB", "64 KiB"]
     finally:
         plt.close(fig)
+
+
+def test_sweep_of_an_interrupted_compare_shows_dashes() -> None:
+    """Points that an interrupted comparison never reached have no figures: shown as '-'."""
+    result = _sweep_result()
+    for cell in result["sweep"]["modes"]["kernel"].values():
+        cell["p50_us"] = cell["mb_per_s"] = None
+    rows = comparerender.render_sweep(result).splitlines()[2:]
+    assert all(row.split()[-1] == "-" for row in rows)
+    assert all(row.split()[3] == "-" for row in rows)
