@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 from echoctl.bench.config import BenchConfig, BenchError
 from echoctl.bench.options import bench_config, load_options
+from echoctl.bench.pathwatch import control_status
 from echoctl.bench.report import failures, progress_line, render_report
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import control_target
@@ -75,8 +76,11 @@ def bench(ctx: click.Context, **kw: Any) -> None:
         with catching(Interrupt()) as interrupt:
             cfg, control = _bench_target(ctx, kw, cfg)
             probe = control_probe(control) if control else None
+            status = control_status(control) if control else None
             show = _progress if progress else None
-            report = run_bench(cfg, progress=show, server_probe=probe, interrupt=interrupt)
+            report = run_bench(
+                cfg, progress=show, server_probe=probe, interrupt=interrupt, status_probe=status
+            )
     except ValueError as exc:
         raise usage(str(exc), as_json) from exc
     except BenchError as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from echoctl.bench.config import BenchConfig, BenchError
+from echoctl.bench.pathwatch import StatusProbe, control_status
 from echoctl.bench.report import failures
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import status_target
@@ -120,6 +121,7 @@ class _Plan:
     done: int = 0
     say: Say = field(default=lambda _: None)
     interrupt: Interrupt | None = None
+    status: StatusProbe | None = None
 
     def step(self, what: str) -> None:
         self.done += 1
@@ -130,8 +132,10 @@ class _Plan:
         if self.interrupt is not None and self.interrupt.signum is not None:
             raise _Stopped
 
-    def finished(self, report: dict[str, Any]) -> dict[str, Any]:
-        """Return a run's report, or raise _Stopped when a signal cut it short (not counted)."""
+    def run(self, b: BenchConfig, probe: Callable[[], dict[str, Any]], path: str) -> dict[str, Any]:
+        """Bench `path`; return the report, or raise _Stopped when a signal cut it short (a
+        run cut short is not counted)."""
+        report = _bench(b, probe, path, self.interrupt, self.status)
         if report.get("interrupted"):
             raise _Stopped
         return report
@@ -200,7 +204,8 @@ def _run(
     cfg: CompareConfig, control: str, say: Say, interrupt: Interrupt | None = None
 ) -> dict[str, Any]:
     per_run = 1 + 2 * len(cfg.sizes)
-    plan = _Plan(cfg.repeat * len(cfg.modes) * per_run, say=say, interrupt=interrupt)
+    total = cfg.repeat * len(cfg.modes) * per_run
+    plan = _Plan(total, say=say, interrupt=interrupt, status=control_status(control))
     probe = control_probe(control)
     runs: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
@@ -231,7 +236,7 @@ def _runs(
             switch_mode(control, mode)
             b = cfg.bench
             plan.step(f"{mode}: {b.connections} conn x {b.size} B, {_length(b)}, repeat {rep + 1}")
-            report = plan.finished(_bench(b, probe, mode, plan.interrupt))
+            report = plan.run(b, probe, mode)
             runs.append({"mode": mode, "repeat": rep + 1, "report": report})
             failed += [f"{mode} repeat {rep + 1}: {why}" for why in failures(report)]
             for size in cfg.sizes:
@@ -279,10 +284,11 @@ def _bench(
     probe: Callable[[], dict[str, Any]],
     path: str,
     interrupt: Interrupt | None = None,
+    status: StatusProbe | None = None,
 ) -> dict[str, Any]:
     mode = split_path(path)[0]
     try:
-        report = run_bench(b, server_probe=probe, interrupt=interrupt)
+        report = run_bench(b, server_probe=probe, interrupt=interrupt, status_probe=status)
     except BenchError as exc:
         raise CompareError(f"{path}: {exc}") from exc
     if report.get("interrupted"):
@@ -293,6 +299,11 @@ def _bench(
         raise CompareError(f"{path}: {server['error']}")
     if server.get("mode") != mode:
         raise CompareError(f"the daemon left {mode} mode during the run ({server.get('mode')})")
+    for change in server.get("path_changes") or []:
+        raise CompareError(
+            f"{path}: the daemon went from {change['from']} to {change['to']} during the run "
+            f"(between {change['after_s']:g} and {change['by_s']:g} s)"
+        )
     if split_path(path)[1] and not server.get("bypass_redirects"):
         raise CompareError(
             f"{path}: no send took the bypass (is the load generator outside bypass_cgroup, "
@@ -330,8 +341,8 @@ def _sweep_point(
     )
     plan.check()
     plan.step(f"{mode}: sweep {size} B ping-pong, repeat {rep + 1}")
-    ping = plan.finished(_bench(replace(one, pattern="pingpong"), probe, mode, plan.interrupt))
+    ping = plan.run(replace(one, pattern="pingpong"), probe, mode)
     plan.check()
     plan.step(f"{mode}: sweep {size} B stream, repeat {rep + 1}")
-    stream = plan.finished(_bench(replace(one, pattern="stream"), probe, mode, plan.interrupt))
+    stream = plan.run(replace(one, pattern="stream"), probe, mode)
     return {"mode": mode, "repeat": rep + 1, "size": size, "pingpong": ping, "stream": stream}
