@@ -137,7 +137,8 @@ def _bench_target(
     "--bypass",
     "with_bypass",
     is_flag=True,
-    help="Add each mode's +bypass path after it (seed 003's experiment, four paths).",
+    help="Add each mode's +bypass path after it: four paths, as in Intel's istio-tcpip-bypass "
+    "experiment (sockmap between same-host sockets).",
 )
 @click.option(
     "--repeat",

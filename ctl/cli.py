@@ -175,7 +175,7 @@ def watch(
     try:
         while True:
             try:
-                _watch_once(opts, interval, count, lines, shown)
+                _watch_once(opts, interval, count, lines, shown, reconnect)
                 return
             except ControlError as err:
                 if not reconnect or err.code not in RECONNECT_CODES:
@@ -203,7 +203,7 @@ class Shown:
 
 
 def _watch_once(
-    opts: Options, interval: float, count: int | None, lines: bool, shown: Shown
+    opts: Options, interval: float, count: int | None, lines: bool, shown: Shown, reconnect: bool
 ) -> None:
     """Watch over one connection until `count` updates in all have been shown."""
     with ControlClient(opts.control, timeout=opts.timeout) as client:
@@ -211,7 +211,7 @@ def _watch_once(
         if lines:
             _watch_lines(stream, count, shown)
         else:
-            _watch_live(stream, count, interval, shown)
+            _watch_live(stream, count, interval, shown, reconnect)
 
 
 def _wait_for_daemon(opts: Options, interval: float) -> None:
@@ -243,7 +243,9 @@ def _watch_lines(stream: Any, count: int | None, shown: Shown) -> None:
             return
 
 
-def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -> None:
+def _watch_live(
+    stream: Any, count: int | None, interval: float, shown: Shown, reconnect: bool
+) -> None:
     from rich.live import Live
 
     prev: Mapping[str, Any] | None = None
@@ -260,6 +262,11 @@ def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -
             prev = snapshot
             if count is not None and shown.n >= count:
                 return
+    except ControlError as err:
+        if live is not None and reconnect and err.code in RECONNECT_CODES:
+            # The frame of the daemon that went away is erased: the next one takes its place.
+            live.transient = True
+        raise
     finally:
         if live is not None:
             live.stop()

@@ -231,6 +231,8 @@ def _cpu_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         total = m["total"] or 1.0
         kinds = ("user", "system", "softirq", "irq", "iowait", "steal", "idle")
         share = ", ".join(f"{k} {100 * m.get(k, 0.0) / total:.0f}%" for k in kinds if m.get(k))
+        # /proc/stat counts in clock ticks (10 ms): a run shorter than one may see none.
+        share = share or "no tick counted (the run was too short to measure)"
         rows.append(("machine CPU", f"{share} ({m['cpus']} CPUs)"))
     if "server" in r:
         s = r["server"]
