@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
 	systemd systemd-container socat ncat netcat-openbsd
 
-.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths clean
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths man \
+	clean
 
 venv: $(STAMP)
 
@@ -76,6 +77,11 @@ MANY_ARGS ?= --connections 100000 --clients 6 --workers 6 --idle 10
 manyconns: venv
 	$(BIN)/python -m tests.manyconns $(MANY_ARGS) --mode kernel
 	$(BIN)/python -m tests.manyconns $(MANY_ARGS) --mode user
+
+# The man pages in man/, from the click commands (click-man; committed, and checked by
+# tests/unit/test_ctl_manpages.py). make install installs them.
+man: venv
+	$(BIN)/python mk/manpages.py man
 
 include mk/ops.mk
 

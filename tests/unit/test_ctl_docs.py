@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from echod.config import SCHEMA
@@ -38,3 +41,17 @@ def test_readme_says_what_echod_does_not_do() -> None:
     for word in ("allow", "max_connections_per_ip"):
         assert f"`{word}`" in section
         assert word in keys
+
+
+def test_readme_documents_shell_completion_as_click_does_it() -> None:
+    """The README's command makes a bash completion function that completes commands."""
+    readme = (ROOT / "README.md").read_text()
+    assert 'eval "$(_ECHOCTL_COMPLETE=bash_source echoctl)"' in readme
+    echoctl = str(Path(sys.executable).parent / "echoctl")
+    env = {**os.environ, "_ECHOCTL_COMPLETE": "bash_source"}
+    source = subprocess.run([echoctl], capture_output=True, text=True, env=env, timeout=30)
+    assert "complete -o nosort -F _echoctl_completion echoctl" in source.stdout
+    env = {**os.environ, "_ECHOCTL_COMPLETE": "bash_complete"}
+    env |= {"COMP_WORDS": "echoctl restart --mo", "COMP_CWORD": "2"}
+    words = subprocess.run([echoctl], capture_output=True, text=True, env=env, timeout=30)
+    assert words.stdout.split() == ["plain,--mode"]
