@@ -32,10 +32,11 @@ deps:
 PORT =
 PORT_FLAG = $(if $(PORT),--port $(PORT))
 
-# Extra daemon flags: make run ARGS="--port 9000 --mode user"
+# The embedded defaults: mk/embedded.toml is empty, so /etc/echod/echod.toml is not read.
+# Extra daemon flags: make run ARGS="--port 9000 --mode user" (or ARGS="--config FILE").
 ARGS ?=
 run: venv
-	$(BIN)/echod $(PORT_FLAG) $(ARGS)
+	$(BIN)/echod --config mk/embedded.toml $(PORT_FLAG) $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check echod ctl tests
