@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
 	systemd systemd-container socat ncat netcat-openbsd
 
-.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths clean
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths man \
+	clean
 
 venv: $(STAMP)
 
@@ -26,10 +27,16 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# Extra daemon flags: make run ARGS="--port 9000 --mode user"
+# The TCP port of run, bench and cpaths: make bench PORT=9000 (empty: run's 8888, and a free
+# port for bench and cpaths). Only the command line sets it, never an inherited $PORT.
+PORT =
+PORT_FLAG = $(if $(PORT),--port $(PORT))
+
+# The embedded defaults: mk/embedded.toml is empty, so /etc/echod/echod.toml is not read.
+# Extra daemon flags: make run ARGS="--port 9000 --mode user" (or ARGS="--config FILE").
 ARGS ?=
 run: venv
-	$(BIN)/echod $(ARGS)
+	$(BIN)/echod --config mk/embedded.toml $(PORT_FLAG) $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check echod ctl tests
@@ -51,13 +58,14 @@ integration: venv deps
 test: venv deps lint check-bpf
 	$(BIN)/pytest tests
 
+BENCH_ARGS ?= -c 10 -s 64 -d 5 --repeat 3
 bench: venv
-	$(BIN)/echoctl compare --spawn -c 10 -s 64 -d 5 --repeat 3
+	$(BIN)/echoctl compare --spawn $(PORT_FLAG) $(BENCH_ARGS)
 
 # The four paths against a C ping-pong client (root, BPF; clang-14 builds the client).
 CPATHS_ARGS ?= --rounds 3 --seconds 5 --workers 1
 cpaths: venv
-	$(BIN)/python -m tests.cpaths $(CPATHS_ARGS)
+	$(BIN)/python -m tests.cpaths $(PORT_FLAG) $(CPATHS_ARGS)
 
 # The long live-switch soak (root, BPF): 4 runs x 20 switches x 50 streams, 120 s each.
 SOAK_ARGS ?= --runs 4 --switches 20 --connections 50 --duration 120
@@ -70,6 +78,11 @@ MANY_ARGS ?= --connections 100000 --clients 6 --workers 6 --idle 10
 manyconns: venv
 	$(BIN)/python -m tests.manyconns $(MANY_ARGS) --mode kernel
 	$(BIN)/python -m tests.manyconns $(MANY_ARGS) --mode user
+
+# The man pages in man/, from the click commands (click-man; committed, and checked by
+# tests/unit/test_ctl_manpages.py). make install installs them.
+man: venv
+	$(BIN)/python mk/manpages.py man
 
 include mk/ops.mk
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,6 +14,7 @@ from click.core import ParameterSource
 
 from echoctl.bench.config import BenchConfig, BenchError
 from echoctl.bench.options import bench_config, load_options
+from echoctl.bench.pathwatch import control_status
 from echoctl.bench.report import failures, progress_line, render_report
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import control_target
@@ -74,8 +76,11 @@ def bench(ctx: click.Context, **kw: Any) -> None:
         with catching(Interrupt()) as interrupt:
             cfg, control = _bench_target(ctx, kw, cfg)
             probe = control_probe(control) if control else None
+            status = control_status(control) if control else None
             show = _progress if progress else None
-            report = run_bench(cfg, progress=show, server_probe=probe, interrupt=interrupt)
+            report = run_bench(
+                cfg, progress=show, server_probe=probe, interrupt=interrupt, status_probe=status
+            )
     except ValueError as exc:
         raise usage(str(exc), as_json) from exc
     except BenchError as exc:
@@ -132,7 +137,8 @@ def _bench_target(
     "--bypass",
     "with_bypass",
     is_flag=True,
-    help="Add each mode's +bypass path after it (seed 003's experiment, four paths).",
+    help="Add each mode's +bypass path after it: four paths, as in Intel's istio-tcpip-bypass "
+    "experiment (sockmap between same-host sockets).",
 )
 @click.option(
     "--repeat",
@@ -149,7 +155,12 @@ def _bench_target(
     show_default=True,
     help="Seconds per sweep point.",
 )
-@click.option("--spawn", is_flag=True, help="Start a private echod for the comparison.")
+@click.option(
+    "--spawn",
+    is_flag=True,
+    help="Start a private echod for the comparison, on --host and --port when given "
+    "(default 127.0.0.1 and a free port).",
+)
 @click.option(
     "--plot",
     "plot_path",
@@ -187,8 +198,8 @@ def compare(ctx: click.Context, **kw: Any) -> None:
             click.echo(text, err=True)
 
     try:
-        with catching(Interrupt()):
-            result = _run_compare(cfg, say)
+        with catching(Interrupt()) as interrupt:
+            result = _run_compare(cfg, say, interrupt)
     except ValueError as exc:
         raise usage(str(exc), as_json) from exc
     except CompareError as exc:
@@ -197,8 +208,13 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         raise failed("compare", "interrupted", as_json, "interrupted", EXIT_INTERRUPTED) from None
     except Terminated:
         raise failed("compare", "terminated", as_json, "terminated", EXIT_TERMINATED) from None
+    if result.get("interrupted") and not result["runs"]:
+        # Nothing finished: no table to show, as when a signal comes before any run.
+        word = "terminated" if result["interrupted"] == "SIGTERM" else "interrupted"
+        code = exit_status(interrupt.signum or EXIT_INTERRUPTED - 128)
+        raise failed("compare", word, as_json, word, code) from None
     plot_error = None
-    if plot_path:
+    if plot_path and not result.get("interrupted"):  # a partial sweep is not drawn
         try:
             plot(result, plot_path)
         except (OSError, ImportError) as exc:
@@ -216,6 +232,11 @@ def compare(ctx: click.Context, **kw: Any) -> None:
             click.echo(f"\nfigure written to {plot_path}")
     if plot_error:
         click.echo(f"echoctl: compare: {plot_error}", err=True)
+    if result.get("interrupted"):
+        # The runs finished before the signal are printed above, marked as interrupted.
+        if not as_json:
+            click.echo(f"echoctl: compare: interrupted by {result['interrupted']}", err=True)
+        raise click.exceptions.Exit(exit_status(interrupt.signum or EXIT_INTERRUPTED - 128))
     if result["failures"] and not as_json:
         click.echo(f"echoctl: compare: failed: {'; '.join(result['failures'])}", err=True)
     if plot_error or result["failures"]:
@@ -230,10 +251,16 @@ def _with_bypass(modes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def pip_command() -> str:
+    """The pip of the environment echoctl runs in (/opt/echod/bin/pip when installed there)."""
+    pip = Path(sys.executable).parent / "pip"
+    return str(pip) if pip.exists() else f"{sys.executable} -m pip"
+
+
 def _check_plot_path(path: str) -> None:
     """Refuse a --plot file that cannot be written, or no matplotlib, before any run starts."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs the plot extra: pip install 'echod[plot]' (or matplotlib)")
+        raise ValueError(f"--plot needs matplotlib: {pip_command()} install 'matplotlib>=3.7'")
     existed = os.path.exists(path)
     try:
         with open(path, "ab"):

@@ -35,6 +35,15 @@ MAX_TIMEOUT = 86400.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The rule of echod.config.default_control_path and client_control_path, in words (UID is the
+# caller's uid); test_ctl_help checks it against the path echoctl really uses.
+CONTROL_HELP = (
+    "Control socket [env ECHOD_CONTROL; default: /run/echod/control.sock as root, else "
+    "$XDG_RUNTIME_DIR/echod/control.sock, or /tmp/echod-UID/echod/control.sock when "
+    "XDG_RUNTIME_DIR is unset or empty; a user whose socket does not exist gets the system "
+    "daemon's /run/echod/control.sock when that one exists]."
+)
+
 
 @dataclass
 class Options:
@@ -91,9 +100,7 @@ def _call(
     "--control",
     envvar="ECHOD_CONTROL",
     metavar="SOCK",
-    help="Control socket [env ECHOD_CONTROL; default /run/echod/control.sock as root, "
-    "else $XDG_RUNTIME_DIR/echod/control.sock, or /run/echod/control.sock when that is "
-    "absent].",
+    help=CONTROL_HELP,
 )
 @click.option(
     "--timeout",
@@ -168,7 +175,7 @@ def watch(
     try:
         while True:
             try:
-                _watch_once(opts, interval, count, lines, shown)
+                _watch_once(opts, interval, count, lines, shown, reconnect)
                 return
             except ControlError as err:
                 if not reconnect or err.code not in RECONNECT_CODES:
@@ -196,7 +203,7 @@ class Shown:
 
 
 def _watch_once(
-    opts: Options, interval: float, count: int | None, lines: bool, shown: Shown
+    opts: Options, interval: float, count: int | None, lines: bool, shown: Shown, reconnect: bool
 ) -> None:
     """Watch over one connection until `count` updates in all have been shown."""
     with ControlClient(opts.control, timeout=opts.timeout) as client:
@@ -204,7 +211,7 @@ def _watch_once(
         if lines:
             _watch_lines(stream, count, shown)
         else:
-            _watch_live(stream, count, interval, shown)
+            _watch_live(stream, count, interval, shown, reconnect)
 
 
 def _wait_for_daemon(opts: Options, interval: float) -> None:
@@ -236,7 +243,9 @@ def _watch_lines(stream: Any, count: int | None, shown: Shown) -> None:
             return
 
 
-def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -> None:
+def _watch_live(
+    stream: Any, count: int | None, interval: float, shown: Shown, reconnect: bool
+) -> None:
     from rich.live import Live
 
     prev: Mapping[str, Any] | None = None
@@ -253,6 +262,11 @@ def _watch_live(stream: Any, count: int | None, interval: float, shown: Shown) -
             prev = snapshot
             if count is not None and shown.n >= count:
                 return
+    except ControlError as err:
+        if live is not None and reconnect and err.code in RECONNECT_CODES:
+            # The frame of the daemon that went away is erased: the next one takes its place.
+            live.transient = True
+        raise
     finally:
         if live is not None:
             live.stop()

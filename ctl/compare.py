@@ -9,17 +9,19 @@ median of the repeats.
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from echoctl.bench.config import BenchConfig, BenchError
+from echoctl.bench.pathwatch import StatusProbe, control_status
 from echoctl.bench.report import failures
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import status_target
 from echoctl.client import ControlClient
+from echoctl.comparefigures import change_pct, summarize, sweep_summary
+from echoctl.interrupt import Interrupt
 from echoctl.spawn import SpawnError, private_echod
 from echoctl.sysstat import cpu_count
 from echod.config import EFFECTIVE_MODES
@@ -47,7 +49,9 @@ class CompareConfig:
     sweep_duration: float = 2.0
     control: str | None = None
     spawn: bool = False
-    host: str | None = None  # explicit target; None: where the --control daemon listens
+    # Explicit target; None: where the --control daemon listens (with spawn: 127.0.0.1, a free
+    # port).
+    host: str | None = None
     port: int | None = None
 
     def validate(self) -> None:
@@ -116,10 +120,25 @@ class _Plan:
     total: int
     done: int = 0
     say: Say = field(default=lambda _: None)
+    interrupt: Interrupt | None = None
+    status: StatusProbe | None = None
 
     def step(self, what: str) -> None:
         self.done += 1
         self.say(f"[{self.done}/{self.total}] {what}")
+
+    def check(self) -> None:
+        """Raise _Stopped once a signal has asked the comparison to end."""
+        if self.interrupt is not None and self.interrupt.signum is not None:
+            raise _Stopped
+
+    def run(self, b: BenchConfig, probe: Callable[[], dict[str, Any]], path: str) -> dict[str, Any]:
+        """Bench `path`; return the report, or raise _Stopped when a signal cut it short (a
+        run cut short is not counted)."""
+        report = _bench(b, probe, path, self.interrupt, self.status)
+        if report.get("interrupted"):
+            raise _Stopped
+        return report
 
 
 def _asked(status: dict[str, Any]) -> tuple[Any, bool]:
@@ -137,14 +156,20 @@ def restore_mode(control: str, asked: tuple[str, bool], say: Say) -> None:
     control_call(control, "restart", params, timeout=SWITCH_TIMEOUT)
 
 
-def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
-    """Run the whole comparison and return its result (the `--json` object)."""
+def run_compare(cfg: CompareConfig, say: Say, interrupt: Interrupt | None = None) -> dict[str, Any]:
+    """Run the whole comparison and return its result (the `--json` object).
+
+    With `interrupt`, a first signal once a run measures ends the comparison after that step:
+    the result covers the runs finished before it, with `interrupted` naming the signal.
+    """
     cfg.validate()
     if cfg.spawn:
         try:
-            with private_echod(split_path(cfg.modes[0])[0], say=say) as daemon:
+            hosts = (cfg.host,) if cfg.host else ("127.0.0.1",)
+            mode = split_path(cfg.modes[0])[0]
+            with private_echod(mode, hosts, say=say, port=cfg.port) as daemon:
                 bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
-                return _run(replace(cfg, bench=bench), daemon.control, say)
+                return _run(replace(cfg, bench=bench), daemon.control, say, interrupt)
         except SpawnError as exc:
             raise CompareError(str(exc)) from exc
     control = cfg.control
@@ -157,10 +182,10 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     cfg = replace(cfg, bench=replace(cfg.bench, host=host, port=port))
     original = _asked(status)
     if not isinstance(original[0], str):
-        return _run(cfg, control, say)
+        return _run(cfg, control, say, interrupt)
     # Someone else's daemon: leave it asking for the mode it was asking for before.
     try:
-        result = _run(cfg, control, say)
+        result = _run(cfg, control, say, interrupt)
     except BaseException:
         try:
             restore_mode(control, original, say)
@@ -171,19 +196,47 @@ def run_compare(cfg: CompareConfig, say: Say) -> dict[str, Any]:
     return result
 
 
-def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
+class _Stopped(Exception):
+    """A signal asked the comparison to end; what finished before it is reported."""
+
+
+def _run(
+    cfg: CompareConfig, control: str, say: Say, interrupt: Interrupt | None = None
+) -> dict[str, Any]:
     per_run = 1 + 2 * len(cfg.sizes)
-    plan = _Plan(cfg.repeat * len(cfg.modes) * per_run, say=say)
+    total = cfg.repeat * len(cfg.modes) * per_run
+    plan = _Plan(total, say=say, interrupt=interrupt, status=control_status(control))
     probe = control_probe(control)
     runs: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
     failed: list[str] = []
+    try:
+        _runs(cfg, control, plan, probe, runs, sweep, failed)
+    except _Stopped:
+        pass
+    result = _result(cfg, runs, sweep, failed)
+    if interrupt is not None and interrupt.name:
+        result["interrupted"] = interrupt.name
+    return result
+
+
+def _runs(
+    cfg: CompareConfig,
+    control: str,
+    plan: _Plan,
+    probe: Callable[[], dict[str, Any]],
+    runs: list[dict[str, Any]],
+    sweep: list[dict[str, Any]],
+    failed: list[str],
+) -> None:
+    """Every run and sweep point, appended as each finishes; _Stopped ends them early."""
     for rep in range(cfg.repeat):
         for mode in cfg.modes:
+            plan.check()
             switch_mode(control, mode)
             b = cfg.bench
             plan.step(f"{mode}: {b.connections} conn x {b.size} B, {_length(b)}, repeat {rep + 1}")
-            report = _bench(b, probe, mode)
+            report = plan.run(b, probe, mode)
             runs.append({"mode": mode, "repeat": rep + 1, "report": report})
             failed += [f"{mode} repeat {rep + 1}: {why}" for why in failures(report)]
             for size in cfg.sizes:
@@ -194,6 +247,11 @@ def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
                         f"{mode} repeat {rep + 1}, sweep {size} B {pattern}: {why}"
                         for why in failures(point[pattern])
                     ]
+
+
+def _result(
+    cfg: CompareConfig, runs: list[dict[str, Any]], sweep: list[dict[str, Any]], failed: list[str]
+) -> dict[str, Any]:
     summary = {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in cfg.modes}
     return {
         "modes": list(cfg.modes),
@@ -210,7 +268,9 @@ def _run(cfg: CompareConfig, control: str, say: Say) -> dict[str, Any]:
         "summary": summary,
         "change_pct": change_pct(cfg.modes, summary),
         "runs": runs,
-        "sweep": sweep_summary(cfg, sweep) if cfg.sizes else None,
+        "sweep": (
+            sweep_summary(cfg.modes, cfg.sizes, cfg.sweep_duration, sweep) if cfg.sizes else None
+        ),
         "failures": failed,
     }
 
@@ -219,18 +279,31 @@ def _length(b: BenchConfig) -> str:
     return f"{b.duration:g} s" if b.duration else f"{b.rounds} rounds"
 
 
-def _bench(b: BenchConfig, probe: Callable[[], dict[str, Any]], path: str) -> dict[str, Any]:
+def _bench(
+    b: BenchConfig,
+    probe: Callable[[], dict[str, Any]],
+    path: str,
+    interrupt: Interrupt | None = None,
+    status: StatusProbe | None = None,
+) -> dict[str, Any]:
     mode = split_path(path)[0]
     try:
-        report = run_bench(b, server_probe=probe)
+        report = run_bench(b, server_probe=probe, interrupt=interrupt, status_probe=status)
     except BenchError as exc:
         raise CompareError(f"{path}: {exc}") from exc
+    if report.get("interrupted"):
+        return report  # cut short: not counted, so not checked
     server = report["server"]
     if "error" in server:
         # Without the daemon's figures nothing shows which mode was measured.
         raise CompareError(f"{path}: {server['error']}")
     if server.get("mode") != mode:
         raise CompareError(f"the daemon left {mode} mode during the run ({server.get('mode')})")
+    for change in server.get("path_changes") or []:
+        raise CompareError(
+            f"{path}: the daemon went from {change['from']} to {change['to']} during the run "
+            f"(between {change['after_s']:g} and {change['by_s']:g} s)"
+        )
     if split_path(path)[1] and not server.get("bypass_redirects"):
         raise CompareError(
             f"{path}: no send took the bypass (is the load generator outside bypass_cgroup, "
@@ -266,99 +339,10 @@ def _sweep_point(
         warmup=0.0,
         progress=False,
     )
+    plan.check()
     plan.step(f"{mode}: sweep {size} B ping-pong, repeat {rep + 1}")
-    ping = _bench(replace(one, pattern="pingpong"), probe, mode)
+    ping = plan.run(replace(one, pattern="pingpong"), probe, mode)
+    plan.check()
     plan.step(f"{mode}: sweep {size} B stream, repeat {rep + 1}")
-    stream = _bench(replace(one, pattern="stream"), probe, mode)
+    stream = plan.run(replace(one, pattern="stream"), probe, mode)
     return {"mode": mode, "repeat": rep + 1, "size": size, "pingpong": ping, "stream": stream}
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(statistics.median(present), 3) if present else None
-
-
-def cpu_per_request(report: dict[str, Any]) -> dict[str, float | None]:
-    """Return CPU µs per request: the daemon, softirq, the whole machine."""
-    requests = report.get("requests") or 0
-    if not requests:
-        return {"daemon": None, "softirq": None, "machine": None}
-    scale = 1e6 / requests  # seconds to µs, per request
-    server = report.get("server") or {}
-    daemon = None
-    if "cpu_user_s" in server and "cpu_system_s" in server:
-        daemon = (server["cpu_user_s"] + server["cpu_system_s"]) * scale
-    machine = report["cpu"]["machine"]
-    return {
-        "daemon": daemon,
-        "softirq": machine.get("softirq", 0.0) * scale,
-        "machine": machine.get("busy", 0.0) * scale,
-    }
-
-
-ROWS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
-    ("qps", "rate (req/s)", lambda r: r["qps"]),
-    ("avg_us", "latency avg (µs)", lambda r: r["latency_us"]["avg"]),
-    ("p50_us", "latency p50 (µs)", lambda r: r["latency_us"]["p50"]),
-    ("p99_us", "latency p99 (µs)", lambda r: r["latency_us"]["p99"]),
-    ("cpu_daemon_us", "CPU per request, daemon (µs)", lambda r: cpu_per_request(r)["daemon"]),
-    ("cpu_softirq_us", "CPU per request, softirq (µs)", lambda r: cpu_per_request(r)["softirq"]),
-    ("cpu_machine_us", "CPU per request, machine (µs)", lambda r: cpu_per_request(r)["machine"]),
-)
-
-
-def summarize(reports: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Return the median of each table row over the repeats of one mode."""
-    out = {key: _median([get(r) for r in reports]) for key, _, get in ROWS}
-    out["errors"] = sum(r["errors"] for r in reports)
-    out["mismatches"] = sum(r["mismatches"] for r in reports)
-    return out
-
-
-def change_pct(
-    modes: tuple[str, ...], summary: dict[str, dict[str, float | None]]
-) -> dict[str, dict[str, Any]]:
-    """Return, for each mode after the first, the % change of each row against the first mode."""
-    base = summary[modes[0]]
-    out: dict[str, dict[str, Any]] = {}
-    for mode in modes[1:]:
-        out[mode] = {}
-        for key, _, _ in ROWS:
-            a, b = base.get(key), summary[mode].get(key)
-            out[mode][key] = round(100.0 * (b - a) / a, 1) if a and b is not None else None
-    return out
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-    }
-
-
-def sweep_summary(cfg: CompareConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return per mode and size: ping-pong p50/avg latency and stream MB/s (median, min, max)."""
-    table: dict[str, dict[str, Any]] = {}
-    for mode in cfg.modes:
-        table[mode] = {}
-        for size in cfg.sizes:
-            mine = [p for p in points if p["mode"] == mode and p["size"] == size]
-            table[mode][str(size)] = {
-                "p50_us": _spread([p["pingpong"]["latency_us"]["p50"] for p in mine]),
-                "avg_us": _spread([p["pingpong"]["latency_us"]["avg"] for p in mine]),
-                "mb_per_s": _spread([p["stream"]["mb_per_s_received"] for p in mine]),
-                "errors": sum(p["pingpong"]["errors"] + p["stream"]["errors"] for p in mine),
-                "mismatches": sum(
-                    p["pingpong"]["mismatches"] + p["stream"]["mismatches"] for p in mine
-                ),
-            }
-    return {"sizes": list(cfg.sizes), "duration_s": cfg.sweep_duration, "modes": table}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output

@@ -6,7 +6,7 @@ from typing import Any
 
 from echoctl.bench.report import plural
 from echoctl.bench.sizes import size_label
-from echoctl.compare import ROWS
+from echoctl.comparefigures import ROWS
 
 
 def _fmt(value: float | None, key: str) -> str:
@@ -48,6 +48,13 @@ def render_table(result: dict[str, Any]) -> str:
         f"{length} per "
         f"run, median of {result['repeat']} (paths alternated)"
     )
+    if result.get("interrupted"):
+        done = {m: sum(1 for r in result["runs"] if r["mode"] == m) for m in modes}
+        runs = ", ".join(f"{m} {n}" for m, n in done.items())
+        title = (
+            f"INTERRUPTED by {result['interrupted']}: runs finished: {runs} of "
+            f"{result['repeat']} each; the run under way is not counted\n{title}"
+        )
     return title + "\n" + align(rows)
 
 
@@ -63,6 +70,10 @@ def align(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _median_cell(spread: dict[str, float] | None) -> str:
+    return "-" if spread is None else f"{spread['median']:,.1f}"
+
+
 def render_sweep(result: dict[str, Any]) -> str:
     """Return the size sweep (1 connection) as an aligned text table."""
     sweep = result["sweep"]
@@ -73,8 +84,8 @@ def render_sweep(result: dict[str, Any]) -> str:
     for size in sweep["sizes"]:
         cells = [sweep["modes"][m][str(size)] for m in modes]
         row = [size_label(size)]
-        row += [f"{c['p50_us']['median']:,.1f}" for c in cells]
-        row += [f"{c['mb_per_s']['median']:,.1f}" for c in cells]
+        row += [_median_cell(c["p50_us"]) for c in cells]
+        row += [_median_cell(c["mb_per_s"]) for c in cells]
         rows.append(row)
     title = (
         f"size sweep, 1 connection, {sweep['duration_s']:g} s per point: tcp_lat is the "

@@ -130,12 +130,20 @@ def mode_text(status: Mapping[str, Any]) -> str:
 
 
 def summary(status: Mapping[str, Any]) -> str:
-    """One line after start/stop/restart: 'echod serving in kernel mode on 127.0.0.1:8888'."""
+    """One line after start/stop/restart: 'echod serving in kernel mode on 127.0.0.1:8888'.
+
+    After a restart it adds the migration: '; connections moved 3, stayed 0'.
+    """
     state = status.get("state", "unknown")
     if state != "serving":
         return f"echod {state}"
     listen = ", ".join(status.get("listen") or []) or DASH
-    return f"echod serving in {mode_text(status)} mode on {listen}"
+    text = f"echod serving in {mode_text(status)} mode on {listen}"
+    migration = status.get("migration")  # restart's reply carries it
+    if isinstance(migration, Mapping):
+        moved, stayed = migration.get("moved"), migration.get("stayed")
+        text += f"; connections moved {fmt_count(moved)}, stayed {fmt_count(stayed)}"
+    return text
 
 
 def _bpf_text(bpf: Any) -> str:

@@ -1,4 +1,4 @@
-"""A private echod: started on a free loopback port, waited for until it serves, then stopped.
+"""A private echod: started on a given or a free loopback port, waited for, then stopped.
 
 `echoctl compare --spawn` and the integration tests both start their daemons here. The daemon
 is the `echod` next to the running interpreter (the same installation as echoctl), its control
@@ -176,10 +176,11 @@ def private_echod(
     hosts: Sequence[str] = ("127.0.0.1",),
     args: Sequence[str] = (),
     say: Callable[[str], None] | None = None,
+    port: int | None = None,
 ) -> Iterator[Daemon]:
-    """Run a private echod for the length of the block, in a temporary directory."""
+    """Run a private echod on `port` (default: a free one) for the length of the block."""
     with tempfile.TemporaryDirectory(prefix="echod-private-") as tmp:
-        daemon = start(Path(tmp), mode, hosts, args)
+        daemon = start(Path(tmp), mode, hosts, args, port=port)
         if say is not None:
             say(f"starting {' '.join(daemon.args)}")
         try:

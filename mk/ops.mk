@@ -4,6 +4,9 @@
 #                    /etc/echod/echod.toml (only if absent), the systemd unit; then checks that
 #                    the echod user can run echod before saying it is ready to start
 #   make uninstall   (root) removes exactly what install recorded in its manifest
+#   make install-extras  (root; install runs it) the man pages from man/ (echod(8), echoctl(1)
+#                    and one per echoctl command) and bash completion for echoctl, recorded
+#                    in the manifest of an existing install
 #   make check-unit  systemd-analyze verify + offline security score of systemd/echod.service
 #
 # install writes one "KIND PATH [SHA256]" line per thing it created to $(ECHOD_MANIFEST);
@@ -14,6 +17,8 @@ ECHOD_OPT      ?= /opt/echod
 ECHOD_ETC      ?= /etc/echod
 ECHOD_BINDIR   ?= /usr/local/bin
 ECHOD_UNITDIR  ?= /etc/systemd/system
+ECHOD_MANDIR   ?= /usr/local/share/man
+ECHOD_COMPLETIONDIR ?= /usr/share/bash-completion/completions
 ECHOD_USER     ?= echod
 # The interpreter the /opt/echod venv is built from. It must be one the echod user can run and
 # the unit can see: not a pyenv or other build under /root or /home, which ProtectHome= hides.
@@ -22,7 +27,7 @@ ECHOD_MANIFEST := $(ECHOD_OPT)/.install-manifest
 # The highest `systemd-analyze security` exposure check-unit accepts, x10 (25 = 2.5).
 ECHOD_MAX_EXPOSURE ?= 25
 
-.PHONY: install uninstall check-unit
+.PHONY: install install-extras uninstall check-unit
 
 install:
 	@test "$$(id -u)" = 0 || { echo "make install: run as root" >&2; exit 1; }
@@ -77,6 +82,7 @@ install:
 	install -m 0644 systemd/echod.service $(ECHOD_UNITDIR)/echod.service; \
 	record file $(ECHOD_UNITDIR)/echod.service; \
 	echo "unit: $(ECHOD_UNITDIR)/echod.service"; \
+	$(MAKE) --no-print-directory -f mk/ops.mk install-extras; \
 	fail() { \
 		echo "make install: the $(ECHOD_USER) user cannot start $(ECHOD_BINDIR)/echod: $$1" >&2; \
 		echo "  the venv's interpreter is $$want; rebuild it from one under /usr," \
@@ -95,6 +101,26 @@ install:
 	else \
 		echo "systemd is not running here: skipped systemctl daemon-reload"; \
 	fi
+
+# Man pages are generated from the click commands (make man) and committed; completion is
+# generated here by the installed echoctl itself. Directories it creates are recorded too.
+install-extras:
+	@test "$$(id -u)" = 0 || { echo "make install-extras: run as root" >&2; exit 1; }
+	@set -eu; \
+	m=$(ECHOD_MANIFEST); \
+	test -f "$$m" || { echo "make install-extras: no $$m; run make install" >&2; exit 1; }; \
+	record() { grep -qxF "$$*" "$$m" 2>/dev/null || echo "$$*" >> "$$m"; }; \
+	newdir() { if [ ! -d "$$1" ]; then newdir "$$(dirname "$$1")"; \
+		install -d -m 0755 "$$1"; record dir "$$1"; fi; }; \
+	for page in man/*.1 man/*.8; do \
+		dir=$(ECHOD_MANDIR)/man$${page##*.}; newdir "$$dir"; \
+		install -m 0644 "$$page" "$$dir/"; record file "$$dir/$${page##*/}"; \
+	done; \
+	echo "man: $(ECHOD_MANDIR)/man8/echod.8, man1/echoctl.1 and one page per echoctl command"; \
+	newdir $(ECHOD_COMPLETIONDIR); \
+	_ECHOCTL_COMPLETE=bash_source $(ECHOD_OPT)/bin/echoctl > $(ECHOD_COMPLETIONDIR)/echoctl; \
+	record file $(ECHOD_COMPLETIONDIR)/echoctl; \
+	echo "completion: $(ECHOD_COMPLETIONDIR)/echoctl (bash)"
 
 uninstall:
 	@test "$$(id -u)" = 0 || { echo "make uninstall: run as root" >&2; exit 1; }

@@ -6,7 +6,7 @@ socket), running the C client on 10 connections and on 1 connection of 64 B each
 the medians and each +bypass path's ratio to its mode. Root (BPF); loopback only; every run is
 bounded by --seconds.
 
-    python -m tests.cpaths --rounds 3 --seconds 5 --workers 1
+    python -m tests.cpaths --rounds 3 --seconds 5 --workers 1 [--port P]
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ def name(mode: str, bypass: bool) -> str:
     return mode + ("+bypass" if bypass else "")
 
 
-def run(rounds: int, seconds: float, workers: int, size: int, workdir: Path) -> dict[str, Any]:
-    """All rounds against one daemon; returns every run, keyed by path and connections."""
+def run(
+    rounds: int, seconds: float, workers: int, size: int, workdir: Path, port: int | None = None
+) -> dict[str, Any]:
+    """All rounds against one daemon on `port` (default: a free one); every run, keyed by path
+    and connections."""
     client = build(workdir)
-    d = spawn(workdir, "user", ["--workers", str(workers), "--log-level", "warning"])
+    args = ["--workers", str(workers), "--log-level", "warning"]
+    d = spawn(workdir, "user", args, port=port)
+    print(f"echod on port {d.port}", file=sys.stderr, flush=True)
     runs: dict[str, list[dict[str, Any]]] = {}
     try:
         for r in range(rounds):
@@ -106,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--port", type=int, help="echod's TCP port (default: a free one)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     a = p.parse_args(argv)
+    if a.port is not None and not 1 <= a.port <= 65535:
+        p.error(f"--port {a.port}: must be from 1 to 65535")
     with tempfile.TemporaryDirectory(prefix="echod-cpaths-") as tmp:
-        table = summary(run(a.rounds, a.seconds, a.workers, a.size, Path(tmp)))
+        table = summary(run(a.rounds, a.seconds, a.workers, a.size, Path(tmp), a.port))
     print(json.dumps(table) if a.json else render(table, a.size))
     return 1 if any(cell["mismatches"] for cell in table.values()) else 0
 

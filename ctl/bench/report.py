@@ -231,13 +231,15 @@ def _cpu_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         total = m["total"] or 1.0
         kinds = ("user", "system", "softirq", "irq", "iowait", "steal", "idle")
         share = ", ".join(f"{k} {100 * m.get(k, 0.0) / total:.0f}%" for k in kinds if m.get(k))
+        # /proc/stat counts in clock ticks (10 ms): a run shorter than one may see none.
+        share = share or "no tick counted (the run was too short to measure)"
         rows.append(("machine CPU", f"{share} ({m['cpus']} CPUs)"))
     if "server" in r:
         s = r["server"]
         if "error" in s and "mode" not in s:
             rows.append(("server", f"no figures: {s['error']}"))
         else:
-            text = f"{s.get('mode')} mode"
+            text = server_path_text(s)
             if "cpu_user_s" in s:
                 text += f", CPU user {s['cpu_user_s']:.2f} s, sys {s['cpu_system_s']:.2f} s"
             if "ctx_voluntary" in s:
@@ -249,3 +251,23 @@ def _cpu_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                 text += f" ({s['error']})"
             rows.append(("server", text))
     return rows
+
+
+def path_label(path: str | None) -> str:
+    """ "kernel+bypass" -> "kernel + bypass mode"; None -> "no mode" (not serving)."""
+    if path is None:
+        return "no mode"
+    return path.replace("+", " + ") + " mode"
+
+
+def server_path_text(s: dict[str, Any]) -> str:
+    """The daemon's path over a run: one, or where it started and ended and when it changed."""
+    if "path_start" not in s:  # a report from before paths were recorded
+        return f"{s.get('mode')} mode"
+    start, end, changes = s["path_start"], s["path_end"], s.get("path_changes") or []
+    if not changes and start == end:
+        return path_label(end)
+    when = "; ".join(
+        f"to {path_label(c['to'])} between {c['after_s']:g} and {c['by_s']:g} s" for c in changes
+    )
+    return f"{path_label(start)} at the start, {path_label(end)} at the end (changed {when})"

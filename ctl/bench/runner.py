@@ -9,6 +9,7 @@ what was measured until then.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import queue
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 from echoctl.bench.config import MAX_RUN_S, PROGRESS_NS, BenchConfig, BenchError
 from echoctl.bench.histogram import Histogram
 from echoctl.bench.messages import Done, Failed, Message, Ready, Result, Tick
+from echoctl.bench.pathwatch import PathWatch, StatusProbe, path_of
 from echoctl.bench.progress import Progress, ProgressFn
 from echoctl.bench.report import build_report
 from echoctl.bench.target import resolve
@@ -48,8 +50,12 @@ def run_bench(
     progress: ProgressFn | None = None,
     server_probe: ServerProbe | None = None,
     interrupt: Interrupt | None = None,
+    status_probe: StatusProbe | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark and return the report (the `--json` object).
+
+    With `status_probe` (and `server_probe`), the daemon's path is polled while measuring, and
+    the report's `server` says where it started, where it ended, and when it changed.
 
     With `interrupt`, a signal once measuring has begun stops the workers and the report covers
     what was measured until then, with `interrupted` naming the signal.
@@ -90,9 +96,13 @@ def run_bench(
         machine_before = machine_cpu()
         if server_probe and cfg.warmup:
             server_before = server_probe()
-        _await_done(cfg, out, procs, got, lines)
+        watch = PathWatch(status_probe or dict, path_of(server_before))
+        with watch if status_probe and server_probe else contextlib.nullcontext():
+            _await_done(cfg, out, procs, got, lines)
         machine_after = machine_cpu()
         server_after = server_probe() if server_probe else None
+        if server_after:
+            watch.saw(server_after)
     except BaseException:
         stop_flag.value = 1
         _release(go)
@@ -105,7 +115,7 @@ def run_bench(
         "cpus": cpu_count(),
     }
     if server_probe:
-        report["server"] = server_delta(server_before, server_after)
+        report["server"] = server_delta(server_before, server_after, watch.changes)
     if interrupt is not None and interrupt.name:
         report["interrupted"] = interrupt.name
     return report
@@ -179,11 +189,19 @@ def _get(out: Any, deadline: float, procs: list[Any]) -> Message:
                 raise BenchError(text) from None
 
 
-def server_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
-    """Return the daemon's mode and its CPU and context-switch deltas between two probes."""
+def server_delta(
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    changes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Return the daemon's path (at the start, at the end, each change between) and its CPU and
+    context-switch deltas between two probes."""
     if not before or not after or "error" in before or "error" in after:
         return {"error": (after or before or {}).get("error", "no server figures")}
     out: dict[str, Any] = {
+        "path_start": path_of(before),
+        "path_end": path_of(after),
+        "path_changes": changes or [],
         "mode": after.get("mode"),
         "requested_mode": after.get("requested_mode"),
         "pid": after.get("pid"),

@@ -35,10 +35,10 @@ class SizeRange:
     high: int
 
     def __post_init__(self) -> None:
+        if self.fixed and not 1 <= self.low <= MAX_SIZE:
+            raise ValueError(f"message sizes must be from 1 to {MAX_SIZE} bytes, got {self.low}")
         if not 1 <= self.low <= self.high <= MAX_SIZE:
-            raise ValueError(
-                f"sizes must satisfy 1 <= MIN <= MAX <= {MAX_SIZE}, got {self.low}-{self.high}"
-            )
+            raise ValueError(f"sizes must satisfy 1 <= MIN <= MAX <= {MAX_SIZE}, got {self}")
 
     @classmethod
     def parse(cls, text: str) -> SizeRange:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,31 @@ def test_a_failed_plot_still_prints_the_results(
     assert "req/s" in result.stdout
     assert "Traceback" not in result.output
     assert result.stderr.strip().splitlines()[-1].endswith("No space left on device")
+
+
+# matplotlib marked absent (as a sys.modules None entry is), then echoctl as the console script.
+NO_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None
+sys.argv = ["echoctl", *sys.argv[1:]]
+from echoctl.cli import main
+main()
+"""
+
+
+def test_plot_without_matplotlib_names_this_environments_pip(tmp_path: Path) -> None:
+    """The hint installs into the environment echoctl runs from (/opt/echod/bin/pip there)."""
+    args = ["compare", "--spawn", "--sizes", "64", "--plot", str(tmp_path / "p.png")]
+    r = subprocess.run(
+        [sys.executable, "-c", NO_MATPLOTLIB, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r
+    pip = Path(sys.executable).parent / "pip"
+    assert r.stderr.strip().endswith(f"--plot needs matplotlib: {pip} install 'matplotlib>=3.7'")
+    # That pip is this interpreter's: it installs where echoctl imports from.
+    version = subprocess.run([pip, "--version"], capture_output=True, text=True, timeout=60)
+    assert str(Path(sys.prefix)) in version.stdout, version
+    assert not (tmp_path / "p.png").exists()

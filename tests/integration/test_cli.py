@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Echod, spawn
+from tests.integration.conftest import Echod, require_bpf, spawn
 from tests.integration.echo_util import connect, roundtrip, wait_for
 
 Factory = Callable[..., Echod]
@@ -89,6 +89,7 @@ def test_stop_start_restart_reload(echod_factory: Factory) -> None:
     assert r.stdout.strip() == f"echod serving in user mode on 127.0.0.1:{d.port}, [::1]:{d.port}"
     r = echoctl(d, "restart")
     assert r.returncode == 0, r
+    assert r.stdout.strip().endswith("; connections moved 0, stayed 0"), r
     assert ok_json(echoctl(d, "restart", "--mode", "user", "--json"))["state"] == "serving"
     assert ok_json(echoctl(d, "--json", "stop"))["state"] == "stopped"
     assert ok_json(echoctl(d, "start", "--json"))["state"] == "serving"
@@ -96,6 +97,27 @@ def test_stop_start_restart_reload(echod_factory: Factory) -> None:
     assert (r.returncode, r.stdout.strip()) == (0, "configuration unchanged")
     assert ok_json(echoctl(d, "reload", "--json")) == {"applied": [], "needs_restart": []}
     with connect(d.host, d.port) as sock:
+        roundtrip(sock, os.urandom(1000))
+
+
+@pytest.mark.bpf
+def test_restart_says_what_moved_and_what_stayed(echod_factory: Factory) -> None:
+    """The human line carries the reply's migration, as the JSON does."""
+    d = echod_factory(mode="user")
+    require_bpf()
+    with connect(d.host, d.port) as sock:
+        roundtrip(sock, b"x")
+        # Kernel mode moves the open user-path connection into the sockhash.
+        r = echoctl(d, "restart", "--mode", "kernel")
+        assert r.returncode == 0, r
+        assert r.stdout.strip() == (
+            f"echod serving in kernel mode on 127.0.0.1:{d.port}, [::1]:{d.port}; "
+            "connections moved 1, stayed 0"
+        )
+        # Back to user: the kernel-path connection keeps its path until it closes.
+        r = echoctl(d, "restart", "--mode", "user")
+        assert r.returncode == 0, r
+        assert r.stdout.strip().endswith("; connections moved 0, stayed 1"), r
         roundtrip(sock, os.urandom(1000))
 
 

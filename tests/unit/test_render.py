@@ -114,6 +114,8 @@ def test_render_status() -> None:
         == "echod serving in user (requested auto) mode on 127.0.0.1:8888, [::1]:8888"
     )
     assert render.summary({"state": "stopped"}) == "echod stopped"
+    restarted = {**STATUS, "migration": {"moved": 3, "stayed": 1}}
+    assert render.summary(restarted).endswith("[::1]:8888; connections moved 3, stayed 1")
 
 
 def _snap(t: float, user: int, kernel: int, runs: int, run_ns: int) -> dict[str, Any]:
@@ -296,3 +298,13 @@ def test_sweep_plot_scales_and_labels() -> None:
         assert labels == ["1 B", "64 B", "4 KiB", "64 KiB"]
     finally:
         plt.close(fig)
+
+
+def test_sweep_of_an_interrupted_compare_shows_dashes() -> None:
+    """Points that an interrupted comparison never reached have no figures: shown as '-'."""
+    result = _sweep_result()
+    for cell in result["sweep"]["modes"]["kernel"].values():
+        cell["p50_us"] = cell["mb_per_s"] = None
+    rows = comparerender.render_sweep(result).splitlines()[2:]
+    assert all(row.split()[-1] == "-" for row in rows)
+    assert all(row.split()[3] == "-" for row in rows)
