@@ -227,10 +227,11 @@ def _self_check_text(paths: Any) -> str:
 
 
 def _workers_text(workers: list[Mapping[str, Any]]) -> str:
-    """One entry per worker: pid, state and connections."""
+    """One entry per worker: pid, state and connections (a silent one's as it said last)."""
     parts = [
         f"#{w.get('index')} pid {w.get('pid') or DASH} {w.get('state', DASH)} "
         f"{fmt_count(w.get('connections', 0))}"
+        + (f" (stale: silent {w.get('silent_s')} s)" if w.get("stale") else "")
         for w in workers
     ]
     return f"{len(workers)}: " + "; ".join(parts)
@@ -301,8 +302,13 @@ def render_stats(stats: Mapping[str, Any], bpf_stats_enabled: bool | None = None
         rows.append(
             (
                 "workers",
-                f"{fmt_count(pool.get('count'))} ({fmt_count(pool.get('restarts', 0))} restarted); "
-                f"figures below are for all {fmt_count(proc.get('processes'))} processes",
+                f"{fmt_count(pool.get('count'))} ({fmt_count(pool.get('restarts', 0))} restarted"
+                + (
+                    f", #{', #'.join(map(str, pool['unresponsive']))} silent: not counted"
+                    if pool.get("unresponsive")
+                    else ""
+                )
+                + f"); figures below are for all {fmt_count(proc.get('processes'))} processes",
             )
         )
     rows += [

@@ -308,3 +308,13 @@ def test_sweep_of_an_interrupted_compare_shows_dashes() -> None:
     rows = comparerender.render_sweep(result).splitlines()[2:]
     assert all(row.split()[-1] == "-" for row in rows)
     assert all(row.split()[3] == "-" for row in rows)
+
+
+def test_a_silent_worker_is_shown_stale() -> None:
+    entry = {"index": 0, "pid": 7, "state": "serving", "mode": "user", "connections": 2}
+    status = {
+        **STATUS,
+        "workers": [entry, {**entry, "index": 1, "pid": 8, "stale": True, "silent_s": 3.2}],
+    }
+    rows = dict(line.split(None, 1) for line in render.render_status(status).splitlines())
+    assert rows["workers"] == "2: #0 pid 7 serving 2; #1 pid 8 serving 2 (stale: silent 3.2 s)"
