@@ -24,7 +24,7 @@ from echoctl.client import ControlClient, ControlError
 from echod import control, protocol
 from echod.control import ControlServer
 from echod.protocol import RequestError
-from tests.integration.echo_util import wait_for
+from tests.util import wait_for
 
 
 class FakeTarget:
