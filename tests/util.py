@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from echod.protocol import MAX_INTERVAL, NOTIFICATION, encode_request
 
 TIMEOUT = 10.0
 
@@ -15,3 +21,25 @@ def wait_for(pred: Callable[[], bool], timeout: float = TIMEOUT, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def first_watch_notification(path: str) -> dict[str, Any]:
+    """Subscribe to `watch` at the longest interval; return the first notification's params.
+
+    Each read gives up after a quarter of that interval: a first notification that waited for
+    the interval, instead of bringing the current state at once, fails with TimeoutError.
+    """
+    unpacker = msgpack.Unpacker(raw=False)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(MAX_INTERVAL / 4)
+        sock.connect(path)
+        sock.sendall(encode_request(1, "watch", {"interval": MAX_INTERVAL}))
+        while True:
+            data = sock.recv(65536)
+            assert data, "the server closed the watch"
+            unpacker.feed(data)
+            for frame in unpacker:
+                if frame[0] == NOTIFICATION:
+                    params: dict[str, Any] = frame[2]
+                    return params
+                assert frame[2] is None, frame  # the subscription's acknowledgement
