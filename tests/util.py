@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -43,3 +45,14 @@ def first_watch_notification(path: str) -> dict[str, Any]:
                     params: dict[str, Any] = frame[2]
                     return params
                 assert frame[2] is None, frame  # the subscription's acknowledgement
+
+
+def log_events(text: str) -> list[str]:
+    """The `event` of each JSON record in a daemon's log (other lines are skipped)."""
+    events = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "event" in record:
+                events.append(str(record["event"]))
+    return events
