@@ -110,8 +110,13 @@ class BacklogGuard:
     Idle connections therefore cost nothing, however many there are.
     """
 
-    def __init__(self, exceeded: Callable[[Watched, int, str], None]) -> None:
+    def __init__(
+        self,
+        exceeded: Callable[[Watched, int, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.exceeded = exceeded
+        self._clock = clock
         self.conns: dict[int, Watched] = {}  # cookie -> every kernel-path connection
         self._backlogs: dict[Watched, int] = {}
         # conn -> (when to look again, pending then, when that was, looks found quiet)
@@ -119,7 +124,7 @@ class BacklogGuard:
         self._rung: set[Watched] = set()
         self._rung_at: float | None = None
         self._sweep: Iterator[Watched] = iter(())
-        self._swept_at = self._counted_at = time.monotonic()
+        self._swept_at = self._counted_at = clock()
         self._marks = 0  # the verdict's ring count at the last count
         self._records = 0  # cookies read from the ring since then
 
@@ -143,10 +148,10 @@ class BacklogGuard:
             if conn is not None:
                 self._rung.add(conn)
         if self._rung and self._rung_at is None:
-            self._rung_at = time.monotonic()
+            self._rung_at = self._clock()
 
     def due(self) -> float:
-        """When the next check is due (monotonic time)."""
+        """When the next check is due (on the guard's clock)."""
         if self._rung_at is not None:
             # A moment's delay gathers many rings into one look, and skips connections that
             # close within it (connect, one request, close).
@@ -180,7 +185,7 @@ class BacklogGuard:
 
     def check(self, active: ActiveSet, limit: int, total_limit: int) -> None:
         """Look at what is due: read sockets with unwritten echo; hand over those past a limit."""
-        now = time.monotonic()
+        now = self._clock()
         if not self.conns:
             self._backlogs.clear()
             self._due.clear()

@@ -9,18 +9,10 @@ import socket
 import termios
 import threading
 import time
-from collections.abc import Callable
 
-TIMEOUT = 10.0
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = TIMEOUT, what: str = "condition") -> None:
-    """Poll pred until true, or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+# Shared with tests/unit, which must not import from tests/integration; tests here take them
+# from this module as before.
+from tests.util import TIMEOUT, wait_for
 
 
 def unacked(sock: socket.socket) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from echoctl.client import ControlClient, ControlError
 from tests.integration.conftest import Factory
 from tests.integration.control_util import still_serving
 from tests.integration.echo_util import wait_for
+from tests.util import first_watch_notification
 
 
 def raw_exchange(path: str, data: bytes, want: int, timeout: float = 10.0) -> list[Any]:
@@ -151,12 +151,12 @@ def test_a_thousand_bad_frames(echod_factory: Factory) -> None:
 
 def test_watch_stream_and_no_leak(echod_factory: Factory) -> None:
     d = echod_factory(mode="user")
+    # The current state comes at once, not after the first interval.
+    assert first_watch_notification(d.control)["status"]["control"]["watchers"] == 1
+    wait_for(lambda: d.status()["control"]["watchers"] == 0, what="the first watch to end")
     with ControlClient(d.control) as c:
-        t0 = time.monotonic()
         stream = c.subscribe("watch", {"interval": 0.1})
-        first = next(stream)
-        assert time.monotonic() - t0 < 1.0
-        snaps = [first] + [next(stream) for _ in range(5)]
+        snaps = [next(stream) for _ in range(6)]
         times = [s["time"] for s in snaps]
         assert times == sorted(times)
         assert 0.3 < times[-1] - times[0] < 3.0

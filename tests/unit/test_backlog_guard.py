@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from echod import kernelpath
@@ -49,7 +47,7 @@ class FakeActive:
 
 
 class Clock:
-    """kernelpath's monotonic clock, moved by the test."""
+    """The guard's clock, moved by the test."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -59,10 +57,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(kernelpath, "time", types.SimpleNamespace(monotonic=fake.monotonic))
-    return fake
+def clock() -> Clock:
+    return Clock()
 
 
 class Guard:
@@ -71,7 +67,9 @@ class Guard:
     def __init__(self, clock: Clock, total_limit: int = 10 * LIMIT) -> None:
         self.clock = clock
         self.exceeded: list[tuple[int, int, str]] = []
-        self.guard = BacklogGuard(lambda c, n, why: self.exceeded.append((c.cookie, n, why)))
+        self.guard = BacklogGuard(
+            lambda c, n, why: self.exceeded.append((c.cookie, n, why)), clock=clock.monotonic
+        )
         self.active = FakeActive()
         self.total_limit = total_limit
 

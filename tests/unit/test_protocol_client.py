@@ -18,27 +18,38 @@ from echod import protocol
 
 
 @contextmanager
-def one_reply_server(path: str, payload: bytes) -> Iterator[None]:
-    """Answer the first request on `path` with `payload`, whatever it is, then wait for EOF."""
+def one_reply_server(
+    path: str, payload: bytes, *, hello: bool = False
+) -> Iterator[threading.Event]:
+    """Answer one request on `path` with `payload`, whatever it is, then wait for EOF.
+
+    With `hello`, the client's hello is answered first and `payload` goes to its next request.
+    The event yielded is set when the client has closed the connection.
+    """
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(1)
     listener.settimeout(10)
+    closed = threading.Event()
 
     def serve() -> None:
         with contextlib.suppress(OSError):
             conn, _ = listener.accept()
             with conn:
                 conn.settimeout(10)
+                if hello:
+                    conn.recv(65536)
+                    conn.sendall(protocol.encode_response(1, None, {"api_version": 1}))
                 conn.recv(65536)
                 conn.sendall(payload)
                 while conn.recv(65536):
                     pass
+                closed.set()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield
+        yield closed
     finally:
         thread.join(timeout=15)
         listener.close()
@@ -102,9 +113,11 @@ def test_client_reply_over_its_buffer_is_a_protocol_error(
     path = str(tmp_path / "c.sock")
     # An array of 15 strings with only 14 sent: never a whole frame, always over the buffer.
     payload = b"\x9f" + (b"\xd9\xff" + b"x" * 255) * 14
-    with one_reply_server(path, payload), ControlClient(path, timeout=5) as c:
+    with one_reply_server(path, payload, hello=True) as closed, ControlClient(path, timeout=5) as c:
+        c.connect()
         with pytest.raises(ControlError) as info:
             c.call("status")
-        assert c._sock is None  # the stream cannot be resynchronised: it was closed
+        # The stream cannot be resynchronised: the client closed it (the server saw EOF).
+        assert closed.wait(5)
     assert info.value.code == "protocol"
     assert info.value.message == f"reply from {path} exceeds 1024 bytes"
