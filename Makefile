@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
-	systemd systemd-container socat ncat netcat-openbsd
+	systemd systemd-container socat ncat netcat-openbsd strace tmux groff-base man-db
 
 .PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths man \
 	clean
