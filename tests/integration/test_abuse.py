@@ -103,11 +103,26 @@ def _bpf_fds(pid: int) -> int:
     return count
 
 
-def _our_bypass_maps() -> int:
+def _our_bypass_maps(pids: list[int]) -> int:
+    """How many bypass objects (their bypass_paths maps) the daemon's processes hold.
+
+    Counted from the processes' own fds, so other daemons on the host do not count.
+    """
     out = subprocess.run(
         ["bpftool", "-j", "map", "show"], capture_output=True, text=True, check=True
     ).stdout
-    return sum(1 for m in json.loads(out or "[]") if m.get("name") == "bypass_paths")
+    paths = {m["id"] for m in json.loads(out or "[]") if m.get("name") == "bypass_paths"}
+    held: set[int] = set()
+    for pid in pids:
+        for name in os.listdir(f"/proc/{pid}/fdinfo"):
+            try:
+                with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                    for line in f:
+                        if line.startswith("map_id:"):
+                            held.add(int(line.split()[1]))
+            except FileNotFoundError:
+                continue
+    return len(held & paths)
 
 
 def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory) -> None:
@@ -117,9 +132,10 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
     from echod.bypass import PathReaders
     from tests.integration.echo_util import wait_for
 
-    maps_before = _our_bypass_maps()
     d = echod_factory(mode="user", args=["--workers", "2", "--bypass"])
     workers = [psutil.Process(w["pid"]) for w in d.status()["workers"]]
+    pids = [d.proc.pid, *(w.pid for w in workers)]
+    maps_before = 0
     # A connection of the first object, on its ingress path, open through all the toggles.
     old = connect("127.0.0.1", d.port)
     roundtrip(old, os.urandom(100_000))
@@ -136,7 +152,7 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
 
     def settled(extra: int) -> bool:
         fds = [_bpf_fds(w.pid) for w in workers]
-        maps = _our_bypass_maps()
+        maps = _our_bypass_maps(pids)
         seen[:] = [fds_before, fds, maps_before, maps]
         # The attached object (and `extra` older ones): its sockhash and path storage fds in
         # each worker, its maps on the host.
@@ -157,7 +173,7 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
     try:
         wait_settled(extra=1)  # the first object stays: its connection is open
         time.sleep(PathReaders.RETIRE_CHECK + 1)  # another look at it: still kept
-        assert _our_bypass_maps() == maps_before + 2, seen
+        assert _our_bypass_maps(pids) == maps_before + 2, seen
         for _ in range(5):  # and its connection still echoes every byte
             roundtrip(old, os.urandom(200_000))
     finally:
