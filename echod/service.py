@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import os
 import socket
 import sys
@@ -16,14 +15,14 @@ from typing import Any
 
 import structlog
 
+from echod.admission import Admission, bind_listener, insert_failure
 from echod.aggregate import Rates, worker_entry
 from echod.bypass import Bypass, PathReaders
 from echod.config import LIVE_KEYS, Config
 from echod.connection import INGRESS_LIMIT, Connection
 from echod.figures import METER, process_figures
 from echod.kernelpath import IDLE_CHECK, MIN_STEP, BacklogGuard, HangupWatcher, Watched
-from echod.lifecycle import Lifecycle, resolve_listen
-from echod.limits import echo_fd_budget
+from echod.lifecycle import Lifecycle
 from echod.logs import RateLimited
 from echod.migrate import migrate_to_kernel
 from echod.protocol import RequestError
@@ -45,10 +44,8 @@ class Service(Lifecycle):
         self._bpf = contextlib.ExitStack()  # holds the kernel or the maps while loaded
         self.listeners: list[socket.socket] = []
         self.conns: set[Connection] = set()
-        self.per_ip: Counter[str] = Counter()
-        self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
+        self.admission = Admission(config)
         self.counts: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()
         self.insert_failed: Counter[str] = Counter()  # kernel mode served on the user path, why
         self.limiter = RateLimited()
         self.hangups = HangupWatcher(self.loop)
@@ -56,7 +53,6 @@ class Service(Lifecycle):
         self.in_map = 0  # connections whose socket is in the sockhash
         self.reuse_port = False  # workers share the port (SO_REUSEPORT)
         self.poked = asyncio.Event()  # the verdict rang: the guard should look
-        self._budget, self._budget_at = 0, -1e9
         self.rates: dict[str, float] = {}
         self._rates = Rates()
         self.bypass_readers = PathReaders()  # which connections the bypass keeps in user space
@@ -179,7 +175,7 @@ class Service(Lifecycle):
     async def apply_live(self, config: Config) -> None:
         """Take the settings that can change while serving."""
         self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
-        self.allow = [ipaddress.ip_network(c, strict=False) for c in config.allow]
+        self.admission.apply(self.config)
 
     async def _switch(self, old: str | None) -> tuple[int, int]:
         """To kernel: move the user-path connections in; to user: unload once unused."""
@@ -219,28 +215,17 @@ class Service(Lifecycle):
 
         self.loop.call_later(0.1, resume)
 
-    def _refuse(self, sock: socket.socket, peer: str, reason: str) -> None:
-        self.refused[reason] += 1
-        self._log_limited("conn.refused", peer=peer, reason=reason)
-        sock.close()
-
     def _admit(self, sock: socket.socket, peer: str) -> None:
-        cfg = self.config
-        if self.allow and not self._allowed(peer):
-            return self._refuse(sock, peer, "allow")
-        if len(self.conns) >= cfg.max_connections:
-            return self._refuse(sock, peer, "max_connections")
-        # Leave limits.FD_RESERVE fds free, so that the control socket answers at the fd limit.
-        # fds are allocated lowest first: this socket's number counts the fds open below it.
-        if max(sock.fileno(), len(self.conns)) >= self._fd_budget():
-            return self._refuse(sock, peer, "fd_limit")
-        if cfg.max_connections_per_ip and self.per_ip[peer] >= cfg.max_connections_per_ip:
-            return self._refuse(sock, peer, "per_ip")
+        reason = self.admission.refusal(sock, peer, len(self.conns))
+        if reason is not None:
+            self._log_limited("conn.refused", peer=peer, reason=reason)
+            sock.close()
+            return
         # TCP_NODELAY and SO_OOBINLINE come from the listener (accepted sockets inherit them).
         sock.setblocking(False)
         conn = Connection(self, sock, peer)
         self.conns.add(conn)
-        self.per_ip[peer] += 1
+        self.admission.admitted(peer)
         self.counts["accepted"] += 1
         ingress = self.bypass_readers.user_only(sock)
         if ingress:
@@ -266,19 +251,6 @@ class Service(Lifecycle):
             self._log_limited("conn.user_failed", peer=conn.peer, error=str(exc))
             conn.close(reason="error")
 
-    def _fd_budget(self) -> int:
-        """limits.echo_fd_budget(), read at most once a second (not a system call per accept)."""
-        now = self.loop.time()
-        if now - self._budget_at >= 1.0:
-            self._budget, self._budget_at = echo_fd_budget(), now
-        return self._budget
-
-    def _allowed(self, peer: str) -> bool:
-        addr = ipaddress.ip_address(peer.split("%", 1)[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.allow)
-
     def map_in(self, conn: Connection, cookie: int) -> None:
         """conn's socket has just entered the sockhash: it is on the kernel path now."""
         conn.in_map = True
@@ -300,9 +272,7 @@ class Service(Lifecycle):
         if conn in self.conns:
             self.conns.remove(conn)
             self.counts["closed"] += 1
-            self.per_ip[conn.peer] -= 1
-            if self.per_ip[conn.peer] <= 0:
-                del self.per_ip[conn.peer]
+            self.admission.released(conn.peer)
             # Not while a start or restart holds the lock: it may have loaded the object for
             # the path it is checking or entering.
             if self.mode != "kernel" and self.state == "serving" and not self._lock.locked():
@@ -464,9 +434,7 @@ class Service(Lifecycle):
         return {
             "connections": {
                 "accepted": self.counts["accepted"],
-                "refused": {
-                    r: self.refused[r] for r in ("max_connections", "per_ip", "allow", "fd_limit")
-                },
+                "refused": self.admission.figures(),
                 "active": len(self.conns),
                 "closed": self.counts["closed"],
                 "insert_failed": self.counts["insert_failed"],
@@ -476,43 +444,3 @@ class Service(Lifecycle):
             },
             "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
         }
-
-
-def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A TCP socket bound to host:port with the echo service's options, not yet listening.
-
-    OSError names the address (and the capability a low port needs).
-    """
-    family, addr = resolve_listen(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Inherited by every accepted socket: set once here, not per connection.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Urgent bytes stay in the stream, as the kernel path echoes them: both modes agree.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        hint = ""
-        if exc.errno == errno.EACCES and port < 1024:
-            hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)"
-        raise OSError(
-            exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}{hint}"
-        ) from exc
-    return sock
-
-
-def insert_failure(exc: OSError) -> str:
-    """Why a kernel-mode socket could not enter the sockhash, as a short stable name."""
-    if exc.errno == errno.EOPNOTSUPP:
-        # The peer sent FIN or RST before the accept: the socket has left ESTABLISHED
-        # (`printf ... | nc -q1` often does this). Its bytes are echoed on the user path.
-        return "peer_closed_before_accept"
-    if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-        return "map_full"
-    return errno.errorcode.get(exc.errno or 0, "error").lower()

@@ -27,13 +27,13 @@ from typing import Any
 
 import structlog
 
+from echod.admission import bind_listener
 from echod.aggregate import Rates, merge_stats, merge_status, retire, sum_process
 from echod.channel import Channel, ChannelClosed
 from echod.config import LIVE_KEYS, Config
 from echod.figures import METER, process_figures
 from echod.lifecycle import Lifecycle
 from echod.protocol import RequestError
-from echod.service import bind_listener
 from echod.sockmap import KernelEcho
 
 log = structlog.get_logger("echod.workers")

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echod import metrics, metrics_http, service
+from echod import admission, metrics, metrics_http
+from echod.config import Config
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 # The per-process figures `stats` carries (the stats side's contract), for one process.
@@ -292,11 +293,11 @@ def test_insert_failures_have_a_zero_sample_per_known_reason() -> None:
 
 
 def test_reasons_are_the_services() -> None:
-    source = Path(service.__file__).read_text()
-    refusals = set(re.findall(r'_refuse\(sock, peer, "(\w+)"\)', source))
-    assert refusals == set(metrics.REFUSAL_REASONS)
+    assert set(admission.REFUSAL_REASONS) == set(metrics.REFUSAL_REASONS)
+    rules = admission.Admission(Config())
+    assert set(rules.figures()) == set(metrics.REFUSAL_REASONS)
     named = {
-        service.insert_failure(OSError(code, "x"))
+        admission.insert_failure(OSError(code, "x"))
         for code in (errno.EOPNOTSUPP, errno.ENOSPC, errno.E2BIG, errno.ENOMEM)
     }
     assert named == set(metrics.INSERT_FAILURE_REASONS)

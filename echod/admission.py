@@ -1,0 +1,123 @@
+"""Who may connect: the admission rules of the echo service, and its listening sockets."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from echod.config import Config
+from echod.lifecycle import resolve_listen
+from echod.limits import echo_fd_budget
+
+REFUSAL_REASONS = ("max_connections", "per_ip", "allow", "fd_limit")
+
+
+class Admission:
+    """The rules a new connection meets, in order: allow, max_connections, the fd budget
+    (limits.FD_RESERVE left free, so that the control socket answers at the fd limit), and
+    max_connections_per_ip; with the counts they need and what they refused."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.allow = _networks(config)
+        self.per_ip: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self._clock = clock
+        self._budget, self._budget_at = 0, -1e9
+
+    def apply(self, config: Config) -> None:
+        """Take new settings (a reload)."""
+        self.config = config
+        self.allow = _networks(config)
+
+    def refusal(self, sock: socket.socket, peer: str, active: int) -> str | None:
+        """Why sock (from peer, with `active` connections open) is refused, or None; counted."""
+        cfg = self.config
+        reason = None
+        if self.allow and not self._allowed(peer):
+            reason = "allow"
+        elif active >= cfg.max_connections:
+            reason = "max_connections"
+        # fds are allocated lowest first: this socket's number counts the fds open below it.
+        elif max(sock.fileno(), active) >= self._fd_budget():
+            reason = "fd_limit"
+        elif cfg.max_connections_per_ip and self.per_ip[peer] >= cfg.max_connections_per_ip:
+            reason = "per_ip"
+        if reason is not None:
+            self.refused[reason] += 1
+        return reason
+
+    def admitted(self, peer: str) -> None:
+        """A connection from peer was let in."""
+        self.per_ip[peer] += 1
+
+    def released(self, peer: str) -> None:
+        """A connection from peer closed."""
+        self.per_ip[peer] -= 1
+        if self.per_ip[peer] <= 0:
+            del self.per_ip[peer]
+
+    def figures(self) -> dict[str, int]:
+        """The refusals by reason (stats.connections.refused)."""
+        return {r: self.refused[r] for r in REFUSAL_REASONS}
+
+    def _fd_budget(self) -> int:
+        """limits.echo_fd_budget(), read at most once a second (not a system call per accept)."""
+        now = self._clock()
+        if now - self._budget_at >= 1.0:
+            self._budget, self._budget_at = echo_fd_budget(), now
+        return self._budget
+
+    def _allowed(self, peer: str) -> bool:
+        addr = ipaddress.ip_address(peer.split("%", 1)[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.allow)
+
+
+def _networks(config: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(c, strict=False) for c in config.allow]
+
+
+def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port with the echo service's options, not yet listening.
+
+    OSError names the address (and the capability a low port needs).
+    """
+    family, addr = resolve_listen(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Inherited by every accepted socket: set once here, not per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Urgent bytes stay in the stream, as the kernel path echoes them: both modes agree.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        hint = ""
+        if exc.errno == errno.EACCES and port < 1024:
+            hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        raise OSError(
+            exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}{hint}"
+        ) from exc
+    return sock
+
+
+def insert_failure(exc: OSError) -> str:
+    """Why a kernel-mode socket could not enter the sockhash, as a short stable name."""
+    if exc.errno == errno.EOPNOTSUPP:
+        # The peer sent FIN or RST before the accept: the socket has left ESTABLISHED
+        # (`printf ... | nc -q1` often does this). Its bytes are echoed on the user path.
+        return "peer_closed_before_accept"
+    if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+        return "map_full"
+    return errno.errorcode.get(exc.errno or 0, "error").lower()
