@@ -267,6 +267,11 @@ class Connection:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close(reason=reason)
 
+    def enter_kernel(self, cookie: int) -> None:
+        """Its socket is in the sockhash now (with this cookie): the kernel echoes it."""
+        self.in_map = True
+        self.cookie = cookie
+
     def close(self, reason: str = "closed") -> None:
         """Remove from the map, close the socket and forget the connection; idempotent."""
         if self.closed:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import select
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -241,3 +242,92 @@ class BacklogGuard:
             rate = (pending - before[1]) / (now - before[2])
             wait = (limit - pending) / rate / 2
         self._due[conn] = (now + min(max(wait, MIN_STEP), QUIET), pending, now, 0)
+
+
+class KernelConn(Watched, Protocol):
+    """What KernelPath needs of a connection besides what the guard does."""
+
+    sock: socket.socket
+
+    def enter_kernel(self, cookie: int) -> None: ...
+
+    def watch(self) -> None: ...
+
+
+class SocketMap(ActiveSet, Protocol):
+    """The sockhash too (sockmap.SocketMaps)."""
+
+    def remove(self, sock: socket.socket, cookie: int | None = None) -> None: ...
+
+
+class KernelPath:
+    """One service's side of the kernel path in user space.
+
+    It knows which connections are on the path (their socket in the sockhash), watches their
+    sockets for hang-ups, and runs the backlog guard, which the verdict's doorbell wakes. The
+    BPF object and its maps belong to the service's lifecycle (loaded for kernel mode, or
+    borrowed from the supervisor), and are passed in while there.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        exceeded: Callable[[Watched, int, str], None],
+    ) -> None:
+        self.hangups = HangupWatcher(loop)
+        self.guard = BacklogGuard(exceeded)
+        self.sockets = 0  # connections whose socket is in the sockhash
+        self._poked = asyncio.Event()  # the verdict rang: the guard should look
+
+    def entered(self, conn: KernelConn, cookie: int) -> None:
+        """conn's socket has just entered the sockhash: it is on the kernel path now."""
+        conn.enter_kernel(cookie)
+        self.sockets += 1
+        self.guard.track(conn)
+        conn.watch()
+
+    def left(self, conn: KernelConn, maps: SocketMap | None) -> None:
+        """conn is closing: its socket leaves the sockhash (when the maps are still there)."""
+        self.sockets -= 1
+        if maps is not None:
+            with contextlib.suppress(KeyError, OSError):
+                maps.remove(conn.sock, conn.cookie)
+
+    def forget(self, conn: Watched) -> None:
+        """conn closed."""
+        self.guard.forget(conn)
+
+    def ring(self, cookies: list[int]) -> None:
+        """The verdict rang the bell for these sockets: the guard looks at them shortly."""
+        self.guard.ring(cookies)
+        self._poked.set()
+
+    async def run(
+        self,
+        maps: Callable[[], ActiveSet | None],
+        limits: Callable[[], tuple[int, int]],
+        failed: Callable[[OSError], None],
+    ) -> None:
+        """The guard until cancelled: when it is due, and when the doorbell rings."""
+        while True:
+            current = maps()
+            if current is None:  # user mode: nothing to guard until a poke or a switch
+                wait = IDLE_CHECK
+            else:  # never 0: the loop must always yield
+                wait = max(self.guard.due() - time.monotonic(), MIN_STEP)
+            if not self._poked.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._poked.wait()
+            self._poked.clear()
+            current = maps()
+            if current is None:
+                continue
+            try:
+                self.guard.check(current, *limits())
+            except OSError as exc:  # a map call failed: the guard must go on regardless
+                failed(exc)
+
+    def close(self) -> None:
+        """Stop watching (the service is done)."""
+        self.hangups.close()

@@ -170,3 +170,15 @@ class RateLimited:
                 if suppressed:
                     out.append((slot[0], slot[1], suppressed))
         return out
+
+    def warning(
+        self, logger: Any, event: str, rate: tuple[int, float] | None = None, **fields: Any
+    ) -> None:
+        """logger.warning(event), unless past its rate (`rate`: its own burst and period);
+        what earlier windows suppressed is written out first."""
+        for name, _, count in self.expired():
+            logger.warning(name, suppressed=count)
+        burst, period = rate if rate is not None else (None, None)
+        ok, suppressed = self.allow(event, burst=burst, period=period)
+        if ok:
+            logger.warning(event, **fields, **({"suppressed": suppressed} if suppressed else {}))

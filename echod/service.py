@@ -8,9 +8,7 @@ import errno
 import os
 import socket
 import sys
-import time
 from collections import Counter
-from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -21,8 +19,8 @@ from echod.bypass import Bypass, PathReaders
 from echod.config import LIVE_KEYS, Config
 from echod.connection import INGRESS_LIMIT, Connection
 from echod.figures import METER, process_figures
-from echod.kernelpath import IDLE_CHECK, MIN_STEP, BacklogGuard, HangupWatcher, Watched
-from echod.lifecycle import Lifecycle
+from echod.kernelpath import KernelPath, Watched
+from echod.lifecycle import Lifecycle, TaskSet
 from echod.logs import RateLimited
 from echod.migrate import migrate_to_kernel
 from echod.protocol import RequestError
@@ -48,33 +46,17 @@ class Service(Lifecycle):
         self.counts: Counter[str] = Counter()
         self.insert_failed: Counter[str] = Counter()  # kernel mode served on the user path, why
         self.limiter = RateLimited()
-        self.hangups = HangupWatcher(self.loop)
-        self.guard = BacklogGuard(self._abort_backlog)
-        self.in_map = 0  # connections whose socket is in the sockhash
+        self.kpath = KernelPath(self.loop, self._abort_backlog)
+        self.hangups = self.kpath.hangups  # Host.hangups, for the connections
         self.reuse_port = False  # workers share the port (SO_REUSEPORT)
-        self.poked = asyncio.Event()  # the verdict rang: the guard should look
         self.rates: dict[str, float] = {}
         self._rates = Rates()
         self.bypass_readers = PathReaders()  # which connections the bypass keeps in user space
         self._diag: SockDiag | None = None  # looks at ingress-path clients' queues
-        # Every task the service starts (a connection's drain, a move to the user path): the
-        # loop holds tasks only weakly, and stop cancels and awaits what is left.
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Host.spawn: run coro as a task the service owns."""
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    async def _end_tasks(self) -> None:
-        """Cancel the service's tasks still running, and wait for them to finish."""
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # Every task the service starts (a connection's drain, a move to the user path);
+        # stop cancels and awaits what is left.
+        self.tasks = TaskSet(self.loop)
+        self.spawn = self.tasks.spawn  # Host.spawn
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -116,7 +98,7 @@ class Service(Lifecycle):
         """Unload the BPF object (or drop the maps) when nothing uses it any more."""
         if self.maps is None:
             return
-        if force or (self.mode != "kernel" and not self.in_map):
+        if force or (self.mode != "kernel" and not self.kpath.sockets):
             self._bpf.close()  # detach, unload: KernelEcho's own exit
             self.kernel = self.maps = None
 
@@ -164,7 +146,7 @@ class Service(Lifecycle):
             await asyncio.wait([c.done for c in conns], timeout=grace + 0.5)
         for conn in list(self.conns):
             conn.close(reason="shutdown_timeout")
-        await self._end_tasks()
+        await self.tasks.cancel()
         self.mode = None
         self._maybe_unload(force=True)
         self._stop_bypass()
@@ -252,23 +234,16 @@ class Service(Lifecycle):
             conn.close(reason="error")
 
     def map_in(self, conn: Connection, cookie: int) -> None:
-        """conn's socket has just entered the sockhash: it is on the kernel path now."""
-        conn.in_map = True
-        conn.cookie = cookie
-        self.in_map += 1
-        self.guard.track(conn)
-        conn.watch()
+        """Host.map_in: KernelPath.entered."""
+        self.kpath.entered(conn, cookie)
 
     def unmap(self, conn: Connection) -> None:
-        """Remove a closing connection's socket from the sockhash."""
-        self.in_map -= 1
-        if self.maps is not None:
-            with contextlib.suppress(KeyError, OSError):
-                self.maps.remove(conn.sock, conn.cookie)
+        """Host.unmap: KernelPath.left."""
+        self.kpath.left(conn, self.maps)
 
     def forget(self, conn: Connection, reason: str) -> None:
         """Called once by Connection.close()."""
-        self.guard.forget(conn)
+        self.kpath.forget(conn)
         if conn in self.conns:
             self.conns.remove(conn)
             self.counts["closed"] += 1
@@ -284,40 +259,24 @@ class Service(Lifecycle):
 
     def close(self) -> None:
         """Release what the service holds for its whole life (call once stopped)."""
-        self.hangups.close()
+        self.kpath.close()
         if self._diag is not None:
             self._diag.close()
             self._diag = None
         self.bypass_readers.close()
         self._set_bypass(False)
 
-    def check_kernel_paths(self) -> None:
-        """Look at the kernel-path sockets that are due (kernelpath.BacklogGuard)."""
-        if self.maps is not None:
-            cfg = self.config
-            self.guard.check(self.maps, cfg.kernel_backlog_limit, cfg.kernel_backlog_total)
-
     async def run(self) -> None:
-        """The backlog guard until cancelled: when it is due, and when the doorbell rings."""
-        while True:
-            if self.maps is None:  # user mode: nothing to guard until a poke or a switch
-                wait = IDLE_CHECK
-            else:  # never 0: the loop must always yield
-                wait = max(self.guard.due() - time.monotonic(), MIN_STEP)
-            if not self.poked.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self.poked.wait()
-            self.poked.clear()
-            try:
-                self.check_kernel_paths()
-            except OSError as exc:  # a map call failed: the guard must go on regardless
-                self._log_limited("guard.failed", rate=(1, 10.0), error=str(exc))
+        """The kernel path's guard (KernelPath.run) until cancelled."""
+        await self.kpath.run(
+            lambda: self.maps,
+            lambda: (self.config.kernel_backlog_limit, self.config.kernel_backlog_total),
+            lambda exc: self._log_limited("guard.failed", rate=(1, 10.0), error=str(exc)),
+        )
 
     def ring(self, cookies: list[int]) -> None:
-        """The verdict rang the bell for these sockets: the guard looks at them shortly."""
-        self.guard.ring(cookies)
-        self.poked.set()
+        """The verdict rang the bell for these sockets (KernelPath.ring)."""
+        self.kpath.ring(cookies)
 
     def _abort_backlog(self, conn: Watched, pending: int, limit: str) -> None:
         assert isinstance(conn, Connection)
@@ -333,10 +292,8 @@ class Service(Lifecycle):
         """
         conn.ingress = 0
         try:
-            if self._diag is None:
-                self._diag = SockDiag()
-            peer, local = conn.sock.getpeername()[:2], conn.sock.getsockname()[:2]
-            held = self._diag.rmem(peer, local)
+            self._diag = self._diag or SockDiag()
+            held = self._diag.peer_rmem(conn.sock)
         except OSError as exc:
             self._log_limited("conn.ingress_check_failed", rate=(1, 10.0), error=str(exc))
             return
@@ -360,14 +317,7 @@ class Service(Lifecycle):
         self, event: str, rate: tuple[int, float] | None = None, **fields: Any
     ) -> None:
         """A warning, rate-limited per event; `rate` is (burst, period) for an event's own rate."""
-        for name, _, count in self.limiter.expired():
-            log.warning(name, suppressed=count)
-        burst, period = rate if rate is not None else (None, None)
-        ok, suppressed = self.limiter.allow(event, burst=burst, period=period)
-        if ok:
-            log.warning(event, suppressed=suppressed, **fields) if suppressed else log.warning(
-                event, **fields
-            )
+        self.limiter.warning(log, event, rate, **fields)
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -385,7 +335,10 @@ class Service(Lifecycle):
             **self.base_status(),
             "listen": self.listen_addresses(),
             "connections": len(self.conns),
-            "connections_by_path": {"kernel": self.in_map, "user": len(self.conns) - self.in_map},
+            "connections_by_path": {
+                "kernel": self.kpath.sockets,
+                "user": len(self.conns) - self.kpath.sockets,
+            },
         }
 
     def counters(self) -> dict[str, int]:
@@ -422,7 +375,7 @@ class Service(Lifecycle):
             **self.totals(),
             **self.bpf_figures(),
             # The daemon's own count: walking the sockhash costs ~50 ms at 19k sockets.
-            "kernel_sockets": self.in_map if self.maps is not None else 0,
+            "kernel_sockets": self.kpath.sockets if self.maps is not None else 0,
             "rates": dict(self.rates),
             "process": (own := process_figures()),
             "processes": [{"worker": "0", **own}],

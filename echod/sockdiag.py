@@ -62,6 +62,10 @@ class SockDiag:
                 return found
         return None
 
+    def peer_rmem(self, sock: socket.socket) -> int | None:
+        """rmem() of the socket at the other end of `sock` (a connection on this host)."""
+        return self.rmem(sock.getpeername()[:2], sock.getsockname()[:2])
+
     def _query(self, family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
         self._seq += 1
         sockid = _SOCKID.pack(

@@ -131,7 +131,12 @@ class Worker:
         if method == "sample":
             svc.sample_rates()
             # Every second: cheap figures only (no process figures, no map reads).
-            return {"counters": svc.counters(), "in_map": svc.in_map, "totals": svc.totals()}
+            kernel_sockets = svc.kpath.sockets
+            return {
+                "counters": svc.counters(),
+                "kernel_sockets": kernel_sockets,
+                "totals": svc.totals(),
+            }
         raise RequestError("unknown_method", method)
 
     def _init(self, params: dict[str, Any]) -> dict[str, Any]:

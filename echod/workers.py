@@ -66,7 +66,7 @@ class WorkerProcess:
         self.last_totals: dict[str, Any] | None = None  # connection counters, last sample
         self.retired = False  # its counts were kept and its exit logged
         self.last_status: dict[str, Any] | None = None
-        self.in_map = 0
+        self.kernel_sockets = 0
         self.counters: dict[str, int] = {}
         self.busy = 0  # start, stop, restart or apply_live requests in flight
 
@@ -232,7 +232,7 @@ class WorkerPool(Lifecycle):
 
     def _maybe_unload(self) -> None:
         """Unload once no worker has a socket in the sockhash and the mode is not kernel."""
-        if self.mode != "kernel" and not any(w.in_map for w in self.workers.values()):
+        if self.mode != "kernel" and not any(w.kernel_sockets for w in self.workers.values()):
             self._unload()
 
     # -- the service's methods ----------------------------------------------------------------
@@ -269,7 +269,7 @@ class WorkerPool(Lifecycle):
                 await self._stop_workers(self.config.shutdown_grace if grace is None else grace)
             finally:
                 for w in self.workers.values():
-                    w.in_map = 0
+                    w.kernel_sockets = 0
                 self.mode = None
                 self._unload()
                 self._stop_bypass()
@@ -281,7 +281,7 @@ class WorkerPool(Lifecycle):
         """Every worker switches; the migration figures are summed."""
         replies = await self._each("restart", mode=self.mode, **self._maps())
         for w, r in replies:
-            w.in_map = r["connections_by_path"]["kernel"]
+            w.kernel_sockets = r["connections_by_path"]["kernel"]
         self._maybe_unload()
         return (
             sum(r["migration"]["moved"] for _, r in replies),
@@ -374,7 +374,7 @@ class WorkerPool(Lifecycle):
                 continue
             w.counters, w.last_totals = reply["counters"], reply["totals"]
             if generation == self._generation:  # not from before a start, stop or restart
-                w.in_map = reply["in_map"]
+                w.kernel_sockets = reply["kernel_sockets"]
             for key, value in reply["counters"].items():
                 total[key] = total.get(key, 0) + value
         total.update(self.bpf_counters())
