@@ -430,14 +430,11 @@ def map_keys(map_fd: int, key_size: int, limit: int | None = None) -> list[bytes
     return keys
 
 
-def percpu_totals(map_fd: int, fields: int, ncpus: int) -> list[int]:
-    """Slot 0 of a PERCPU_ARRAY of `fields` __u64 counters, each summed over every CPU."""
-    record = struct.Struct(f"={fields}Q")
+def percpu_totals(map_fd: int, record: struct.Struct, ncpus: int) -> list[int]:
+    """Slot 0 of a PERCPU_ARRAY whose value is a record of __u64 counters, each summed over
+    every CPU (the map's value is one record per possible CPU)."""
     raw = map_lookup(map_fd, struct.pack("=I", 0), record.size * ncpus)
-    totals = [0] * fields
-    for values in record.iter_unpack(raw):
-        totals = [t + v for t, v in zip(totals, values, strict=True)]
-    return totals
+    return [sum(column) for column in zip(*record.iter_unpack(raw), strict=True)]
 
 
 def possible_cpus() -> int:

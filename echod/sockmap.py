@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -34,18 +34,22 @@ _RINGBUF_BUSY = 1 << 31
 _RINGBUF_DISCARD = 1 << 30
 BELL_GATHER = 0.005  # seconds between the first ring and its answer (KernelEcho.on_bell)
 
-# struct echo_counters (bpf/echo.h), each field a __u64.
-COUNTER_FIELDS = (
-    "redirected_packets",
-    "redirected_bytes",
-    "passed_packets",
-    "passed_bytes",
-    "missed_packets",
-    "missed_bytes",
-    "empty_packets",
-    "active_marks",
-)
-_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")
+
+class EchoCounters(NamedTuple):
+    """struct echo_counters (bpf/echo.h, where it is defined): every field a __u64, in order."""
+
+    redirected_packets: int
+    redirected_bytes: int
+    passed_packets: int
+    passed_bytes: int
+    missed_packets: int
+    missed_bytes: int
+    empty_packets: int
+    active_marks: int
+
+
+COUNTER_FIELDS = EchoCounters._fields
+_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct echo_counters
 
 
 def default_object() -> Path:
@@ -152,8 +156,8 @@ class SocketMaps:
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        totals = libbpf.percpu_totals(self.counters_fd, len(COUNTER_FIELDS), self._ncpus)
-        return dict(zip(COUNTER_FIELDS, totals, strict=True))
+        totals = libbpf.percpu_totals(self.counters_fd, _COUNTERS, self._ncpus)
+        return EchoCounters._make(totals)._asdict()
 
     def marks(self) -> int:
         """How many times a socket entered the activity set: it changed if this moved."""
