@@ -27,7 +27,7 @@ import socket
 import struct
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -53,30 +53,61 @@ PATHS = {0: "undecided", 1: "tcp", 2: "ingress", 3: "short_circuit"}
 PATH_INGRESS = 2
 ROLES = {1: "server", 2: "client", 3: "listener"}
 ROLE_LISTENER = 3
-# struct bypass_counters (bpf/bypass.h), each field a __u64.
-COUNTER_FIELDS = (
-    "server_sockets",
-    "client_sockets",
-    "insert_failures",
-    "bypassed_conns",
-    "tcp_conns",
-    "ingress_msgs",
-    "ingress_bytes",
-    "short_msgs",
-    "short_bytes",
-    "tcp_msgs",
-    "tcp_bytes",
-    "redirect_failures",
-    "deferred_conns",
-    "late_bypassed_conns",
+
+
+class BypassCounters(NamedTuple):
+    """struct bypass_counters (bpf/bypass.h, where it is defined): every field a __u64."""
+
+    server_sockets: int
+    client_sockets: int
+    insert_failures: int
+    bypassed_conns: int
+    tcp_conns: int
+    ingress_msgs: int
+    ingress_bytes: int
+    short_msgs: int
+    short_bytes: int
+    tcp_msgs: int
+    tcp_bytes: int
+    redirect_failures: int
+    deferred_conns: int
+    late_bypassed_conns: int
+
+
+COUNTER_FIELDS = BypassCounters._fields
+_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct bypass_counters
+# The other records of bpf/bypass.h: each field's name and struct code, in order.
+SOCK_LAYOUT = (("role", "I"), ("path", "I"), ("sent", "Q"), ("echoed", "Q"))
+KEY_LAYOUT = (
+    ("netns", "Q"),
+    ("local_ip", "4I"),
+    ("remote_ip", "4I"),
+    ("local_port", "I"),
+    ("remote_port", "I"),
 )
+LISTENER_LAYOUT = (("netns", "Q"), ("ip", "4I"), ("port", "I"), ("pad", "I"))
+
+
+def _struct(layout: tuple[tuple[str, str], ...]) -> struct.Struct:
+    return struct.Struct("=" + "".join(code for _, code in layout))
+
+
+def _named(layout: tuple[tuple[str, str], ...], values: tuple[int, ...]) -> dict[str, Any]:
+    """Values unpacked by _struct(layout), by field name (an array field as a tuple)."""
+    named: dict[str, Any] = {}
+    at = 0
+    for name, code in layout:
+        count = int(code[:-1] or 1)
+        group = values[at : at + count]
+        named[name] = group if code[:-1] else group[0]
+        at += count
+    return named
+
+
 _SETTING = struct.Struct("=I")
-# struct bypass_sock: role, path, sent, echoed
-_SOCK = struct.Struct("=IIQQ")
-# struct bypass_key: netns, local_ip, remote_ip, local_port, remote_port
-_KEY = struct.Struct("=Q4I4III")
-# struct bypass_listener: netns, ip, port, pad
-_LISTENER = struct.Struct("=Q4III")
+_SOCK = _struct(SOCK_LAYOUT)
+_KEY = _struct(KEY_LAYOUT)
+_LISTENER = _struct(LISTENER_LAYOUT)
 ATTACH = "cgroup sock_ops + cgroup_skb ingress + sockhash sk_msg, through BPF links"
 BPF_CGROUP_INET_INGRESS = 0
 
@@ -171,15 +202,15 @@ def open_cgroup(path: str) -> int:
 
 def decode_key(raw: bytes) -> dict[str, Any]:
     """A bypass_sockets key as addresses and ports (tests and diagnostics)."""
-    netns, *words = _KEY.unpack(raw)
-    local = struct.pack("!4I", *[socket.ntohl(w) for w in words[0:4]])
-    remote = struct.pack("!4I", *[socket.ntohl(w) for w in words[4:8]])
+    key = _named(KEY_LAYOUT, _KEY.unpack(raw))
+    local = struct.pack("!4I", *[socket.ntohl(w) for w in key["local_ip"]])
+    remote = struct.pack("!4I", *[socket.ntohl(w) for w in key["remote_ip"]])
     return {
-        "netns": netns,
+        "netns": key["netns"],
         "local": socket.inet_ntop(socket.AF_INET6, local),
         "remote": socket.inet_ntop(socket.AF_INET6, remote),
-        "local_port": words[8],
-        "remote_port": words[9],
+        "local_port": key["local_port"],
+        "remote_port": key["remote_port"],
     }
 
 
@@ -391,8 +422,8 @@ class Bypass(libbpf.LoadedObject):
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        totals = libbpf.percpu_totals(self.counters_fd, len(COUNTER_FIELDS), self._ncpus)
-        return dict(zip(COUNTER_FIELDS, totals, strict=True))
+        totals = libbpf.percpu_totals(self.counters_fd, _COUNTERS, self._ncpus)
+        return BypassCounters._make(totals)._asdict()
 
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures, as KernelEcho.programs()."""

@@ -10,7 +10,7 @@ import struct
 import termios
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import structlog
 
@@ -30,14 +30,36 @@ DRAIN_TIMEOUT = 10.0
 # is looked at (sockdiag), and past INGRESS_LIMIT the connection is reset.
 INGRESS_CHECK_EVERY = 2 * 1024 * 1024
 INGRESS_LIMIT = 8 * 1024 * 1024
-# struct tcp_info (uapi/linux/tcp.h): tcpi_state at 0, tcpi_bytes_acked at 120,
-# tcpi_bytes_received at 128.
-_TCP_INFO_LEN = 136
-_BYTES_ACKED_RECEIVED = struct.Struct("=QQ")
+
+
+class TcpInfo(NamedTuple):
+    """The fields of struct tcp_info (uapi/linux/tcp.h) that backlog() reads."""
+
+    state: int  # tcpi_state
+    bytes_acked: int  # tcpi_bytes_acked
+    bytes_received: int  # tcpi_bytes_received
+
+
+# struct tcp_info as far as tcpi_bytes_received, the fields TcpInfo does not name as padding.
+TCP_INFO_LAYOUT = struct.Struct(
+    "="
+    "B"  # __u8 tcpi_state
+    "7x"  # __u8 tcpi_ca_state, _retransmits, _probes, _backoff, _options; 2 bytes of bit fields
+    "96x"  # 24 __u32: tcpi_rto ... tcpi_total_retrans
+    "16x"  # __u64 tcpi_pacing_rate, tcpi_max_pacing_rate
+    "Q"  # __u64 tcpi_bytes_acked
+    "Q"  # __u64 tcpi_bytes_received
+)
 # TCP states (include/net/tcp_states.h): closed (reset, or both sides done), and those in
 # which the peer's FIN has arrived (and counts one in tcpi_bytes_received).
 _TCP_CLOSE = 7
 _PEER_FIN_STATES = frozenset((6, 8, 9, 11))  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+
+
+def tcp_info(sock: socket.socket) -> TcpInfo:
+    """The socket's TCP state and byte counts (TCP_INFO)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LAYOUT.size)
+    return TcpInfo._make(TCP_INFO_LAYOUT.unpack(raw))
 
 
 def _outq(sock: socket.socket) -> int:
@@ -217,17 +239,15 @@ class Connection:
         without limit).
         """
         try:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-            state = info[0]
-            if state == _TCP_CLOSE:
+            info = tcp_info(self.sock)
+            if info.state == _TCP_CLOSE:
                 return 0  # reset (its send queue is purged) or closed: nothing to deliver
-            acked, received = _BYTES_ACKED_RECEIVED.unpack_from(info, 120)
-            written = acked + _outq(self.sock)
+            written = info.bytes_acked + _outq(self.sock)
         except OSError:
             return 0  # the socket is gone: nothing left to deliver
-        fin = 1 if self.eof or state in _PEER_FIN_STATES else 0
+        fin = 1 if self.eof or info.state in _PEER_FIN_STATES else 0
         # self.out was received and not yet written, so it is already in the difference.
-        return max(received - fin - written, 0)
+        return max(info.bytes_received - fin - written, 0)
 
     def drained(self) -> bool:
         """Every byte received has been written back to the socket (kernel and user paths)."""

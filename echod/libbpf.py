@@ -1,4 +1,6 @@
-"""ctypes bindings for the few libbpf calls echod uses; the only module that imports ctypes.
+"""ctypes bindings for the few libbpf calls echod uses, and the raw memory access a BPF ring
+buffer needs (shared mappings, acquire loads, release stores); the only module that imports
+ctypes or mmap.
 
 Conventions (libbpf 1.x): a negative return is -errno and becomes OSError(errno, strerror,
 call name); a NULL pointer reads errno. Errnos that mean "this kernel cannot do it" become
@@ -13,7 +15,9 @@ import ctypes
 import ctypes.util
 import errno
 import importlib.util
+import mmap
 import os
+import platform
 import struct
 from pathlib import Path
 from typing import Any, Self
@@ -33,6 +37,10 @@ BPF_STATS_RUN_TIME = 0
 # map update flags
 BPF_ANY = 0
 BPF_NOEXIST = 1
+
+# GCC's __atomic memory orders (the C11 ones).
+_ACQUIRE = 2
+_RELEASE = 3
 
 # Errnos with which the kernel says "not here" rather than "you did it wrong".
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOTSUP}
@@ -193,6 +201,10 @@ class Library:
             self._strerror.argtypes = [i, ctypes.c_char_p, ctypes.c_size_t]
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, cp, vp]
         self._libc.vsnprintf.restype = i
+        self._libc.mmap.argtypes = [vp, ctypes.c_size_t, i, i, i, ctypes.c_long]
+        self._libc.mmap.restype = vp
+        self._libc.munmap.argtypes = [vp, ctypes.c_size_t]
+        self._libc.munmap.restype = i
 
     def strerror(self, code: int) -> str | None:
         """libbpf_strerror(code) when this build exports it and knows the code, else None."""
@@ -430,14 +442,11 @@ def map_keys(map_fd: int, key_size: int, limit: int | None = None) -> list[bytes
     return keys
 
 
-def percpu_totals(map_fd: int, fields: int, ncpus: int) -> list[int]:
-    """Slot 0 of a PERCPU_ARRAY of `fields` __u64 counters, each summed over every CPU."""
-    record = struct.Struct(f"={fields}Q")
+def percpu_totals(map_fd: int, record: struct.Struct, ncpus: int) -> list[int]:
+    """Slot 0 of a PERCPU_ARRAY whose value is a record of __u64 counters, each summed over
+    every CPU (the map's value is one record per possible CPU)."""
     raw = map_lookup(map_fd, struct.pack("=I", 0), record.size * ncpus)
-    totals = [0] * fields
-    for values in record.iter_unpack(raw):
-        totals = [t + v for t, v in zip(totals, values, strict=True)]
-    return totals
+    return [sum(column) for column in zip(*record.iter_unpack(raw), strict=True)]
 
 
 def possible_cpus() -> int:
@@ -491,3 +500,91 @@ def link_info(link_fd: int) -> dict[str, int]:
     """id and prog_id of a BPF link (what `bpftool link show` lists)."""
     info = _info(link_fd, _LinkInfo, "bpf_obj_get_info_by_fd(link)")
     return {"id": int(info.id), "prog_id": int(info.prog_id), "type": int(info.type)}
+
+
+class Atomics:
+    """Acquire loads and release stores of aligned words at raw addresses (a ring's positions).
+
+    With libatomic (GCC's runtime library), each is __atomic_load_N or __atomic_store_N with
+    that memory order: what libbpf's C compiles to (LDAR/STLR on arm64, plain MOVs on x86-64).
+    Without it (`plain`), ordinary accesses: right on x86-64 alone, where (TSO) every aligned
+    load is an acquire and every store a release, and each access is a separate step of the
+    interpreter, which no compiler moves past another. atomics() picks.
+    """
+
+    def __init__(self, lib: ctypes.CDLL | None) -> None:
+        self.name = "plain" if lib is None else "libatomic"
+        self._load4: Any = None
+        self._load8: Any = None
+        self._store8: Any = None
+        if lib is not None:  # getattr: inside a class, "__atomic..." would be name-mangled
+            u32, u64, vp, i = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int
+            self._load4 = _declare(getattr(lib, "__atomic_load_4"), u32, [vp, i])
+            self._load8 = _declare(getattr(lib, "__atomic_load_8"), u64, [vp, i])
+            self._store8 = _declare(getattr(lib, "__atomic_store_8"), None, [vp, u64, i])
+
+    def load_acquire_u32(self, addr: int) -> int:
+        if self._load4 is None:
+            return int(ctypes.c_uint32.from_address(addr).value)
+        return int(self._load4(addr, _ACQUIRE))
+
+    def load_acquire_u64(self, addr: int) -> int:
+        if self._load8 is None:
+            return int(ctypes.c_uint64.from_address(addr).value)
+        return int(self._load8(addr, _ACQUIRE))
+
+    def store_release_u64(self, addr: int, value: int) -> None:
+        if self._store8 is None:
+            ctypes.c_uint64.from_address(addr).value = value
+        else:
+            self._store8(addr, value, _RELEASE)
+
+
+def _declare(fn: Any, restype: Any, argtypes: list[Any]) -> Any:
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
+
+
+_atomics: Atomics | None = None
+
+
+def atomics() -> Atomics:
+    """libatomic's when it loads; else plain accesses, on x86-64 only (NotSupported elsewhere)."""
+    global _atomics
+    if _atomics is None:
+        try:
+            _atomics = Atomics(ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1"))
+        except (OSError, AttributeError) as exc:
+            if platform.machine() != "x86_64":
+                raise NotSupported(errno.ENOENT, f"no libatomic for acquire loads: {exc}") from exc
+            _atomics = Atomics(None)
+    return _atomics
+
+
+def read_memory(addr: int, length: int) -> bytes:
+    """A copy of length bytes at addr (plain loads: order them with Atomics around the call)."""
+    return ctypes.string_at(addr, length)
+
+
+class Mapping:
+    """Pages of an fd mapped shared (MAP_SHARED); close() unmaps them once, idempotently.
+
+    `addr` is the raw address, for Atomics and read_memory: a BPF ring buffer's producer and
+    data pages may only be mapped read-only, which Python's mmap cannot give an address of.
+    """
+
+    def __init__(self, fd: int, length: int, offset: int = 0, *, writable: bool = False) -> None:
+        """Maps length bytes of fd from offset; fd may be closed afterwards."""
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        libc = library()._libc
+        addr = libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
+        if not addr or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
+            raise _error(0, "mmap")
+        self.addr: int = addr
+        self.length = length
+
+    def close(self) -> None:
+        """Unmap the pages once."""
+        addr, self.addr = self.addr, 0
+        if addr and library()._libc.munmap(addr, self.length) != 0:
+            raise _error(0, "munmap")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import mmap
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -27,25 +26,30 @@ ACTIVE_MAP = "echo_active"
 BELL_MAP = "echo_bell"
 COUNTERS_MAP = "echo_counters"
 _COOKIE = struct.Struct("=Q")
-# A BPF ring buffer's positions and record headers (uapi/linux/bpf.h BPF_RINGBUF_*).
-_POS = struct.Struct("=Q")
-_RECORD_HEADER = struct.Struct("=I")  # the length, with the busy and discard bits
-_RINGBUF_BUSY = 1 << 31
-_RINGBUF_DISCARD = 1 << 30
+# A BPF ring buffer's record (uapi/linux/bpf.h BPF_RINGBUF_*): a __u32 length whose two top bits
+# say it is still being written (busy) or was dropped by its writer (discard), a __u32 of the
+# kernel's, then the data; each record starts 8-byte aligned.
+RINGBUF_BUSY = 1 << 31
+RINGBUF_DISCARD = 1 << 30
+RINGBUF_HDR_SZ = 8
 BELL_GATHER = 0.005  # seconds between the first ring and its answer (KernelEcho.on_bell)
 
-# struct echo_counters (bpf/echo.h), each field a __u64.
-COUNTER_FIELDS = (
-    "redirected_packets",
-    "redirected_bytes",
-    "passed_packets",
-    "passed_bytes",
-    "missed_packets",
-    "missed_bytes",
-    "empty_packets",
-    "active_marks",
-)
-_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")
+
+class EchoCounters(NamedTuple):
+    """struct echo_counters (bpf/echo.h, where it is defined): every field a __u64, in order."""
+
+    redirected_packets: int
+    redirected_bytes: int
+    passed_packets: int
+    passed_bytes: int
+    missed_packets: int
+    missed_bytes: int
+    empty_packets: int
+    active_marks: int
+
+
+COUNTER_FIELDS = EchoCounters._fields
+_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct echo_counters
 
 
 def default_object() -> Path:
@@ -152,8 +156,8 @@ class SocketMaps:
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        totals = libbpf.percpu_totals(self.counters_fd, len(COUNTER_FIELDS), self._ncpus)
-        return dict(zip(COUNTER_FIELDS, totals, strict=True))
+        totals = libbpf.percpu_totals(self.counters_fd, _COUNTERS, self._ncpus)
+        return EchoCounters._make(totals)._asdict()
 
     def marks(self) -> int:
         """How many times a socket entered the activity set: it changed if this moved."""
@@ -183,6 +187,75 @@ class SocketMaps:
         self.sockets_fd = self.active_fd = self.counters_fd = -1
 
 
+class RingReader:
+    """Reads a BPF_MAP_TYPE_RINGBUF ring with the ordering of libbpf's ringbuf_process_ring.
+
+    Not through libbpf's ring_buffer__new/__consume: the pylibbpf wheel's static libbpf does not
+    export them, and the system libbpf is not one we require.
+
+    Why it is correct on any CPU, not only with x86-64's strong ordering (the kernel's side is
+    kernel/bpf/ringbuf.c; the loads and stores are libbpf.Atomics):
+    - The producer position is read with an acquire load. bpf_ringbuf_reserve writes a record's
+      header (its length, busy) before it publishes the new position with a release store, so
+      every header below the position read is that one or a later state of it.
+    - Each header is read with an acquire load. bpf_ringbuf_commit clears the busy bit (setting
+      discard for a dropped record) with an atomic exchange after the data was written: a header
+      seen without the busy bit means the data it covers is visible. A busy header ends the
+      walk: the kernel commits out of order, a reader consumes in order, so the records after it
+      wait for the next consume(). The ring stays readable meanwhile (its poll compares the
+      positions), and the busy record's commit wakes the reader (the consumer position is at
+      that record).
+    - The consumer position is written with a release store after the records it passes are
+      copied out. The kernel reads it with an acquire load before it reuses the space, so it
+      never overwrites a record still being read.
+    """
+
+    def __init__(
+        self, consumer: int, producer: int, data: int, size: int, ops: libbpf.Atomics | None = None
+    ) -> None:
+        """The ring at these raw addresses: the consumer and producer positions (a __u64 each),
+        and the data area of size bytes (a power of two)."""
+        self._consumer = consumer
+        self._producer = producer
+        self._data = data
+        self._size = size
+        self._mask = size - 1
+        self._ops = ops or libbpf.atomics()
+
+    def consume(self) -> list[bytes]:
+        """Every record committed since the last call, in order; discarded ones skipped."""
+        ops, records = self._ops, list[bytes]()
+        cons = ops.load_acquire_u64(self._consumer)
+        while True:
+            prod = ops.load_acquire_u64(self._producer)
+            start, busy = cons, False
+            while cons < prod:
+                at = cons & self._mask
+                header = ops.load_acquire_u32(self._data + at)
+                if header & RINGBUF_BUSY:
+                    busy = True
+                    break
+                length = header & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
+                if not header & RINGBUF_DISCARD:
+                    records.append(self._copy((at + RINGBUF_HDR_SZ) & self._mask, length))
+                cons += (length + RINGBUF_HDR_SZ + 7) & ~7
+            if cons != start:
+                # Once per pass, where libbpf stores after each record (its callback may take
+                # long): the release store still comes after every copy above.
+                ops.store_release_u64(self._consumer, cons)
+            if busy or cons == start:
+                return records
+            # As libbpf: the producer may have moved meanwhile; look again at once.
+
+    def _copy(self, at: int, length: int) -> bytes:
+        """length bytes of data from offset at, in two pieces when they wrap past the end."""
+        first = min(length, self._size - at)
+        data = libbpf.read_memory(self._data + at, first)
+        if first < length:
+            data += libbpf.read_memory(self._data, length - first)
+        return data
+
+
 class Doorbell:
     """The echo_bell ring: the cookies of sockets the verdict wants the guard to look at.
 
@@ -191,43 +264,41 @@ class Doorbell:
     next record wakes the reader again.
     """
 
-    def __init__(self, ring_fd: int) -> None:
-        """Borrows ring_fd (the BPF object owns it)."""
-        self.fd = ring_fd
-        page = mmap.PAGESIZE
+    def __init__(self, fd: int, ring: RingReader, pages: Sequence[libbpf.Mapping] = ()) -> None:
+        """Reads ring, which fd signals; borrows fd, and takes ownership of the mapped pages."""
+        self.fd = fd
+        self._ring = ring
+        self._pages = list(pages)
+
+    @classmethod
+    def open(cls, ring_fd: int) -> Doorbell:
+        """Map the echo_bell map; borrows ring_fd (the BPF object owns it).
+
+        Page 0 of the map is the consumer position, the only page user space may write; page 1
+        the producer position; then the data (which the kernel maps twice in a row, so that a
+        record that wraps is contiguous; the reader copies such a record in two pieces instead,
+        and maps it once).
+        """
+        page = os.sysconf("SC_PAGE_SIZE")
         size = libbpf.map_info(ring_fd)["max_entries"]
-        self._mask = size - 1
-        self._data = page  # where the records start in self._ring
-        # Page 0 of the map is the consumer position (ours to write); page 1 the producer
-        # position; then the data, mapped twice in a row, so a record that wraps is contiguous.
-        self._consumer = mmap.mmap(ring_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._ring = mmap.mmap(
-            ring_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
-        )
+        with contextlib.ExitStack() as undo:
+            consumer = libbpf.Mapping(ring_fd, page, writable=True)
+            undo.callback(consumer.close)
+            producer = libbpf.Mapping(ring_fd, page + size, page)
+            undo.pop_all()
+        ring = RingReader(consumer.addr, producer.addr, producer.addr + page, size)
+        return cls(ring_fd, ring, (consumer, producer))
 
     def drain(self) -> list[int]:
         """The cookies rung since the last drain, and the ring emptied."""
-        cons = _POS.unpack_from(self._consumer, 0)[0]
-        prod = _POS.unpack_from(self._ring, 0)[0]
-        cookies = []
-        while cons < prod:
-            at = self._data + (cons & self._mask)
-            header = _RECORD_HEADER.unpack_from(self._ring, at)[0]
-            if header & _RINGBUF_BUSY:
-                break  # still being written: the next wake-up reads it
-            length = header & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
-            if not header & _RINGBUF_DISCARD and length == _COOKIE.size:
-                cookies.append(_COOKIE.unpack_from(self._ring, at + 8)[0])
-            cons += (length + 8 + 7) & ~7
-        _POS.pack_into(self._consumer, 0, cons)
-        return cookies
+        return [_COOKIE.unpack(r)[0] for r in self._ring.consume() if len(r) == _COOKIE.size]
 
     def close(self) -> None:
         """Unmap the ring's pages; idempotent."""
-        if self.fd >= 0:
-            self._consumer.close()
-            self._ring.close()
-            self.fd = -1
+        for pages in self._pages:
+            pages.close()
+        self._pages = []
+        self.fd = -1
 
 
 def bpf_status(kernel: KernelEcho | None) -> dict[str, Any]:
@@ -255,7 +326,7 @@ class KernelEcho(libbpf.LoadedObject):
         self.sockets_fd = obj.map_fd(SOCKETS_MAP)
         self.counters_fd = obj.map_fd(COUNTERS_MAP)
         self.maps = SocketMaps(self.sockets_fd, obj.map_fd(ACTIVE_MAP), self.counters_fd)
-        self.bell = Doorbell(obj.map_fd(BELL_MAP))
+        self.bell = Doorbell.open(obj.map_fd(BELL_MAP))
         self._stack.callback(self.bell.close)
         self._attach()
         try:
