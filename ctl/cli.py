@@ -26,7 +26,7 @@ from echoctl.output import (
     emit_json,
     error_object,
 )
-from echod.config import MODES
+from echod.config.schema import MODES
 
 # Starting and stopping wait for listeners, BPF attach and connection draining.
 MUTATE_TIMEOUT = 60.0

@@ -14,8 +14,8 @@ from typing import Any
 import msgpack
 
 # One definition of the default path and of the wire format, shared with the daemon.
-from echod.config import default_control_path
-from echod.protocol import (
+from echod.config.schema import default_control_path
+from echod.control.protocol import (
     API_VERSION,
     NOTIFICATION,
     admin_socket_path,

@@ -24,7 +24,7 @@ from echoctl.comparefigures import change_pct, summarize, sweep_summary
 from echoctl.interrupt import Interrupt
 from echoctl.spawn import SpawnError, private_echod
 from echoctl.sysstat import cpu_count
-from echod.config import EFFECTIVE_MODES
+from echod.config.schema import EFFECTIVE_MODES
 
 SWITCH_TIMEOUT = 60.0
 BYPASS_SUFFIX = "+bypass"

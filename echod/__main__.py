@@ -10,8 +10,8 @@ import click
 import uvloop
 
 from echod import __version__, logs
-from echod.config import SCHEMA, Config, ConfigError
-from echod.configsource import resolve
+from echod.config.schema import SCHEMA, Config, ConfigError
+from echod.config.sources import resolve
 
 # Exit status for a configuration error; the systemd unit does not restart on it.
 EXIT_CONFIG = 2
@@ -82,8 +82,8 @@ async def _self_check(config: Config) -> int:
     """`echod --self-check`: the four paths on a private listener, then the report on stdout."""
     import json
 
-    from echod.paths import check_report
-    from echod.selfcheck import SelfCheck
+    from echod.service.paths import check_report
+    from echod.service.selfcheck import SelfCheck
 
     outcomes = await SelfCheck().every_path(config, None, None)
     result = check_report(outcomes)

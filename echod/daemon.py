@@ -14,15 +14,15 @@ from typing import Any
 import structlog
 
 from echod import __version__, logs, systemd
-from echod.config import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
-from echod.configsource import resolve
-from echod.control import ControlServer
-from echod.lifecycle import Lifecycle
-from echod.limits import check_fd_budget
-from echod.protocol import RequestError
-from echod.selfcheck import SelfCheck
-from echod.service import Service
-from echod.workers import WorkerPool
+from echod.config.schema import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
+from echod.config.sources import resolve
+from echod.control.limits import check_fd_budget
+from echod.control.protocol import RequestError
+from echod.control.server import ControlServer
+from echod.service.lifecycle import Lifecycle
+from echod.service.selfcheck import SelfCheck
+from echod.service.service import Service
+from echod.supervisor.pool import WorkerPool
 
 log = structlog.get_logger("echod.daemon")
 
@@ -184,7 +184,8 @@ class Daemon:
         """
         if not address:
             return None
-        from echod import metrics, metrics_http
+        from echod import metrics
+        from echod.control import metrics_http
 
         self._snapshot = await self._take_snapshot()
         try:

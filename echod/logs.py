@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from echod.config import LOG_LEVELS
+from echod.config.schema import LOG_LEVELS
 
 _LEVELS = {name: getattr(logging, name.upper()) for name in LOG_LEVELS}
 

@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from echod.config import EFFECTIVE_MODES
+from echod.config.schema import EFFECTIVE_MODES
 
 __all__ = ["SnapshotCollector", "make_registry", "render", "renderer"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 
-from echod.protocol import MAX_INTERVAL, NOTIFICATION, encode_request
+from echod.control.protocol import MAX_INTERVAL, NOTIFICATION, encode_request
 
 TIMEOUT = 10.0
 

@@ -29,7 +29,7 @@ def bpf_available() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "not root"
     try:
-        from echod.sockmap import KernelEcho
+        from echod.kernel.echo import KernelEcho
 
         with KernelEcho():
             return True, ""

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from echod.bypass import cgroup2_root, decode_key
+from echod.kernel.bypass import cgroup2_root, decode_key
 from tests.integration.conftest import (
     Echod,
     Factory,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from echod.config import DEFAULT_CONFIG_FILE
+from echod.config.schema import DEFAULT_CONFIG_FILE
 from tests.integration.conftest import BIN, Echod
 from tests.integration.control_util import still_serving
 from tests.integration.echo_util import wait_for

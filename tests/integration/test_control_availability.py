@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from echoctl.client import ControlClient
-from echod import control, limits, protocol
-from echod.protocol import admin_socket_path
+from echod.control import limits, protocol
+from echod.control import server as control
+from echod.control.protocol import admin_socket_path
 from tests.integration.conftest import Echod, Factory
 from tests.integration.control_util import (
     ECHOCTL,

@@ -56,7 +56,7 @@ def test_help_names_the_socket_a_user_without_xdg_runtime_dir_gets() -> None:
 
 def test_help_names_roots_default() -> None:
     from echoctl.cli import CONTROL_HELP
-    from echod.config import default_control_path
+    from echod.config.schema import default_control_path
 
     assert default_control_path() == "/run/echod/control.sock"  # these tests run as root
     assert "default: /run/echod/control.sock as root" in CONTROL_HELP

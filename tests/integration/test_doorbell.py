@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from echod.sockmap import KernelEcho
+from echod.kernel.echo import KernelEcho
 from tests.integration.conftest import require_bpf
 from tests.integration.echo_util import recv_exact
 

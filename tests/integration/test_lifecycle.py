@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from echod.sockmap import default_object
+from echod.kernel.echo import default_object
 from tests.integration.conftest import (
     BIN,
     START_TIMEOUT,

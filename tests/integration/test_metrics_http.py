@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from echod import metrics_http
-from echod.limits import METRICS_BACKLOG
+from echod.control import metrics_http
+from echod.control.limits import METRICS_BACKLOG
 from tests.integration.conftest import Echod, Factory, free_port
 from tests.integration.test_abuse import NOBODY, PYTHON
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from echod.sockmap import KernelEcho
+from echod.kernel.echo import KernelEcho
 from tests.integration.conftest import Echod
 from tests.integration.echo_util import connect, expect_eof, recv_exact, roundtrip, wait_for
 

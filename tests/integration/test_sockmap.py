@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from echod import libbpf
-from echod.sockmap import KernelEcho, read_queue_empty
+from echod.kernel import libbpf
+from echod.kernel.echo import KernelEcho, read_queue_empty
 from tests.integration.conftest import assert_unloaded, loaded_bpf_ids, require_bpf
 from tests.integration.echo_util import recv_exact, roundtrip, wait_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from echod import kernelpath
-from echod.kernelpath import BacklogGuard
+from echod.kernel import path as kernelpath
+from echod.kernel.path import BacklogGuard
 
 LIMIT = 1000
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from echod.channel import Channel, ChannelClosed
-from echod.protocol import RequestError
+from echod.control.protocol import RequestError
+from echod.supervisor.channel import Channel, ChannelClosed
 
 
 def _open_fds() -> int:

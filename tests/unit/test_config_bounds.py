@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from echod import validators as v
-from echod.config import SCHEMA, ConfigError
-from echod.configsource import find_line, resolve
+from echod.config import validators as v
+from echod.config.schema import SCHEMA, ConfigError
+from echod.config.sources import find_line, resolve
 
 # autouse: resolve() must not pick up this machine's /etc/echod/echod.toml.
 from tests.unit.test_configfile import _no_default_file  # noqa: F401

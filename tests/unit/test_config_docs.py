@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from echod import validators as v
-from echod.config import SCHEMA, Setting
+from echod.config import validators as v
+from echod.config.schema import SCHEMA, Setting
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATIONS = REPO / "docs" / "operations.md"
@@ -127,7 +127,7 @@ def test_reload_without_a_file_reads_the_default_file_once_it_appears(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What `reload` calls for a daemon started without a file: resolve(flags, None)."""
-    from echod import configsource
+    from echod.config import sources as configsource
 
     default = tmp_path / "echod.toml"
     monkeypatch.setattr(configsource, "DEFAULT_CONFIG_FILE", str(default))

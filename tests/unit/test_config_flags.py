@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from echod.__main__ import EXIT_CONFIG, cli
-from echod.config import ConfigError
-from echod.configsource import resolve
+from echod.config.schema import ConfigError
+from echod.config.sources import resolve
 
 # autouse: resolve() must not pick up this machine's /etc/echod/echod.toml.
 from tests.unit.test_configfile import _no_default_file  # noqa: F401

@@ -1,4 +1,4 @@
-"""echod.config and echod.configsource: one schema, and every source validated the same way.
+"""echod.config: one schema, and every source validated the same way.
 
 Every rejection names its source (file and line, variable, flag), the setting and the value.
 """
@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from echod import config as configmod
-from echod import configsource
-from echod.config import (
+from echod.config import schema as configmod
+from echod.config import sources as configsource
+from echod.config.schema import (
     LIVE_KEYS,
     RESTART_KEYS,
     SCHEMA,
     Config,
     ConfigError,
 )
-from echod.configsource import resolve
-from echod.validators import PID_MAX_LIMIT, SUN_PATH_MAX, control_temp_path, parse_address
+from echod.config.sources import resolve
+from echod.config.validators import PID_MAX_LIMIT, SUN_PATH_MAX, control_temp_path, parse_address
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -363,7 +363,7 @@ def test_control_path_fits_the_temporary_name() -> None:
 
 def test_control_temp_path_is_the_name_the_server_binds() -> None:
     """The length check and the socket file use one definition of the private name."""
-    from echod import sockfile
+    from echod.control import socketfile as sockfile
 
     assert sockfile.control_temp_path is control_temp_path
     assert control_temp_path("/run/echod/control.sock", 42) == "/run/echod/.control.sock.42.tmp"

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from echod import bypass, libbpf, logs
-from echod.config import Config, ConfigError
-from echod.configsource import resolve
-from echod.errors import NotSupported
+from echod import logs
+from echod.config.schema import Config, ConfigError
+from echod.config.sources import resolve
+from echod.kernel import bypass, libbpf
+from echod.kernel.echo import _COUNTERS, COUNTER_FIELDS, default_object
+from echod.kernel.errors import NotSupported
 from echod.logs import RateLimited
-from echod.sockmap import _COUNTERS, COUNTER_FIELDS, default_object
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("echod.configsource.DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr("echod.config.sources.DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
     cfg = resolve({}, None, {})
     assert cfg.hosts == ["127.0.0.1", "::1"]
     assert cfg.port == 8888

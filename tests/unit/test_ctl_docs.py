@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from echod.config import SCHEMA
+from echod.config.schema import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
 

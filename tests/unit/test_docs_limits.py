@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from echod import limits
-from echod.workers import ANSWER_WAIT, WORKER_HANG
+from echod.control import limits
+from echod.supervisor.pool import ANSWER_WAIT, WORKER_HANG
 
 DOCS = Path(__file__).parents[2] / "docs"
 

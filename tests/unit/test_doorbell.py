@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from echod import libbpf
-from echod.sockmap import (
+from echod.kernel import libbpf
+from echod.kernel.echo import (
     RINGBUF_BUSY,
     RINGBUF_DISCARD,
     RINGBUF_HDR_SZ,

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from echod import bypass, connection, sockmap
+from echod.kernel import bypass
+from echod.kernel import echo as sockmap
+from echod.service import connection
 
 ROOT = Path(__file__).resolve().parents[2]
 CODES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echod import admission, metrics, metrics_http
-from echod.config import Config
+from echod import metrics
+from echod.config.schema import Config
+from echod.control import metrics_http
+from echod.service import admission
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 # The per-process figures `stats` carries (the stats side's contract), for one process.

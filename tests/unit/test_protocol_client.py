@@ -14,7 +14,7 @@ import pytest
 
 from echoctl import client as client_module
 from echoctl.client import ControlClient, ControlError, DaemonUnreachable
-from echod import protocol
+from echod.control import protocol
 
 
 @contextmanager

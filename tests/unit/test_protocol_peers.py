@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import socket
 
-from echod import limits
+from echod.control import limits
+from echod.control.peercred import PeerCred, is_admin, peer_cred
 from echod.logs import RateLimited
-from echod.peercred import PeerCred, is_admin, peer_cred
 
 
 def test_is_admin() -> None:

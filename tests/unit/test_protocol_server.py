@@ -20,9 +20,10 @@ import pytest
 import uvloop
 
 from echoctl.client import ControlClient, ControlError
-from echod import control, protocol
-from echod.control import ControlServer
-from echod.protocol import RequestError
+from echod.control import protocol
+from echod.control import server as control
+from echod.control.protocol import RequestError
+from echod.control.server import ControlServer
 from tests.util import first_watch_notification, wait_for
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from echod import protocol
-from echod.protocol import RequestError, validate_params
+from echod.control import protocol
+from echod.control.protocol import RequestError, validate_params
 
 
 def test_request_golden_bytes() -> None:

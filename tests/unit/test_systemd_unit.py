@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from echod.config import Config
-from echod.configsource import load_file
+from echod.config.schema import Config
+from echod.config.sources import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "echod.service"
@@ -151,7 +151,7 @@ def test_shipped_config_shows_the_defaults() -> None:
 
 def test_shipped_config_names_every_mutating_call() -> None:
     """The admin_group comment lists what the group unlocks, reload included."""
-    from echod.protocol import MUTATING_METHODS
+    from echod.control.protocol import MUTATING_METHODS
 
     text = SHIPPED_CONFIG.read_text()
     comment = text[: text.index("admin_group =")].rsplit("\n\n", 1)[-1]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from echod.config import MODES
+from echod.config.schema import MODES
 
 API_VERSION = 1
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2  # the first element of every frame

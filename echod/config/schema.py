@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echod import validators as v
-from echod.validators import Invalid
+from echod.config import validators as v
+from echod.config.validators import Invalid
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",

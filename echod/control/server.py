@@ -20,10 +20,10 @@ import msgpack
 import structlog
 
 from echod import __version__
-from echod.limits import slot_refusal
-from echod.logs import RateLimited
-from echod.peercred import PeerCred, is_admin, peer_cred
-from echod.protocol import (
+from echod.config.validators import SUN_PATH_MAX, control_temp_path
+from echod.control.limits import slot_refusal
+from echod.control.peercred import PeerCred, is_admin, peer_cred
+from echod.control.protocol import (
     API_VERSION,
     MAX_FRAME,
     METHODS,
@@ -40,8 +40,8 @@ from echod.protocol import (
     request_msgid,
     validate_params,
 )
-from echod.sockfile import SocketFile, resolve_group
-from echod.validators import SUN_PATH_MAX, control_temp_path
+from echod.control.socketfile import SocketFile, resolve_group
+from echod.logs import RateLimited
 
 log = structlog.get_logger("echod.control")
 

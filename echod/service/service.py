@@ -13,19 +13,19 @@ from typing import Any
 
 import structlog
 
-from echod.admission import Admission, bind_listener, insert_failure
-from echod.aggregate import Rates, worker_entry
-from echod.bypass import Bypass, PathReaders
-from echod.config import LIVE_KEYS, Config
-from echod.connection import INGRESS_LIMIT, Connection
+from echod.config.schema import LIVE_KEYS, Config
+from echod.control.protocol import RequestError
 from echod.figures import METER, process_figures
-from echod.kernelpath import KernelPath, Watched
-from echod.lifecycle import Lifecycle, TaskSet
+from echod.kernel.bypass import Bypass, PathReaders
+from echod.kernel.echo import KernelEcho, SocketMaps
+from echod.kernel.path import KernelPath, Watched
+from echod.kernel.sockdiag import SockDiag
 from echod.logs import RateLimited
-from echod.migrate import migrate_to_kernel
-from echod.protocol import RequestError
-from echod.sockdiag import SockDiag
-from echod.sockmap import KernelEcho, SocketMaps
+from echod.service.admission import Admission, bind_listener, insert_failure
+from echod.service.connection import INGRESS_LIMIT, Connection
+from echod.service.lifecycle import Lifecycle, TaskSet
+from echod.service.migrate import migrate_to_kernel
+from echod.supervisor.aggregate import Rates, worker_entry
 
 log = structlog.get_logger("echod.service")
 

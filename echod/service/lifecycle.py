@@ -18,11 +18,11 @@ from typing import Any
 import structlog
 
 from echod import __version__
-from echod.bypass import Bypass, bypass_status
-from echod.config import Config
-from echod.paths import Checker, Outcome, candidates, check_report, path_name, report
-from echod.protocol import RequestError
-from echod.sockmap import KernelEcho, bpf_status
+from echod.config.schema import Config
+from echod.control.protocol import RequestError
+from echod.kernel.bypass import Bypass, bypass_status
+from echod.kernel.echo import KernelEcho, bpf_status
+from echod.service.paths import Checker, Outcome, candidates, check_report, path_name, report
 
 log = structlog.get_logger("echod.service")
 

@@ -1,7 +1,8 @@
 """The supervisor's side of `--workers N`: N worker processes, one BPF object, one answer.
 
 The pool owns the BPF object (program, sockhash, activity set, counters) and decides the mode;
-each worker (echod.worker) owns its SO_REUSEPORT listeners, its connections and its uvloop.
+each worker (echod.supervisor.worker) owns its SO_REUSEPORT listeners, its connections and
+its uvloop.
 The maps reach the workers as fds over their channel (SCM_RIGHTS) with every `start` and
 `restart` into kernel mode, rather than by inheritance: the object is loaded and unloaded as
 the mode changes, long after the workers were started, and a worker started again after a
@@ -27,14 +28,14 @@ from typing import Any
 
 import structlog
 
-from echod.admission import bind_listener
-from echod.aggregate import Rates, merge_stats, merge_status, retire, sum_process
-from echod.channel import Channel, ChannelClosed
-from echod.config import LIVE_KEYS, Config
+from echod.config.schema import LIVE_KEYS, Config
+from echod.control.protocol import RequestError
 from echod.figures import METER, process_figures
-from echod.lifecycle import Lifecycle
-from echod.protocol import RequestError
-from echod.sockmap import KernelEcho
+from echod.kernel.echo import KernelEcho
+from echod.service.admission import bind_listener
+from echod.service.lifecycle import Lifecycle
+from echod.supervisor.aggregate import Rates, merge_stats, merge_status, retire, sum_process
+from echod.supervisor.channel import Channel, ChannelClosed
 
 log = structlog.get_logger("echod.workers")
 
@@ -142,7 +143,7 @@ class WorkerPool(Lifecycle):
             proc = await asyncio.create_subprocess_exec(
                 "/proc/self/exe",
                 "-m",
-                "echod.worker",
+                "echod.supervisor.worker",
                 str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,  # a terminal's ^C reaches the supervisor alone

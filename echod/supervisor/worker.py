@@ -1,6 +1,6 @@
 """One worker process: a Service with its own listeners and uvloop, driven by its supervisor.
 
-The supervisor (workers.WorkerPool) starts it as `python -m echod.worker FD`, where FD is its
+The supervisor (pool.WorkerPool) starts it as `python -m echod.supervisor.worker FD`, FD being its
 end of a socketpair, and sends `init` with the configuration first. From then on the worker
 answers the service's methods over that channel (channel.Channel). In kernel mode the
 supervisor sends the BPF maps' fds with `start` and `restart`; the worker inserts the sockets
@@ -27,13 +27,13 @@ import structlog
 import uvloop
 
 from echod import logs
-from echod.channel import Channel
-from echod.config import Config
-from echod.protocol import RequestError
-from echod.service import Service
-from echod.sockmap import SocketMaps
+from echod.config.schema import Config
+from echod.control.protocol import RequestError
+from echod.kernel.echo import SocketMaps
+from echod.service.service import Service
+from echod.supervisor.channel import Channel
 
-log = structlog.get_logger("echod.worker")
+log = structlog.get_logger("echod.supervisor.worker")
 
 EXIT_GRACE = 0.5  # seconds a worker whose supervisor has gone gives its connections
 
@@ -172,7 +172,7 @@ class Worker:
 
 
 def main() -> None:
-    """`python -m echod.worker FD`."""
+    """`python -m echod.supervisor.worker FD`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sys.argv[1]))
 

@@ -18,8 +18,8 @@ from typing import cast
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from echod.limits import METRICS_BACKLOG, METRICS_CLIENTS
-from echod.validators import parse_address
+from echod.config.validators import parse_address
+from echod.control.limits import METRICS_BACKLOG, METRICS_CLIENTS
 
 __all__ = ["MetricsServer", "start_metrics_server"]
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from echod import libbpf
+from echod.kernel import libbpf
 
 log = structlog.get_logger("echod.sockmap")
 

@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import structlog
 
-from echod.errors import NotSupported
+from echod.kernel.errors import NotSupported
 
 log = structlog.get_logger("echod.libbpf")
 

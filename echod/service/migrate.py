@@ -10,8 +10,8 @@ from collections.abc import Iterable
 
 import structlog
 
-from echod.connection import DRAIN_POLL, RECV_SIZE, Connection
-from echod.sockmap import SocketMaps, read_queue_empty
+from echod.kernel.echo import SocketMaps, read_queue_empty
+from echod.service.connection import DRAIN_POLL, RECV_SIZE, Connection
 
 log = structlog.get_logger("echod.migrate")
 

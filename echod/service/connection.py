@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol, cast
 
 import structlog
 
-from echod.kernelpath import HangupWatcher
+from echod.kernel.path import HangupWatcher
 
 log = structlog.get_logger("echod.connection")
 

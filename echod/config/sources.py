@@ -1,8 +1,8 @@
 """The sources of settings: the TOML file, the ECHOD_* environment and the flags; resolve().
 
 Each source is read into a layer of values, every one sent through its setting's validator in
-`echod.config`'s schema, and remembered with where it came from (file and line, variable, flag)
-so that a message can name it. resolve() layers them over the defaults.
+the schema (echod.config.schema), and remembered with where it came from (file and line,
+variable, flag) so that a message can name it. resolve() layers them over the defaults.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echod.config import (
+from echod.config.schema import (
     DEFAULT_CONFIG_FILE,
     SCHEMA,
     SETTINGS,
@@ -29,7 +29,7 @@ from echod.config import (
     ConfigError,
     build,
 )
-from echod.validators import SHOWN_MAX, Invalid, shown, type_name
+from echod.config.validators import SHOWN_MAX, Invalid, shown, type_name
 
 __all__ = ["find_line", "from_env", "load_file", "loads", "resolve"]
 

@@ -17,7 +17,7 @@ import stat
 
 import structlog
 
-from echod.validators import control_temp_path
+from echod.config.validators import control_temp_path
 
 log = structlog.get_logger("echod.sockfile")
 

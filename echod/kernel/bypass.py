@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from echod import libbpf
-from echod.errors import NotSupported
+from echod.kernel import libbpf
+from echod.kernel.errors import NotSupported
 
 log = structlog.get_logger("echod.bypass")
 

@@ -1,6 +1,6 @@
 """The four echo paths, the order auto tries them in, and a path's self-check result.
 
-The self-check itself (echod.selfcheck) runs a private service; this module is what the
+The self-check itself (echod.service.selfcheck) runs a private service; this module is what the
 lifecycle, the status and echoctl need to know of it, with nothing heavy imported.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from echod.bypass import Bypass
-    from echod.config import Config
-    from echod.sockmap import KernelEcho
+    from echod.config.schema import Config
+    from echod.kernel.bypass import Bypass
+    from echod.kernel.echo import KernelEcho
 
 PATHS = ("user", "user+bypass", "kernel", "kernel+bypass")
 

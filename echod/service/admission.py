@@ -9,9 +9,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from echod.config import Config
-from echod.lifecycle import resolve_listen
-from echod.limits import echo_fd_budget
+from echod.config.schema import Config
+from echod.control.limits import echo_fd_budget
+from echod.service.lifecycle import resolve_listen
 
 REFUSAL_REASONS = ("max_connections", "per_ip", "allow", "fd_limit")
 

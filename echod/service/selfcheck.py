@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from echod import libbpf
-from echod.bypass import Bypass, in_cgroup, socket_key, socket_path
-from echod.config import Config
-from echod.paths import Outcome, path_name
-from echod.service import Service
-from echod.sockmap import KernelEcho, SocketMaps
+from echod.config.schema import Config
+from echod.kernel import libbpf
+from echod.kernel.bypass import Bypass, in_cgroup, socket_key, socket_path
+from echod.kernel.echo import KernelEcho, SocketMaps
+from echod.service.paths import Outcome, path_name
+from echod.service.service import Service
 
 log = structlog.get_logger("echod.selfcheck")
 

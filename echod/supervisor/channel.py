@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import structlog
 
-from echod.protocol import (
+from echod.control.protocol import (
     NOTIFICATION,
     REQUEST,
     RESPONSE,

@@ -1,0 +1,1 @@
+"""The configuration: its schema, where values come from, and their checks."""

@@ -1,0 +1,1 @@
+"""The echo service in one process: admission, connections, modes, the self-check."""

@@ -1,0 +1,1 @@
+"""Worker processes: the pool, one worker, their channel, their figures added up."""
