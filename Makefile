@@ -42,6 +42,7 @@ lint: venv
 	$(BIN)/ruff check echod ctl tests
 	$(BIN)/ruff format --check echod ctl tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bpf:
 	$(MAKE) -C bpf

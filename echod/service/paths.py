@@ -102,7 +102,7 @@ def check_report(outcomes: dict[str, Outcome]) -> dict[str, Any]:
 
 
 class Checker(Protocol):
-    """Runs the self-check (echod.selfcheck.SelfCheck); the daemon gives one to its service."""
+    """Runs the self-check (service.selfcheck.SelfCheck); the daemon gives one to its service."""
 
     async def path(
         self, config: Config, mode: str, bypass: Bypass | None, kernel: KernelEcho | None

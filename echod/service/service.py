@@ -15,7 +15,7 @@ import structlog
 
 from echod.config.schema import LIVE_KEYS, Config
 from echod.control.protocol import RequestError
-from echod.figures import METER, process_figures
+from echod.figures import METER, Rates, process_figures, worker_entry
 from echod.kernel.bypass import Bypass, PathReaders
 from echod.kernel.echo import KernelEcho, SocketMaps
 from echod.kernel.path import KernelPath, Watched
@@ -25,7 +25,6 @@ from echod.service.admission import Admission, bind_listener, insert_failure
 from echod.service.connection import INGRESS_LIMIT, Connection
 from echod.service.lifecycle import Lifecycle, TaskSet
 from echod.service.migrate import migrate_to_kernel
-from echod.supervisor.aggregate import Rates, worker_entry
 
 log = structlog.get_logger("echod.service")
 

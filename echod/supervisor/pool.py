@@ -30,11 +30,18 @@ import structlog
 
 from echod.config.schema import LIVE_KEYS, Config
 from echod.control.protocol import RequestError
-from echod.figures import METER, process_figures
+from echod.figures import (
+    METER,
+    Rates,
+    merge_stats,
+    merge_status,
+    process_figures,
+    retire,
+    sum_process,
+)
 from echod.kernel.echo import KernelEcho
 from echod.service.admission import bind_listener
 from echod.service.lifecycle import Lifecycle
-from echod.supervisor.aggregate import Rates, merge_stats, merge_status, retire, sum_process
 from echod.supervisor.channel import Channel, ChannelClosed
 
 log = structlog.get_logger("echod.workers")

@@ -98,7 +98,7 @@ def test_kill_9_of_a_worker_the_rest_serve_and_a_new_one_comes_up(
         assert alive == survivors
         assert d.stats()["workers"]["restarts"] == 1
         # Totals never go back: what the dead worker had counted at the supervisor's last 1 s
-        # sample is kept (aggregate.retire; test_aggregate.py checks it exactly).
+        # sample is kept (figures.retire; test_aggregate.py checks it exactly).
         assert d.stats()["connections"]["accepted"] >= survivors
     # New connections reach both workers, the new one included.
     with contextlib.ExitStack() as stack:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from echod.supervisor.aggregate import merge_stats, merge_status, retire, sum_process
+from echod.figures import merge_stats, merge_status, retire, sum_process
 
 
 def _stats(accepted: int, active: int, user_bytes: int, in_map: int) -> dict[str, Any]:

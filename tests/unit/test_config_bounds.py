@@ -15,7 +15,8 @@ import pytest
 
 from echod.config import validators as v
 from echod.config.schema import SCHEMA, ConfigError
-from echod.config.sources import find_line, resolve
+from echod.config.sources import resolve
+from echod.config.tomlpos import find_line
 
 # autouse: resolve() must not pick up this machine's /etc/echod/echod.toml.
 from tests.unit.test_configfile import _no_default_file  # noqa: F401
