@@ -21,7 +21,7 @@ struct echo_counters {
 	__u64 missed_packets;     /* of those, skbs whose redirect missed the sockhash */
 	__u64 missed_bytes;
 	__u64 empty_packets;      /* zero-length skbs (a FIN's): given the same verdict, counted only here */
-	__u64 active_marks;       /* records written to echo_bell: sockets that entered echo_active, or rang again */
+	__u64 active_marks;       /* rings tried on echo_bell (counted before the write: a full ring drops it) */
 };
 
 #endif

@@ -192,7 +192,7 @@ def watch(
 
 
 # Errors after which `watch --reconnect` waits for the daemon: it stopped, restarted or is busy.
-RECONNECT_CODES = ("unreachable", "disconnected", "timeout", "busy", "not_serving")
+RECONNECT_CODES = ("unreachable", "disconnected", "timeout", "busy")
 
 
 @dataclass

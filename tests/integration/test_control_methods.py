@@ -158,8 +158,8 @@ def test_watch_stream_and_no_leak(echod_factory: Factory) -> None:
         stream = c.subscribe("watch", {"interval": 0.1})
         snaps = [next(stream) for _ in range(6)]
         times = [s["time"] for s in snaps]
-        assert times == sorted(times)
-        assert 0.3 < times[-1] - times[0] < 3.0
+        # Paced by the interval (the daemon's own clock; load can only widen the gaps).
+        assert all(b - a >= 0.05 for a, b in zip(times, times[1:], strict=False)), times
         assert d.status()["control"]["watchers"] == 1
     wait_for(lambda: d.status()["control"] == {"clients": 1, "watchers": 0}, what="watch to end")
     # Several watchers at once, then all gone.
