@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import socket
 import struct
 import termios
@@ -163,7 +164,7 @@ class Connection:
 
         It is not watched for input: the psock wakes its readers after every skb it redirects,
         so an EPOLLIN watch would wake the daemon once per echoed message. Bytes that miss the
-        redirect are found by the guard (kernelpath.BacklogGuard), which the verdict's doorbell
+        redirect are found by the guard (kernel.path.BacklogGuard), which the verdict's doorbell
         rings and a slow round robin backs up.
         """
         self.host.hangups.add(self)
@@ -197,21 +198,31 @@ class Connection:
                 else:
                     self.host.spawn(self.finish())
                 return
-            self.host.count_user(len(data))
-            self.out += data
+            self.echo_later(data)
             self._flush()
+
+    def echo_later(self, data: bytes) -> None:
+        """data was read in user space: it is written back, in order, by send_out."""
+        self.host.count_user(len(data))
+        self.out += data
+
+    def send_out(self) -> bool:
+        """Write what the socket takes of self.out; True once it is all written (OSError)."""
+        try:
+            sent = self.sock.send(self.out) if self.out else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        del self.out[:sent]
+        return not self.out
 
     def _flush(self) -> None:
         if self.closed:
             return
         try:
-            sent = self.sock.send(self.out) if self.out else 0
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            self.send_out()
         except OSError as exc:
             self.close(reason=type(exc).__name__)
             return
-        del self.out[:sent]
         loop = self.host.loop
         if self.out:
             if not self.writing:
@@ -286,6 +297,19 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close(reason=reason)
+
+    def leave_transport(self) -> None:
+        """Take the socket back from its uvloop transport, which is dropped (OSError: kept).
+
+        uvloop owns the fd and closes it with the transport, so the connection keeps a dup.
+        """
+        transport = self.transport
+        sock = socket.socket(fileno=os.dup(self.fd))
+        sock.setblocking(False)
+        self.sock, self.fd = sock, sock.fileno()
+        self.transport = self.protocol = None
+        if transport is not None:
+            transport.abort()
 
     def enter_kernel(self, cookie: int) -> None:
         """Its socket is in the sockhash now (with this cookie): the kernel echoes it."""

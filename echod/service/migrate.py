@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import Iterable
 
@@ -40,18 +38,13 @@ async def to_kernel(conn: Connection, maps: SocketMaps, deadline: float) -> bool
             await asyncio.sleep(DRAIN_POLL)
         if conn.closed:
             return False
-        # uvloop owns the fd and closes it with the transport: keep a dup to stay connected.
         try:
-            sock = socket.socket(fileno=os.dup(conn.fd))
+            conn.leave_transport()
         except OSError as exc:
             log.warning("conn.migrate_failed", peer=conn.peer, error=str(exc))
             return False
     finally:
         conn.set_migrating(False)
-    conn.sock, conn.fd = sock, sock.fileno()
-    conn.sock.setblocking(False)
-    conn.transport = conn.protocol = None
-    tr.abort()
     if not await _settle(conn, deadline):
         conn.host.spawn(conn.host.serve_user(conn))
         return False
@@ -82,19 +75,15 @@ async def _settle(conn: Connection, deadline: float) -> bool:
     except OSError:
         return False
     if data:
-        conn.host.count_user(len(data))
-        conn.out += data
+        conn.echo_later(data)
     if not emptied:
         return False  # EOF (the user path reads it again), or a peer that outpaces us
-    while conn.out:
+    while True:
         try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(DRAIN_POLL)
-            continue
+            if conn.send_out():
+                return True
         except OSError:
             return False
-        del conn.out[:sent]
-    return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_POLL)
