@@ -22,7 +22,8 @@ import structlog
 
 from echod.config.schema import Config
 from echod.kernel import libbpf
-from echod.kernel.bypass import Bypass, in_cgroup, socket_key, socket_path
+from echod.kernel.bypass import Bypass, in_cgroup, socket_key
+from echod.kernel.bypass_paths import socket_path
 from echod.kernel.echo import KernelEcho, SocketMaps
 from echod.service.paths import Outcome, path_name
 from echod.service.service import Service
