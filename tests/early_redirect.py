@@ -28,7 +28,8 @@ from pathlib import Path
 
 import structlog
 
-from echod.kernel.bypass import Bypass, mark_listener
+from echod.kernel.bypass import Bypass
+from echod.kernel.bypass_paths import mark_listener
 
 REPO = Path(__file__).resolve().parents[1]
 DELAYS_MS = (0.0, 0.2, 1.0, 5.0, 20.0)

@@ -7,7 +7,7 @@ this process holds its fd, so a SIGKILL leaves nothing attached.
 
 Only echod's connections are touched: the listeners map holds echod's listening addresses
 (network namespace, address, port), and each of echod's listeners carries a mark in its socket
-storage that the kernel copies into every connection it accepts (mark_listener).
+storage that the kernel copies into every connection it accepts (bypass_paths.mark_listener).
 
 Turning the bypass off, or stopping, detaches the links at once: no new connection enters
 the sockhash. The connections already in it keep their path until they close, and the
@@ -18,7 +18,6 @@ read yet.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -33,6 +32,8 @@ import structlog
 
 from echod.kernel import libbpf
 from echod.kernel.errors import NotSupported
+from echod.kernel.info import link_info, map_info, prog_info, program_figures
+from echod.kernel.objects import LoadedObject
 
 log = structlog.get_logger("echod.bypass")
 
@@ -47,12 +48,9 @@ LINKS_MAP = "bypass_links"
 COUNTERS_MAP = "bypass_counters"
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h; the socket module does not export it
 
-# bpf/bypass.h: BYPASS_SETTING_*, BYPASS_PATH_*, BYPASS_ROLE_*.
+# bpf/bypass.h: BYPASS_SETTING_*, a listener's value (BYPASS_PATH_* and BYPASS_ROLE_*, a socket's
+# path and role, are bypass_paths.py's).
 SETTINGS = {"user": 1, "kernel": 2}
-PATHS = {0: "undecided", 1: "tcp", 2: "ingress", 3: "short_circuit"}
-PATH_INGRESS = 2
-ROLES = {1: "server", 2: "client", 3: "listener"}
-ROLE_LISTENER = 3
 
 
 class BypassCounters(NamedTuple):
@@ -76,8 +74,8 @@ class BypassCounters(NamedTuple):
 
 COUNTER_FIELDS = BypassCounters._fields
 _COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct bypass_counters
-# The other records of bpf/bypass.h: each field's name and struct code, in order.
-SOCK_LAYOUT = (("role", "I"), ("path", "I"), ("sent", "Q"), ("echoed", "Q"))
+# The keys of bpf/bypass.h (its struct bypass_sock is bypass_paths.py's): each field's name and
+# struct code, in order.
 KEY_LAYOUT = (
     ("netns", "Q"),
     ("local_ip", "4I"),
@@ -105,7 +103,6 @@ def _named(layout: tuple[tuple[str, str], ...], values: tuple[int, ...]) -> dict
 
 
 _SETTING = struct.Struct("=I")
-_SOCK = _struct(SOCK_LAYOUT)
 _KEY = _struct(KEY_LAYOUT)
 _LISTENER = _struct(LISTENER_LAYOUT)
 ATTACH = "cgroup sock_ops + cgroup_skb ingress + sockhash sk_msg, through BPF links"
@@ -136,16 +133,6 @@ def socket_key(netns: int, local: tuple[str, int], remote: tuple[str, int]) -> b
     return _KEY.pack(netns, *_words(local[0]), *_words(remote[0]), local[1], remote[1])
 
 
-def socket_path(paths_fd: int, sock: socket.socket) -> tuple[str, str] | None:
-    """A socket's (role, path) from its bypass_paths storage; None when it has none."""
-    try:
-        raw = libbpf.map_lookup(paths_fd, struct.pack("=i", sock.fileno()), _SOCK.size)
-    except KeyError:
-        return None
-    role, path, _, _ = _SOCK.unpack(raw)
-    return ROLES.get(role, str(role)), PATHS.get(path, str(path))
-
-
 def in_cgroup(cgroup: str, proc: str = "/proc/self/cgroup") -> bool:
     """Whether this process is in the cgroup v2 directory `cgroup` or below it."""
     try:
@@ -158,16 +145,6 @@ def in_cgroup(cgroup: str, proc: str = "/proc/self/cgroup") -> bool:
         return False
     mine = os.path.normpath(root + rel)
     return mine == os.path.normpath(cgroup) or mine.startswith(os.path.normpath(cgroup) + "/")
-
-
-def mark_listener(paths_fd: int, sock: socket.socket) -> None:
-    """Mark one of echod's listeners: every connection it accepts inherits the mark.
-
-    sock_ops takes a server end only if it carries the mark, so a connection another server
-    accepts on the same port (another address, or a more specific bind) is never touched.
-    """
-    value = _SOCK.pack(ROLE_LISTENER, 0, 0, 0)
-    libbpf.map_update(paths_fd, struct.pack("=i", sock.fileno()), value)
 
 
 def default_object() -> Path:
@@ -214,128 +191,7 @@ def decode_key(raw: bytes) -> dict[str, Any]:
     }
 
 
-class PathReaders:
-    """Reads sockets' bypass paths from their storage (bypass_paths, keyed by socket fd).
-
-    One reader per bypass object this service has seen: after the bypass is turned off, or off
-    and on again, connections of the earlier object live on (their client and server ends stay
-    in its sockhash, and a redirect may still hold their bytes), and their path is in that
-    object's storage. So an object that is no longer the attached one is let go only once its
-    sockhash is empty: looked at every RETIRE_CHECK seconds (the sockhash's fd is held for
-    that; holding the storage alone would not tell). Letting go of it earlier frees its maps,
-    and with them the echo a redirect had queued in a live socket: bytes lost. The rest go at
-    stop. The newest storage fd marks the service's listeners (mark_listener).
-    """
-
-    RETIRE_CHECK = 5.0
-
-    def __init__(self) -> None:
-        # paths map id -> (paths fd, sockhash fd or -1), both owned; oldest first.
-        self._fds: dict[int, tuple[int, int]] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}  # map id -> its next look
-
-    def add(self, fd: int, sockets_fd: int = -1) -> None:
-        """Take ownership of a bypass_paths fd and its object's sockhash fd (closed at once if
-        that object is known already). Without a sockhash fd the object is kept until close().
-        """
-        try:
-            map_id = libbpf.map_info(fd)["id"]
-        except OSError:
-            _close(fd, sockets_fd)
-            raise
-        if map_id in self._fds:
-            _close(fd, sockets_fd)
-            timer = self._timers.pop(map_id, None)
-            if timer is not None:  # attached again before it was let go
-                timer.cancel()
-        else:
-            self._fds[map_id] = (fd, sockets_fd)
-
-    def retire(self, loop: asyncio.AbstractEventLoop, keep_newest: bool) -> None:
-        """Let go of every object but the newest (or all) once its sockhash is empty."""
-        ids = list(self._fds)
-        for map_id in ids[:-1] if keep_newest else ids:
-            if map_id not in self._timers and self._fds[map_id][1] >= 0:
-                self._timers[map_id] = loop.call_later(self.RETIRE_CHECK, self._look, loop, map_id)
-
-    def _look(self, loop: asyncio.AbstractEventLoop, map_id: int) -> None:
-        self._timers.pop(map_id, None)
-        fds = self._fds.get(map_id)
-        if fds is None:
-            return
-        try:
-            in_use = bool(libbpf.map_keys(fds[1], _MAX_KEY, limit=1))
-        except OSError as exc:
-            log.warning("bypass.retire_check_failed", error=str(exc))
-            in_use = True
-        if in_use:  # a connection of that object is still open
-            self._timers[map_id] = loop.call_later(self.RETIRE_CHECK, self._look, loop, map_id)
-        else:
-            del self._fds[map_id]
-            _close(*fds)
-
-    def __len__(self) -> int:
-        return len(self._fds)
-
-    def mark(self, sock: socket.socket) -> None:
-        """Mark a listener of the service in the newest bypass object (see mark_listener).
-
-        Only the newest one's programs are attached: an older object's mark would only be
-        copied into connections for nothing.
-        """
-        if not self._fds:
-            return
-        newest = next(reversed(self._fds.values()))[0]
-        try:
-            mark_listener(newest, sock)
-        except OSError as exc:  # not marked: its connections stay on TCP
-            log.warning("bypass.mark_failed", error=str(exc))
-
-    def path(self, sock: socket.socket) -> str | None:
-        """The socket's path ("ingress", "short_circuit", ...), None when it has none.
-
-        Read from the object whose sock_ops took the connection: its server-end entry. Other
-        objects may hold a listener's mark copied into the socket, which says nothing.
-        """
-        key = struct.pack("=i", sock.fileno())
-        for fd, _ in reversed(self._fds.values()):
-            try:
-                raw = libbpf.map_lookup(fd, key, _SOCK.size)
-            except (KeyError, OSError):
-                continue
-            role, path, _, _ = _SOCK.unpack(raw)
-            if role != ROLE_LISTENER:
-                return PATHS.get(path)
-        return None
-
-    def user_only(self, sock: socket.socket) -> bool:
-        """Whether the connection's bytes arrive by redirect to its receive queue.
-
-        Such bytes never pass the sk_skb verdict, and a kernel-path socket is not watched for
-        them: the connection must be echoed in user space, whatever the mode.
-        """
-        return bool(self._fds) and self.path(sock) == PATHS[PATH_INGRESS]
-
-    def close(self) -> None:
-        """Close every fd; idempotent."""
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        fds, self._fds = list(self._fds.values()), {}
-        for pair in fds:
-            _close(*pair)
-
-
-_MAX_KEY = 64  # bpf_map_get_next_key writes the map's key size: the sockhash's is smaller
-
-
-def _close(*fds: int) -> None:
-    for fd in fds:
-        if fd >= 0:
-            os.close(fd)
-
-
-class Bypass(libbpf.LoadedObject):
+class Bypass(LoadedObject):
     """Open → load → link, as a context manager; close() undoes exactly the steps done."""
 
     def __init__(self, cgroup: str | None = None, path: str | Path | None = None) -> None:
@@ -434,16 +290,16 @@ class Bypass(libbpf.LoadedObject):
             (MSG_PROGRAM, "sk_msg"),
             (INGRESS_PROGRAM, "cgroup_skb"),
         )
-        return [libbpf.program_figures(obj.program_fd(name), kind) for name, kind in kinds]
+        return [program_figures(obj.program_fd(name), kind) for name, kind in kinds]
 
     def ids(self) -> dict[str, Any]:
         """Kernel ids of our programs, maps and links."""
         assert self._obj is not None, "not loaded"
         names = (SOCKETS_MAP, LISTENERS_MAP, PATHS_MAP, LINKS_MAP, COUNTERS_MAP)
         return {
-            "prog_ids": [libbpf.prog_info(self._obj.program_fd(p))["id"] for p in PROGRAMS],
-            "map_ids": [libbpf.map_info(self._obj.map_fd(m))["id"] for m in names],
-            "link_ids": [libbpf.link_info(link.fd)["id"] for link in self._links],
+            "prog_ids": [prog_info(self._obj.program_fd(p))["id"] for p in PROGRAMS],
+            "map_ids": [map_info(self._obj.map_fd(m))["id"] for m in names],
+            "link_ids": [link_info(link.fd)["id"] for link in self._links],
         }
 
     def describe(self) -> dict[str, Any]:

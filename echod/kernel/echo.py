@@ -1,4 +1,7 @@
-"""Kernel echo: load bpf/echo.bpf.c, attach its verdict to the sockhash, add and remove sockets."""
+"""Kernel echo: load bpf/echo.bpf.c, attach its verdict to the sockhash, add and remove sockets.
+
+The verdict's doorbell ring (echo_bell) is read through doorbell.py; on_bell answers it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +19,9 @@ from typing import Any, NamedTuple
 import structlog
 
 from echod.kernel import libbpf
+from echod.kernel.doorbell import Doorbell
+from echod.kernel.info import link_info, map_info, prog_info, program_figures
+from echod.kernel.objects import LoadedObject
 
 log = structlog.get_logger("echod.sockmap")
 
@@ -26,12 +32,6 @@ ACTIVE_MAP = "echo_active"
 BELL_MAP = "echo_bell"
 COUNTERS_MAP = "echo_counters"
 _COOKIE = struct.Struct("=Q")
-# A BPF ring buffer's record (uapi/linux/bpf.h BPF_RINGBUF_*): a __u32 length whose two top bits
-# say it is still being written (busy) or was dropped by its writer (discard), a __u32 of the
-# kernel's, then the data; each record starts 8-byte aligned.
-RINGBUF_BUSY = 1 << 31
-RINGBUF_DISCARD = 1 << 30
-RINGBUF_HDR_SZ = 8
 BELL_GATHER = 0.005  # seconds between the first ring and its answer (KernelEcho.on_bell)
 
 
@@ -187,120 +187,6 @@ class SocketMaps:
         self.sockets_fd = self.active_fd = self.counters_fd = -1
 
 
-class RingReader:
-    """Reads a BPF_MAP_TYPE_RINGBUF ring with the ordering of libbpf's ringbuf_process_ring.
-
-    Not through libbpf's ring_buffer__new/__consume: the pylibbpf wheel's static libbpf does not
-    export them, and the system libbpf is not one we require.
-
-    Why it is correct on any CPU, not only with x86-64's strong ordering (the kernel's side is
-    kernel/bpf/ringbuf.c; the loads and stores are libbpf.Atomics):
-    - The producer position is read with an acquire load. bpf_ringbuf_reserve writes a record's
-      header (its length, busy) before it publishes the new position with a release store, so
-      every header below the position read is that one or a later state of it.
-    - Each header is read with an acquire load. bpf_ringbuf_commit clears the busy bit (setting
-      discard for a dropped record) with an atomic exchange after the data was written: a header
-      seen without the busy bit means the data it covers is visible. A busy header ends the
-      walk: the kernel commits out of order, a reader consumes in order, so the records after it
-      wait for the next consume(). The ring stays readable meanwhile (its poll compares the
-      positions), and the busy record's commit wakes the reader (the consumer position is at
-      that record).
-    - The consumer position is written with a release store after the records it passes are
-      copied out. The kernel reads it with an acquire load before it reuses the space, so it
-      never overwrites a record still being read.
-    """
-
-    def __init__(
-        self, consumer: int, producer: int, data: int, size: int, ops: libbpf.Atomics | None = None
-    ) -> None:
-        """The ring at these raw addresses: the consumer and producer positions (a __u64 each),
-        and the data area of size bytes (a power of two)."""
-        self._consumer = consumer
-        self._producer = producer
-        self._data = data
-        self._size = size
-        self._mask = size - 1
-        self._ops = ops or libbpf.atomics()
-
-    def consume(self) -> list[bytes]:
-        """Every record committed since the last call, in order; discarded ones skipped."""
-        ops, records = self._ops, list[bytes]()
-        cons = ops.load_acquire_u64(self._consumer)
-        while True:
-            prod = ops.load_acquire_u64(self._producer)
-            start, busy = cons, False
-            while cons < prod:
-                at = cons & self._mask
-                header = ops.load_acquire_u32(self._data + at)
-                if header & RINGBUF_BUSY:
-                    busy = True
-                    break
-                length = header & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
-                if not header & RINGBUF_DISCARD:
-                    records.append(self._copy((at + RINGBUF_HDR_SZ) & self._mask, length))
-                cons += (length + RINGBUF_HDR_SZ + 7) & ~7
-            if cons != start:
-                # Once per pass, where libbpf stores after each record (its callback may take
-                # long): the release store still comes after every copy above.
-                ops.store_release_u64(self._consumer, cons)
-            if busy or cons == start:
-                return records
-            # As libbpf: the producer may have moved meanwhile; look again at once.
-
-    def _copy(self, at: int, length: int) -> bytes:
-        """length bytes of data from offset at, in two pieces when they wrap past the end."""
-        first = min(length, self._size - at)
-        data = libbpf.read_memory(self._data + at, first)
-        if first < length:
-            data += libbpf.read_memory(self._data, length - first)
-        return data
-
-
-class Doorbell:
-    """The echo_bell ring: the cookies of sockets the verdict wants the guard to look at.
-
-    A record written into an empty ring makes the ring's fd readable (epoll). drain() reads
-    the records and moves the consumer position past them, emptying the ring, so that the
-    next record wakes the reader again.
-    """
-
-    def __init__(self, fd: int, ring: RingReader, pages: Sequence[libbpf.Mapping] = ()) -> None:
-        """Reads ring, which fd signals; borrows fd, and takes ownership of the mapped pages."""
-        self.fd = fd
-        self._ring = ring
-        self._pages = list(pages)
-
-    @classmethod
-    def open(cls, ring_fd: int) -> Doorbell:
-        """Map the echo_bell map; borrows ring_fd (the BPF object owns it).
-
-        Page 0 of the map is the consumer position, the only page user space may write; page 1
-        the producer position; then the data (which the kernel maps twice in a row, so that a
-        record that wraps is contiguous; the reader copies such a record in two pieces instead,
-        and maps it once).
-        """
-        page = os.sysconf("SC_PAGE_SIZE")
-        size = libbpf.map_info(ring_fd)["max_entries"]
-        with contextlib.ExitStack() as undo:
-            consumer = libbpf.Mapping(ring_fd, page, writable=True)
-            undo.callback(consumer.close)
-            producer = libbpf.Mapping(ring_fd, page + size, page)
-            undo.pop_all()
-        ring = RingReader(consumer.addr, producer.addr, producer.addr + page, size)
-        return cls(ring_fd, ring, (consumer, producer))
-
-    def drain(self) -> list[int]:
-        """The cookies rung since the last drain, and the ring emptied."""
-        return [_COOKIE.unpack(r)[0] for r in self._ring.consume() if len(r) == _COOKIE.size]
-
-    def close(self) -> None:
-        """Unmap the ring's pages; idempotent."""
-        for pages in self._pages:
-            pages.close()
-        self._pages = []
-        self.fd = -1
-
-
 def bpf_status(kernel: KernelEcho | None) -> dict[str, Any]:
     """`status`'s "bpf": the loaded object's programs and maps, or that none is attached."""
     if kernel is None:
@@ -308,7 +194,7 @@ def bpf_status(kernel: KernelEcho | None) -> dict[str, Any]:
     return kernel.describe()
 
 
-class KernelEcho(libbpf.LoadedObject):
+class KernelEcho(LoadedObject):
     """Open → load → attach as a context manager; exit undoes exactly the steps that were done."""
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -381,7 +267,7 @@ class KernelEcho(libbpf.LoadedObject):
 
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures: id, name, run_cnt, run_time_ns, ns_per_run."""
-        return [libbpf.program_figures(self.prog_fd, "sk_skb")]
+        return [program_figures(self.prog_fd, "sk_skb")]
 
     def on_bell(
         self,
@@ -425,7 +311,7 @@ class KernelEcho(libbpf.LoadedObject):
             "programs": [{"id": ids["prog_id"], "name": PROGRAM, "type": "sk_skb"}],
             "maps": ids["map_ids"],
             "attach": self.attach,
-            "link_id": libbpf.link_info(self.link_fd)["id"] if self.link_fd >= 0 else None,
+            "link_id": link_info(self.link_fd)["id"] if self.link_fd >= 0 else None,
             "stats_enabled": self.stats_enabled,
         }
 
@@ -434,6 +320,6 @@ class KernelEcho(libbpf.LoadedObject):
         assert self.bell is not None, "not loaded"
         fds = (self.sockets_fd, self.maps.active_fd, self.bell.fd, self.counters_fd)
         return {
-            "prog_id": libbpf.prog_info(self.prog_fd)["id"],
-            "map_ids": [libbpf.map_info(fd)["id"] for fd in fds],
+            "prog_id": prog_info(self.prog_fd)["id"],
+            "map_ids": [map_info(fd)["id"] for fd in fds],
         }

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from echod.kernel import libbpf
-from echod.kernel.bypass import Bypass, socket_key, socket_path
+from echod.kernel.bypass import Bypass, socket_key
+from echod.kernel.bypass_paths import socket_path
 
 if TYPE_CHECKING:
     from echod.service.selfcheck import CheckService

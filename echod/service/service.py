@@ -16,7 +16,8 @@ import structlog
 from echod.config.schema import LIVE_KEYS, Config
 from echod.control.protocol import RequestError
 from echod.figures import METER, Rates, process_figures, worker_entry
-from echod.kernel.bypass import Bypass, PathReaders
+from echod.kernel.bypass import Bypass
+from echod.kernel.bypass_paths import PathReaders
 from echod.kernel.echo import KernelEcho, SocketMaps
 from echod.kernel.path import KernelPath, Watched
 from echod.kernel.sockdiag import SockDiag
@@ -89,7 +90,7 @@ class Service(Lifecycle):
         self.bypass_readers.retire(self.loop, keep_newest=False)
 
     def _mark_listeners(self) -> None:
-        """Mark the listeners in every bypass object seen (bypass.mark_listener)."""
+        """Mark the listeners in every bypass object seen (bypass_paths.mark_listener)."""
         for sock in self.listeners:
             self.bypass_readers.mark(sock)
 

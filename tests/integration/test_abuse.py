@@ -129,7 +129,7 @@ def test_toggling_the_bypass_does_not_pile_up_maps_or_fds(echod_factory: Factory
     """An old bypass object is let go once no connection of it is left, and not before."""
     import psutil
 
-    from echod.kernel.bypass import PathReaders
+    from echod.kernel.bypass_paths import PathReaders
     from tests.integration.echo_util import wait_for
 
     d = echod_factory(mode="user", args=["--workers", "2", "--bypass"])

@@ -12,7 +12,7 @@ import pytest
 from echod import logs
 from echod.config.schema import Config, ConfigError
 from echod.config.sources import resolve
-from echod.kernel import bypass, libbpf
+from echod.kernel import bypass, bypass_paths, libbpf
 from echod.kernel.echo import _COUNTERS, COUNTER_FIELDS, default_object
 from echod.kernel.errors import NotSupported
 from echod.logs import RateLimited
@@ -179,19 +179,19 @@ def test_bypass_constants_mirror_their_header() -> None:
         "user": defines["BYPASS_SETTING_USER"],
         "kernel": defines["BYPASS_SETTING_KERNEL"],
     }
-    assert bypass.PATHS == {
+    assert bypass_paths.PATHS == {
         defines["BYPASS_PATH_UNDECIDED"]: "undecided",
         defines["BYPASS_PATH_TCP"]: "tcp",
         defines["BYPASS_PATH_INGRESS"]: "ingress",
         defines["BYPASS_PATH_SHORT"]: "short_circuit",
     }
-    assert bypass.PATH_INGRESS == defines["BYPASS_PATH_INGRESS"]
-    assert bypass.ROLES == {
+    assert bypass_paths.PATH_INGRESS == defines["BYPASS_PATH_INGRESS"]
+    assert bypass_paths.ROLES == {
         defines["BYPASS_ROLE_SERVER"]: "server",
         defines["BYPASS_ROLE_CLIENT"]: "client",
         defines["BYPASS_ROLE_LISTENER"]: "listener",
     }
-    assert bypass.ROLE_LISTENER == defines["BYPASS_ROLE_LISTENER"]
+    assert bypass_paths.ROLE_LISTENER == defines["BYPASS_ROLE_LISTENER"]
     key = re.search(r"struct bypass_key \{(.*?)\};", header, re.S)
     assert key is not None
     assert bypass._KEY.size == 8 + 16 + 16 + 4 + 4  # netns, two addresses, two ports
@@ -203,7 +203,7 @@ def test_bypass_constants_mirror_their_header() -> None:
         ("__u64", "sent"),
         ("__u64", "echoed"),
     ]
-    assert bypass._SOCK.size == 24
+    assert bypass_paths._SOCK.size == 24
     listener = re.search(r"struct bypass_listener \{(.*?)\};", header, re.S)
     assert listener is not None
     assert bypass._LISTENER.size == 8 + 16 + 4 + 4  # netns, address, port, pad

@@ -14,22 +14,23 @@ from collections.abc import Iterator
 
 import pytest
 
-from echod.kernel import libbpf
-from echod.kernel.echo import (
+from echod.kernel.doorbell import Doorbell
+from echod.kernel.ring import (
     RINGBUF_BUSY,
     RINGBUF_DISCARD,
     RINGBUF_HDR_SZ,
-    Doorbell,
+    Atomics,
     RingReader,
+    atomics,
 )
 
 HEADER = struct.Struct("=II")  # the length with the busy and discard bits, the page offset
 
 
-def _ops() -> list[libbpf.Atomics]:
-    ops = [libbpf.Atomics(None)]
+def _ops() -> list[Atomics]:
+    ops = [Atomics(None)]
     try:
-        ops.append(libbpf.atomics())
+        ops.append(atomics())
     except OSError:
         pass  # no libatomic and not x86-64: nothing to compare with
     return ops
@@ -45,7 +46,7 @@ class FakeRing:
         self.data = ctypes.create_string_buffer(size)
         self.wrapped = 0  # records whose data ran past the end of the data area
 
-    def reader(self, ops: libbpf.Atomics) -> RingReader:
+    def reader(self, ops: Atomics) -> RingReader:
         addr = ctypes.addressof
         return RingReader(addr(self.consumer), addr(self.producer), addr(self.data), self.size, ops)
 
@@ -77,8 +78,8 @@ class FakeRing:
 
 
 @pytest.fixture(params=_ops(), ids=lambda ops: ops.name)
-def ops(request: pytest.FixtureRequest) -> libbpf.Atomics:
-    ops: libbpf.Atomics = request.param
+def ops(request: pytest.FixtureRequest) -> Atomics:
+    ops: Atomics = request.param
     return ops
 
 
@@ -87,14 +88,12 @@ def ring() -> FakeRing:
     return FakeRing()
 
 
-def test_empty_ring_reads_nothing(ring: FakeRing, ops: libbpf.Atomics) -> None:
+def test_empty_ring_reads_nothing(ring: FakeRing, ops: Atomics) -> None:
     assert ring.reader(ops).consume() == []
     assert ring.consumer.value == 0
 
 
-def test_records_come_in_order_and_the_consumer_passes_them(
-    ring: FakeRing, ops: libbpf.Atomics
-) -> None:
+def test_records_come_in_order_and_the_consumer_passes_them(ring: FakeRing, ops: Atomics) -> None:
     reader = ring.reader(ops)
     for payload in (b"first", b"second record", b"3"):
         ring.output(payload)
@@ -103,9 +102,7 @@ def test_records_come_in_order_and_the_consumer_passes_them(
     assert reader.consume() == []
 
 
-def test_a_busy_record_stops_the_walk_until_it_is_committed(
-    ring: FakeRing, ops: libbpf.Atomics
-) -> None:
+def test_a_busy_record_stops_the_walk_until_it_is_committed(ring: FakeRing, ops: Atomics) -> None:
     reader = ring.reader(ops)
     ring.output(b"before")
     busy = ring.reserve(b"being written")
@@ -118,7 +115,7 @@ def test_a_busy_record_stops_the_walk_until_it_is_committed(
     assert ring.consumer.value == ring.producer.value
 
 
-def test_a_discarded_record_is_skipped_but_consumed(ring: FakeRing, ops: libbpf.Atomics) -> None:
+def test_a_discarded_record_is_skipped_but_consumed(ring: FakeRing, ops: Atomics) -> None:
     reader = ring.reader(ops)
     ring.output(b"kept")
     dropped = ring.reserve(b"dropped")
@@ -128,9 +125,7 @@ def test_a_discarded_record_is_skipped_but_consumed(ring: FakeRing, ops: libbpf.
     assert ring.consumer.value == ring.producer.value
 
 
-def test_a_discarded_busy_record_is_read_once_committed(
-    ring: FakeRing, ops: libbpf.Atomics
-) -> None:
+def test_a_discarded_busy_record_is_read_once_committed(ring: FakeRing, ops: Atomics) -> None:
     reader = ring.reader(ops)
     pos = ring.reserve(b"x" * 8)
     assert reader.consume() == []
@@ -139,7 +134,7 @@ def test_a_discarded_busy_record_is_read_once_committed(
     assert ring.consumer.value == ring.producer.value
 
 
-def test_records_wrap_around_the_end_of_the_ring(ring: FakeRing, ops: libbpf.Atomics) -> None:
+def test_records_wrap_around_the_end_of_the_ring(ring: FakeRing, ops: Atomics) -> None:
     """Positions grow past the size many times; records whose data crosses the end come whole."""
     reader = ring.reader(ops)
     expected: list[bytes] = []
@@ -157,7 +152,7 @@ def test_records_wrap_around_the_end_of_the_ring(ring: FakeRing, ops: libbpf.Ato
     assert ring.consumer.value == ring.producer.value
 
 
-def test_a_full_ring_read_whole(ring: FakeRing, ops: libbpf.Atomics) -> None:
+def test_a_full_ring_read_whole(ring: FakeRing, ops: Atomics) -> None:
     reader = ring.reader(ops)
     cookies = [struct.pack("=Q", n) for n in range((ring.size - 1) // 16)]
     for c in cookies:
@@ -176,7 +171,7 @@ def borrowed_fd() -> Iterator[int]:
     os.close(w)
 
 
-def test_drain_returns_the_cookies(ring: FakeRing, ops: libbpf.Atomics, borrowed_fd: int) -> None:
+def test_drain_returns_the_cookies(ring: FakeRing, ops: Atomics, borrowed_fd: int) -> None:
     bell = Doorbell(borrowed_fd, ring.reader(ops))
     for cookie in (1, 2**64 - 1, 0x1234_5678_9ABC):
         ring.output(struct.pack("=Q", cookie))
@@ -188,7 +183,7 @@ def test_drain_returns_the_cookies(ring: FakeRing, ops: libbpf.Atomics, borrowed
     assert bell.fd == -1
 
 
-class Recording(libbpf.Atomics):
+class Recording(Atomics):
     """Plain accesses that also note, in order, which ordered access touched which word."""
 
     def __init__(self, ring: FakeRing) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from echod.kernel import bypass
+from echod.kernel import bypass, bypass_paths
 from echod.kernel import echo as sockmap
 from echod.service import connection
 
@@ -67,7 +67,7 @@ def test_counters_mirror_their_header(
     ("name", "layout"),
     [
         ("bypass_key", bypass.KEY_LAYOUT),
-        ("bypass_sock", bypass.SOCK_LAYOUT),
+        ("bypass_sock", bypass_paths.SOCK_LAYOUT),
         ("bypass_listener", bypass.LISTENER_LAYOUT),
     ],
 )
