@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Shared between bypass.bpf.c and echod/bypass.py: the only place these are defined. */
+/* Shared between bypass.bpf.c and echod/kernel/bypass.py, bypass_paths.py: defined only here. */
 #ifndef ECHOD_BYPASS_H
 #define ECHOD_BYPASS_H
 

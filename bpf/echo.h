@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Shared between echo.bpf.c and echod/sockmap.py: the only place these are defined. */
+/* Shared between echo.bpf.c and echod/kernel/echo.py: the only place these are defined. */
 #ifndef ECHOD_ECHO_H
 #define ECHOD_ECHO_H
 

@@ -73,7 +73,7 @@ class BypassCounters(NamedTuple):
 
 
 COUNTER_FIELDS = BypassCounters._fields
-_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct bypass_counters
+COUNTERS_STRUCT = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct bypass_counters
 # The keys of bpf/bypass.h (its struct bypass_sock is bypass_paths.py's): each field's name and
 # struct code, in order.
 KEY_LAYOUT = (
@@ -103,8 +103,8 @@ def _named(layout: tuple[tuple[str, str], ...], values: tuple[int, ...]) -> dict
 
 
 _SETTING = struct.Struct("=I")
-_KEY = _struct(KEY_LAYOUT)
-_LISTENER = _struct(LISTENER_LAYOUT)
+KEY_STRUCT = _struct(KEY_LAYOUT)
+LISTENER_STRUCT = _struct(LISTENER_LAYOUT)
 ATTACH = "cgroup sock_ops + cgroup_skb ingress + sockhash sk_msg, through BPF links"
 BPF_CGROUP_INET_INGRESS = 0
 
@@ -125,12 +125,12 @@ def _words(host: str) -> tuple[int, int, int, int]:
 
 def listener_key(netns: int, host: str, port: int) -> bytes:
     """A bypass_listeners key: echod listens on host:port (a wildcard host covers all)."""
-    return _LISTENER.pack(netns, *_words(host), port, 0)
+    return LISTENER_STRUCT.pack(netns, *_words(host), port, 0)
 
 
 def socket_key(netns: int, local: tuple[str, int], remote: tuple[str, int]) -> bytes:
     """The bypass_sockets key of a connection's end (local and remote as that end sees them)."""
-    return _KEY.pack(netns, *_words(local[0]), *_words(remote[0]), local[1], remote[1])
+    return KEY_STRUCT.pack(netns, *_words(local[0]), *_words(remote[0]), local[1], remote[1])
 
 
 def in_cgroup(cgroup: str, proc: str = "/proc/self/cgroup") -> bool:
@@ -179,7 +179,7 @@ def open_cgroup(path: str) -> int:
 
 def decode_key(raw: bytes) -> dict[str, Any]:
     """A bypass_sockets key as addresses and ports (tests and diagnostics)."""
-    key = _named(KEY_LAYOUT, _KEY.unpack(raw))
+    key = _named(KEY_LAYOUT, KEY_STRUCT.unpack(raw))
     local = struct.pack("!4I", *[socket.ntohl(w) for w in key["local_ip"]])
     remote = struct.pack("!4I", *[socket.ntohl(w) for w in key["remote_ip"]])
     return {
@@ -278,7 +278,7 @@ class Bypass(LoadedObject):
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        totals = libbpf.percpu_totals(self.counters_fd, _COUNTERS, self._ncpus)
+        totals = libbpf.percpu_totals(self.counters_fd, COUNTERS_STRUCT, self._ncpus)
         return BypassCounters._make(totals)._asdict()
 
     def programs(self) -> list[dict[str, Any]]:

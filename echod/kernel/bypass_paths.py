@@ -26,16 +26,16 @@ ROLES = {1: "server", 2: "client", 3: "listener"}
 ROLE_LISTENER = 3
 # struct bypass_sock, the storage's value: each field's name and struct code, in order.
 SOCK_LAYOUT = (("role", "I"), ("path", "I"), ("sent", "Q"), ("echoed", "Q"))
-_SOCK = struct.Struct("=" + "".join(code for _, code in SOCK_LAYOUT))
+SOCK_STRUCT = struct.Struct("=" + "".join(code for _, code in SOCK_LAYOUT))
 
 
 def socket_path(paths_fd: int, sock: socket.socket) -> tuple[str, str] | None:
     """A socket's (role, path) from its bypass_paths storage; None when it has none."""
     try:
-        raw = libbpf.map_lookup(paths_fd, struct.pack("=i", sock.fileno()), _SOCK.size)
+        raw = libbpf.map_lookup(paths_fd, struct.pack("=i", sock.fileno()), SOCK_STRUCT.size)
     except KeyError:
         return None
-    role, path, _, _ = _SOCK.unpack(raw)
+    role, path, _, _ = SOCK_STRUCT.unpack(raw)
     return ROLES.get(role, str(role)), PATHS.get(path, str(path))
 
 
@@ -45,7 +45,7 @@ def mark_listener(paths_fd: int, sock: socket.socket) -> None:
     sock_ops takes a server end only if it carries the mark, so a connection another server
     accepts on the same port (another address, or a more specific bind) is never touched.
     """
-    value = _SOCK.pack(ROLE_LISTENER, 0, 0, 0)
+    value = SOCK_STRUCT.pack(ROLE_LISTENER, 0, 0, 0)
     libbpf.map_update(paths_fd, struct.pack("=i", sock.fileno()), value)
 
 
@@ -135,10 +135,10 @@ class PathReaders:
         key = struct.pack("=i", sock.fileno())
         for fd, _ in reversed(self._fds.values()):
             try:
-                raw = libbpf.map_lookup(fd, key, _SOCK.size)
+                raw = libbpf.map_lookup(fd, key, SOCK_STRUCT.size)
             except (KeyError, OSError):
                 continue
-            role, path, _, _ = _SOCK.unpack(raw)
+            role, path, _, _ = SOCK_STRUCT.unpack(raw)
             if role != ROLE_LISTENER:
                 return PATHS.get(path)
         return None

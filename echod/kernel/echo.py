@@ -49,7 +49,7 @@ class EchoCounters(NamedTuple):
 
 
 COUNTER_FIELDS = EchoCounters._fields
-_COUNTERS = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct echo_counters
+COUNTERS_STRUCT = struct.Struct(f"={len(COUNTER_FIELDS)}Q")  # one CPU's struct echo_counters
 
 
 def default_object() -> Path:
@@ -156,7 +156,7 @@ class SocketMaps:
 
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
-        totals = libbpf.percpu_totals(self.counters_fd, _COUNTERS, self._ncpus)
+        totals = libbpf.percpu_totals(self.counters_fd, COUNTERS_STRUCT, self._ncpus)
         return EchoCounters._make(totals)._asdict()
 
     def marks(self) -> int:

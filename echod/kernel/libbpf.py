@@ -63,7 +63,7 @@ _LIBBPF_ERRORS = (
 )
 
 
-def _candidates() -> list[str]:
+def candidates() -> list[str]:
     """Library search order: $ECHOD_LIBBPF, the pylibbpf wheel's extension, libbpf.so.1."""
     found: list[str] = []
     env = os.environ.get("ECHOD_LIBBPF")
@@ -159,7 +159,7 @@ def library() -> Library:
     global _lib
     if _lib is None:
         errors = []
-        for path in _candidates():
+        for path in candidates():
             try:
                 _lib = Library(path)
                 break

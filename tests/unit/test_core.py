@@ -13,7 +13,7 @@ from echod import logs
 from echod.config.schema import Config, ConfigError
 from echod.config.sources import resolve
 from echod.kernel import bypass, bypass_paths, libbpf
-from echod.kernel.echo import _COUNTERS, COUNTER_FIELDS, default_object
+from echod.kernel.echo import COUNTER_FIELDS, COUNTERS_STRUCT, default_object
 from echod.kernel.errors import NotSupported
 from echod.logs import RateLimited
 
@@ -139,7 +139,7 @@ def test_fd_holder_close_is_idempotent() -> None:
 
 def test_library_search_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ECHOD_LIBBPF", "/opt/custom/libbpf.so")
-    found = libbpf._candidates()
+    found = libbpf.candidates()
     assert found[0] == "/opt/custom/libbpf.so"
     assert any("pylibbpf" in p for p in found[1:-1]), found
     assert "bpf" in found[-1]
@@ -151,7 +151,7 @@ def test_counters_struct_mirrors_header() -> None:
     assert body is not None
     fields = re.findall(r"__u64 (\w+);", body.group(1))
     assert tuple(fields) == COUNTER_FIELDS
-    assert _COUNTERS.size == 8 * len(fields)
+    assert COUNTERS_STRUCT.size == 8 * len(fields)
 
 
 def test_packaged_object_exists() -> None:
@@ -194,7 +194,7 @@ def test_bypass_constants_mirror_their_header() -> None:
     assert bypass_paths.ROLE_LISTENER == defines["BYPASS_ROLE_LISTENER"]
     key = re.search(r"struct bypass_key \{(.*?)\};", header, re.S)
     assert key is not None
-    assert bypass._KEY.size == 8 + 16 + 16 + 4 + 4  # netns, two addresses, two ports
+    assert bypass.KEY_STRUCT.size == 8 + 16 + 16 + 4 + 4  # netns, two addresses, two ports
     sock = re.search(r"struct bypass_sock \{(.*?)\};", header, re.S)
     assert sock is not None
     assert re.findall(r"(__u\d+) (\w+);", sock.group(1)) == [
@@ -203,10 +203,10 @@ def test_bypass_constants_mirror_their_header() -> None:
         ("__u64", "sent"),
         ("__u64", "echoed"),
     ]
-    assert bypass_paths._SOCK.size == 24
+    assert bypass_paths.SOCK_STRUCT.size == 24
     listener = re.search(r"struct bypass_listener \{(.*?)\};", header, re.S)
     assert listener is not None
-    assert bypass._LISTENER.size == 8 + 16 + 4 + 4  # netns, address, port, pad
+    assert bypass.LISTENER_STRUCT.size == 8 + 16 + 4 + 4  # netns, address, port, pad
 
 
 def test_bypass_object_ships() -> None:
