@@ -11,15 +11,14 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-import msgpack
-
 # One definition of the default path and of the wire format, shared with the daemon.
 from echod.config.schema import default_control_path
 from echod.control.protocol import (
     API_VERSION,
     NOTIFICATION,
+    FrameError,
+    FrameReader,
     admin_socket_path,
-    describe_exception,
     encode_request,
     well_formed_reply,
 )
@@ -88,7 +87,7 @@ class ControlClient:
         self.timeout = timeout
         self.server: dict[str, Any] = {}
         self._sock: socket.socket | None = None
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_REPLY)
+        self._frames = FrameReader(MAX_REPLY)
         self._msgid = 0
         self._pending: deque[tuple[str, Any]] = deque()
 
@@ -227,15 +226,12 @@ class ControlClient:
     def _read_frame(self) -> list[Any]:
         while True:
             try:
-                frame = self._unpacker.unpack()
-            except msgpack.OutOfData:
-                pass
-            except (ValueError, msgpack.UnpackException) as exc:
+                got = self._frames.next_frame()
+            except FrameError as exc:
                 self.close()
-                raise ControlError(
-                    "protocol", f"undecodable reply: {describe_exception(exc)}"
-                ) from exc
-            else:
+                raise ControlError("protocol", exc.message.replace("frame", "reply", 1)) from exc
+            if got is not None:
+                frame = got[0]
                 if not well_formed_reply(frame):
                     self.close()
                     raise ControlError("protocol", f"unexpected frame: {frame!r:.200}")
@@ -256,8 +252,8 @@ class ControlClient:
             self.close()
             raise ControlError("disconnected", f"the daemon closed {self.path}")
         try:
-            self._unpacker.feed(data)
-        except msgpack.BufferFull as exc:
+            self._frames.feed(data)
+        except FrameError as exc:
             # The rest of the stream cannot be framed any more: give up on the connection.
             self.close()
             raise ControlError(

@@ -2,9 +2,9 @@
 
 MessagePack-RPC frames: a request `[0, msgid, method, params]`, a response
 `[1, msgid, error, result]` and a notification `[2, method, params]`. This module holds the
-constants both ends agree on, the error codes and `RequestError`, encoding, and the checks of
-a request and of a reply. The server (control.py) and the client (echoctl.client) frame the
-bytes; neither defines any of this again.
+constants both ends agree on, the error codes and `RequestError`, encoding, the checks of a
+request and of a reply, and the one frame reader (`FrameReader`) that the control server, the
+worker channel and echoctl's client all read with; none of them defines any of this again.
 """
 
 from __future__ import annotations
@@ -186,6 +186,63 @@ def parse_request(frame: Any) -> tuple[int, str, Any]:
     if not isinstance(method, str):
         raise RequestError("invalid_request", "method must be a string")
     return msgid, method, params
+
+
+class FrameError(Exception):
+    """The stream cannot be framed any more: a frame too large, or bytes that do not decode.
+
+    Undecodable bytes leave no frame boundary to resynchronise on, so the stream is done.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # frame_too_large, or invalid_request for bytes that do not decode
+        self.message = message
+
+
+class FrameReader:
+    """Frames out of a byte stream, each with its size in bytes.
+
+    max_buffer bounds what is held of frames not yet complete (None: no bound). feed() raises
+    FrameError once a stream would hold more; next_frame() raises it for undecodable bytes.
+    """
+
+    def __init__(self, max_buffer: int | None = None, *, strict_map_key: bool = True) -> None:
+        if max_buffer is None:
+            self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=strict_map_key)
+        else:
+            self._unpacker = msgpack.Unpacker(
+                raw=False, strict_map_key=strict_map_key, max_buffer_size=max_buffer
+            )
+        self.max_buffer = max_buffer
+        self.fed = 0  # bytes fed so far
+        self.boundary = 0  # where the last whole frame ended (tell() also moves within one)
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the stream."""
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull as exc:
+            raise FrameError("frame_too_large", f"more than {self.max_buffer} B unframed") from exc
+        self.fed += len(data)
+
+    @property
+    def partial(self) -> bool:
+        """Whether bytes of a frame not yet complete are held."""
+        return self.fed > self.boundary
+
+    def next_frame(self) -> tuple[Any, int] | None:
+        """The next whole frame and its size, or None until more bytes are fed."""
+        try:
+            frame = self._unpacker.unpack()
+        except msgpack.OutOfData:
+            return None
+        except (ValueError, msgpack.UnpackException) as exc:
+            message = f"undecodable frame: {describe_exception(exc)}"
+            raise FrameError("invalid_request", message) from exc
+        end = self._unpacker.tell()
+        size, self.boundary = end - self.boundary, end
+        return frame, size
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -17,13 +17,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import msgpack
 import structlog
 
 from echod.control.protocol import (
     NOTIFICATION,
     REQUEST,
     RESPONSE,
+    FrameError,
+    FrameReader,
     RequestError,
     encode_notification,
     encode_request,
@@ -62,7 +63,7 @@ class Channel:
         self.handler = handler
         self.on_close = on_close
         self.closed = False
-        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self._frames = FrameReader(strict_map_key=False)
         self._fds: deque[int] = deque()
         self._out: deque[tuple[bytes, Sequence[int]]] = deque()  # frames, and our fd copies
         self._writing = False
@@ -146,9 +147,13 @@ class Channel:
         if not data:
             self.close()
             return
-        self._unpacker.feed(data)
-        for frame in self._unpacker:
-            self._dispatch(frame)
+        self._frames.feed(data)
+        try:
+            while (got := self._frames.next_frame()) is not None:
+                self._dispatch(got[0])
+        except FrameError as exc:  # the two ends are one program: this is a defect, say so
+            log.error("channel.undecodable", error=exc.message)
+            self.close()
 
     def _dispatch(self, frame: Any) -> None:
         if not isinstance(frame, list) or not frame:

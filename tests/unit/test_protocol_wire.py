@@ -8,7 +8,13 @@ import msgpack
 import pytest
 
 from echod.control import protocol
-from echod.control.protocol import RequestError, validate_params
+from echod.control.protocol import (
+    FrameError,
+    FrameReader,
+    RequestError,
+    encode_request,
+    validate_params,
+)
 
 
 def test_request_golden_bytes() -> None:
@@ -145,3 +151,30 @@ def test_describe_exception_names_the_class() -> None:
         unpacker.unpack()
     assert protocol.describe_exception(info.value) == "FormatError"
     assert protocol.describe_exception(ValueError("bad")) == "ValueError: bad"
+
+
+def test_frame_reader_splits_a_stream_into_frames_with_their_sizes() -> None:
+    one, two = encode_request(1, "status"), encode_request(2, "stats", {"x": "y" * 300})
+    reader = FrameReader(len(two) + 10)
+    stream = one + two
+    got = []
+    for i in range(0, len(stream), 7):  # any split of the stream gives the same frames
+        reader.feed(stream[i : i + 7])
+        while (frame := reader.next_frame()) is not None:
+            got.append(frame)
+        assert reader.partial == (reader.fed > sum(size for _, size in got))
+    assert got == [([0, 1, "status", {}], len(one)), ([0, 2, "stats", {"x": "y" * 300}], len(two))]
+    assert not reader.partial
+
+
+def test_frame_reader_refuses_more_than_its_buffer_and_undecodable_bytes() -> None:
+    reader = FrameReader(100)
+    with pytest.raises(FrameError) as too_large:
+        reader.feed(encode_request(1, "status", {"x": "y" * 200}))
+    assert too_large.value.code == "frame_too_large"
+    reader = FrameReader(100)
+    reader.feed(b"\xc1")  # never valid in msgpack
+    with pytest.raises(FrameError) as undecodable:
+        reader.next_frame()
+    assert undecodable.value.code == "invalid_request"
+    assert undecodable.value.message.startswith("undecodable frame: ")
