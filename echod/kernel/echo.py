@@ -68,7 +68,7 @@ def read_queue_empty(
     """Read a non-blocking sock until EAGAIN: then no skb at the head of its queue is partly read.
 
     Returns (what was read, True), or (what was read, False) on EOF or once more than limit
-    bytes came in. Raises OSError when the socket fails. See KernelEcho.add for why.
+    bytes came in. Raises OSError when the socket fails. See SocketMaps.add for why.
     """
     data = bytearray()
     while len(data) <= limit:
@@ -249,21 +249,9 @@ class KernelEcho(LoadedObject):
             self.maps = SocketMaps(-1, -1, -1)
             log.info("bpf.detached")
 
-    def add(self, sock: socket.socket) -> int:
-        """SocketMaps.add on this object's maps; returns the cookie."""
-        return self.maps.add(sock)
-
-    def remove(self, sock: socket.socket) -> None:
-        """SocketMaps.remove on this object's maps."""
-        self.maps.remove(sock)
-
     def counters(self) -> dict[str, int]:
         """The per-CPU counters summed over every possible CPU."""
         return self.maps.counters()
-
-    def sockets(self) -> int:
-        """How many sockets are in the sockhash now (walks it)."""
-        return self.maps.sockets()
 
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures: id, name, run_cnt, run_time_ns, ns_per_run."""

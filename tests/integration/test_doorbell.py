@@ -33,9 +33,9 @@ def conn(kernel: KernelEcho) -> Iterator[tuple[socket.socket, int]]:
         client = socket.create_connection(ls.getsockname(), timeout=5)
         server, _ = ls.accept()
     with client, server:
-        cookie = kernel.add(server)
+        cookie = kernel.maps.add(server)
         yield client, cookie
-        kernel.remove(server)
+        kernel.maps.remove(server)
 
 
 def readable(fd: int, timeout: float = 0.0) -> bool:

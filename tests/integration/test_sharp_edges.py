@@ -74,7 +74,7 @@ def test_fionread_on_a_sockhash_socket_counts_only_what_user_space_can_read() ->
         with socket.create_connection(listener.getsockname(), timeout=5) as client:
             server, _ = listener.accept()
             with server:
-                kernel.add(server)
+                kernel.maps.add(server)
                 client.sendall(b"x" * 1000)
                 wait_for(lambda: fionread(client) == 1000, what="the client to count the echo")
                 assert recv_exact(client, 1000) == b"x" * 1000
@@ -83,7 +83,7 @@ def test_fionread_on_a_sockhash_socket_counts_only_what_user_space_can_read() ->
                 server.setblocking(False)
                 with pytest.raises(BlockingIOError):
                     server.recv(1)
-                kernel.remove(server)
+                kernel.maps.remove(server)
                 client.sendall(b"y" * 500)
                 wait_for(lambda: fionread(server) == 500, what="FIONREAD to count 500 bytes")
                 server.setblocking(True)

@@ -64,26 +64,26 @@ def test_data_queued_before_insert_is_echoed(kernel: KernelEcho, listener: socke
             payload = os.urandom(1000)
             client.sendall(payload)
             wait_for(lambda s=server: queued(s) == 1000, what="the bytes to be queued")
-            kernel.add(server)
+            kernel.maps.add(server)
             assert recv_exact(client, len(payload)) == payload
-            kernel.remove(server)
+            kernel.maps.remove(server)
 
 
 def test_counters_and_sockets(kernel: KernelEcho, listener: socket.socket) -> None:
     client, server = pair(listener)
     with client, server:
-        kernel.add(server)
-        assert kernel.sockets() == 1
+        kernel.maps.add(server)
+        assert kernel.maps.sockets() == 1
         client.sendall(b"x" * 5000)
         assert recv_exact(client, 5000) == b"x" * 5000
         c = kernel.counters()
         assert c["redirected_bytes"] == 5000
         assert c["redirected_packets"] >= 1
         assert c["passed_bytes"] == 0
-        kernel.remove(server)
-        assert kernel.sockets() == 0
+        kernel.maps.remove(server)
+        assert kernel.maps.sockets() == 0
         with pytest.raises(KeyError):
-            kernel.remove(server)
+            kernel.maps.remove(server)
 
 
 def test_insert_after_reading_the_queue_empty_is_exact(
@@ -103,12 +103,12 @@ def test_insert_after_reading_the_queue_empty_is_exact(
         assert emptied
         server.setblocking(True)
         server.sendall(head + rest)
-        kernel.add(server)
+        kernel.maps.add(server)
         assert recv_exact(client, len(payload)) == payload
         sender.join(10)
         assert not sender.is_alive(), "the client's send did not finish"
         roundtrip(client, b"and nothing more")
-        kernel.remove(server)
+        kernel.maps.remove(server)
 
 
 def test_insert_after_peer_left_is_eopnotsupp(kernel: KernelEcho, listener: socket.socket) -> None:
@@ -119,7 +119,7 @@ def test_insert_after_peer_left_is_eopnotsupp(kernel: KernelEcho, listener: sock
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         wait_for(lambda: tcp_state(server) != TCP_ESTABLISHED, what="the reset to arrive")
         with pytest.raises(OSError, match="not supported") as info:
-            kernel.add(server)
+            kernel.maps.add(server)
         assert info.value.errno == errno.EOPNOTSUPP
 
 
@@ -172,10 +172,10 @@ def test_verdict_attaches_through_a_link_or_to_the_map(
         client = socket.create_connection(listener.getsockname()[:2])
         server, _ = listener.accept()
         with client, server:
-            kernel.add(server)
+            kernel.maps.add(server)
             client.sendall(b"through the map attach")
             assert recv_exact(client, 22) == b"through the map attach"
-            kernel.remove(server)
+            kernel.maps.remove(server)
 
 
 def test_missing_object_is_file_not_found() -> None:
