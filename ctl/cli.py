@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from echoctl import render
+from echoctl import render, statusrender
 from echoctl.benchcmd import bench, compare
 from echoctl.checkcmd import check
 from echoctl.client import ControlClient, ControlError, client_control_path
@@ -127,7 +127,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if opts.json:
         emit_json(result)
     else:
-        click.echo(render.render_status(result))
+        click.echo(statusrender.render_status(result))
     if result.get("state") != "serving":
         raise click.exceptions.Exit(EXIT_NOT_RUNNING)
 
@@ -145,7 +145,9 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         # Whether the kernel keeps BPF run figures is in `status`; without it, show them as is.
         status = _call(opts, "stats", "status")
         enabled = (status.get("bpf") or {}).get("stats_enabled")
-        click.echo(render.render_stats(result, enabled if isinstance(enabled, bool) else None))
+        click.echo(
+            statusrender.render_stats(result, enabled if isinstance(enabled, bool) else None)
+        )
 
 
 @cli.command()
@@ -326,14 +328,14 @@ def reload(ctx: click.Context, as_json: bool) -> None:
     if opts.json:
         emit_json(result)
     else:
-        click.echo(render.render_reload(result))
+        click.echo(statusrender.render_reload(result))
 
 
 def _report(opts: Options, status: Mapping[str, Any]) -> None:
     if opts.json:
         emit_json(status)
     else:
-        click.echo(render.summary(status))
+        click.echo(statusrender.summary(status))
 
 
 cli.add_command(bench)

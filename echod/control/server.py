@@ -1,28 +1,30 @@
 """The control socket's server: MessagePack-RPC on a Unix socket (see docs/protocol.md).
 
 It owns the socket file (created with its mode and group before it is visible, a stale one
-replaced only when nothing answers it, removed at close), the slots per uid, framing with its
-deadlines, and the watch streams. The wire format is protocol.py's; what each method does is
-the target's (the daemon).
+replaced only when nothing answers it, removed at close), the slots per uid, the dispatch of
+requests, and the watch streams. One client's stream and its framing with their deadlines are
+connection.py's; the wire format is protocol.py's; what each method does is the target's (the
+daemon).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import structlog
 
 from echod import __version__
 from echod.config.validators import SUN_PATH_MAX, control_temp_path
+from echod.control.connection import Connection, FrameError
 from echod.control.limits import slot_refusal
-from echod.control.peercred import PeerCred, is_admin, peer_cred
+from echod.control.peercred import is_admin, peer_cred
 from echod.control.protocol import (
     API_VERSION,
     MAX_FRAME,
@@ -32,7 +34,6 @@ from echod.control.protocol import (
     ControlTarget,
     RequestError,
     admin_socket_path,
-    describe_exception,
     encode_notification,
     encode_response,
     error_body,
@@ -46,66 +47,17 @@ from echod.logs import RateLimited
 log = structlog.get_logger("echod.control")
 
 
-READ_CHUNK = 4096
 LISTEN_BACKLOG = 1024
-# A peer may pause between frames for ever, but must finish a frame once started: a deadline
-# for the whole frame from its first byte, not a timeout that each byte renews.
-PARTIAL_FRAME_TIMEOUT = 10.0
-# A connection whose first frame is not complete by then is closed, so that idle connections
-# cannot hold slots.
-IDLE_TIMEOUT = 5.0
-# A peer that stops reading its replies is dropped (its transport aborted) once one write has
-# waited this long for the kernel to take it.
-WRITE_TIMEOUT = 30.0
 # Per-uid log events (control.denied, control.busy, control.dropped): this many per period,
 # then a count.
 LOG_BURST, LOG_PERIOD = 5, 5.0
 _INFO_EVENTS = frozenset({"control.dropped"})
 
-
-LINGER_TIMEOUT = 1.0
-LINGER_BYTES = 4 * 1024 * 1024
 # How often suppressed log counts are written out once their window is over.
 HOUSEKEEPING = 1.0
 # Watchers share one snapshot (and its encoding) while it is younger than this: the cost of
 # watching is bounded by the clock, not by the number of watchers.
 SNAPSHOT_MAX_AGE = MIN_INTERVAL / 2
-
-
-class _Conn:
-    """One client connection: its stream, credentials and optional watch task."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.peer = PeerCred(pid=0, uid=-1, gid=-1, groups=frozenset())
-        self.admin = False
-        self.slot = False
-        self.watch: asyncio.Task[None] | None = None
-        self.bad_requests = 0
-        # No queue in user space: each write waits until the kernel has taken all of it, so
-        # WRITE_TIMEOUT measures how long the peer has not been reading.
-        writer.transport.set_write_buffer_limits(high=0)
-
-    async def send(self, frame: bytes) -> None:
-        self.writer.write(frame)
-        async with asyncio.timeout(WRITE_TIMEOUT):
-            await self.writer.drain()
-
-    def abort(self) -> None:
-        """Drop the connection now, with whatever is still unsent."""
-        self.writer.transport.abort()
-
-    async def close(self) -> None:
-        """Close, or abort when output is still queued: close() would wait for a peer that
-        does not read, and wait_closed() would never return."""
-        if self.writer.transport.get_write_buffer_size():
-            self.abort()
-        else:
-            self.writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                await self.writer.wait_closed()
 
 
 class ControlServer:
@@ -134,14 +86,14 @@ class ControlServer:
         self._own_uid = os.geteuid()
         self._server: asyncio.AbstractServer | None = None
         self._admin_server: asyncio.AbstractServer | None = None
-        self._conns: dict[asyncio.Task[Any], _Conn] = {}
+        self._conns: dict[asyncio.Task[Any], Connection] = {}
         self._slots: Counter[int] = Counter()  # slots held, by uid
         self._limiter = RateLimited(burst=LOG_BURST, period=LOG_PERIOD)
         self._housekeeping: asyncio.Task[None] | None = None
         self._shared: tuple[float, bytes] | None = None  # (loop time, encoded notification)
         # Mutating calls run one at a time so start/stop from two clients cannot interleave.
         self._mutate_lock = asyncio.Lock()
-        self._handlers: dict[str, Callable[[_Conn, dict[str, Any]], Awaitable[Any]]] = {
+        self._handlers: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[Any]]] = {
             "hello": self._hello,
             "status": self._status,
             "stats": self._stats,
@@ -223,7 +175,7 @@ class ControlServer:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        conn = _Conn(reader, writer)
+        conn = Connection(reader, writer)
         self._conns[task] = conn
         try:
             conn.peer = peer_cred(writer.get_extra_info("socket"))
@@ -266,78 +218,19 @@ class ControlServer:
                 bad_requests=conn.bad_requests,
             )
 
-    async def _serve(self, conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
-        # Room for one whole MAX_FRAME plus the read that completes it; frame size is checked
-        # exactly below with tell().
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME + READ_CHUNK)
-        # tell() also advances over a partly decoded frame, so track where frames end.
-        fed = boundary = 0
-        first_by: float | None = loop.time() + IDLE_TIMEOUT  # None once a frame has arrived
-        started: float | None = None  # when the first byte of an incomplete frame arrived
-        while True:
-            deadline = first_by
-            if started is not None:
-                frame_by = started + PARTIAL_FRAME_TIMEOUT
-                deadline = frame_by if deadline is None else min(deadline, frame_by)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await conn.reader.read(READ_CHUNK)
-            except TimeoutError:
-                if fed > boundary:
-                    await self._fatal(conn, "invalid_request", "incomplete frame timed out")
-                else:
-                    log.debug("control.idle_timeout", uid=conn.peer.uid, pid=conn.peer.pid)
-                    message = f"no request within {IDLE_TIMEOUT:g} s of connecting"
-                    await conn.send(
-                        encode_response(None, error_body("invalid_request", message), None)
-                    )
-                return
-            if not data:
-                return
-            now = loop.time()
-            try:
-                unpacker.feed(data)
-            except msgpack.BufferFull:
-                await self._fatal(conn, "frame_too_large", f"frames are limited to {MAX_FRAME} B")
-                return
-            fed += len(data)
-            before = boundary
-            while True:
-                try:
-                    frame = unpacker.unpack()
-                except msgpack.OutOfData:
-                    break
-                except (ValueError, msgpack.UnpackException) as exc:
-                    # Undecodable bytes leave no frame boundary to resync on.
-                    message = f"undecodable frame: {describe_exception(exc)}"
-                    await self._fatal(conn, "invalid_request", message)
-                    return
-                size, boundary = unpacker.tell() - boundary, unpacker.tell()
-                first_by = None
-                await self._handle(conn, frame, size)
-                # A read can hold hundreds of pipelined requests: let the echo path run between.
-                await asyncio.sleep(0)
-            if fed == boundary:
-                started = None
-            elif started is None or boundary != before:
-                started = now
+    async def _serve(self, conn: Connection) -> None:
+        try:
+            await conn.read_frames(functools.partial(self._handle, conn))
+        except FrameError as exc:
+            await self._fatal(conn, exc.code, exc.message)
 
-    async def _fatal(self, conn: _Conn, code: str, message: str) -> None:
+    async def _fatal(self, conn: Connection, code: str, message: str) -> None:
         conn.bad_requests += 1
         self._log_limited("control.dropped", conn, code=code)
         await conn.send(encode_response(None, error_body(code, message), None))
-        # Closing with unread input makes the kernel reset the peer, which can then lose the
-        # error reply: half-close, and discard what is still arriving for a bounded while.
-        if conn.writer.can_write_eof():
-            conn.writer.write_eof()
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                discarded = 0
-                while discarded < LINGER_BYTES and (data := await conn.reader.read(READ_CHUNK)):
-                    discarded += len(data)
+        await conn.linger()
 
-    def _log_limited(self, event: str, conn: _Conn, **fields: Any) -> None:
+    def _log_limited(self, event: str, conn: Connection, **fields: Any) -> None:
         """A log line, at most LOG_BURST per LOG_PERIOD per event and uid; the rest are counted.
 
         control.dropped is info (a client's own fault), the others warnings.
@@ -356,7 +249,7 @@ class ControlServer:
                 emit = log.info if event in _INFO_EVENTS else log.warning
                 emit(event, uid=uid, suppressed=count)
 
-    async def _handle(self, conn: _Conn, frame: Any, size: int) -> None:
+    async def _handle(self, conn: Connection, frame: Any, size: int) -> None:
         # Read first, so that every refusal of a frame that starts like a request carries it.
         msgid = request_msgid(frame)
         try:
@@ -393,7 +286,7 @@ class ControlServer:
             who.append(f"a member of group {self.admin_group!r}")
         return "an admin: " + ", ".join(who[:-1]) + (" or " if len(who) > 1 else "") + who[-1]
 
-    async def _hello(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _hello(self, conn: Connection, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
             "api_version": API_VERSION,
             "methods": list(METHODS),
@@ -410,10 +303,10 @@ class ControlServer:
     def _control_info(self) -> dict[str, int]:
         return {"clients": self.active_clients, "watchers": self.active_watchers}
 
-    async def _status(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _status(self, conn: Connection, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**(await self.target.status()), "control": self._control_info()}
 
-    async def _stats(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _stats(self, conn: Connection, kwargs: dict[str, Any]) -> dict[str, Any]:
         return await self.target.stats()
 
     async def _snapshot(self) -> dict[str, Any]:
@@ -431,13 +324,13 @@ class ControlServer:
             self._shared = (now, encode_notification("stats", await self._snapshot()))
         return self._shared[1]
 
-    async def _watch(self, conn: _Conn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _watch(self, conn: Connection, kwargs: dict[str, Any]) -> dict[str, Any]:
         if conn.watch is not None:
             raise RequestError("bad_state", "this connection is already watching")
         # _handle starts the stream after this acknowledgement is sent.
         return {"subscribed": True, "interval": kwargs["interval"], "notification": "stats"}
 
-    async def _watch_loop(self, conn: _Conn, interval: float) -> None:
+    async def _watch_loop(self, conn: Connection, interval: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time()
         try:
@@ -460,10 +353,10 @@ class ControlServer:
             log.exception("control.watch_failed", uid=conn.peer.uid, pid=conn.peer.pid)
             conn.abort()
 
-    def _mutator(self, method: str) -> Callable[[_Conn, dict[str, Any]], Awaitable[Any]]:
+    def _mutator(self, method: str) -> Callable[[Connection, dict[str, Any]], Awaitable[Any]]:
         """The handler of a mutating method: logged with the caller, run one at a time."""
 
-        async def handler(conn: _Conn, kwargs: dict[str, Any]) -> Any:
+        async def handler(conn: Connection, kwargs: dict[str, Any]) -> Any:
             log.info(f"control.{method}", uid=conn.peer.uid, pid=conn.peer.pid, **kwargs)
             async with self._mutate_lock:
                 return await getattr(self.target, method)(**kwargs)

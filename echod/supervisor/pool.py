@@ -11,6 +11,7 @@ crash must get the maps that are loaded now.
 A method of the pool asks every worker and answers when all have answered. A worker that dies
 is logged, counted and started again (its connections are lost with it); one that stops
 answering the tick for WORKER_HANG seconds is killed, and then started again the same way.
+One worker's process (its spawn, requests, hang-kill and reaping) is echod.supervisor.process's.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-import os
-import socket
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -42,67 +40,18 @@ from echod.figures import (
 from echod.kernel.echo import KernelEcho
 from echod.service.admission import bind_listener
 from echod.service.lifecycle import Lifecycle
-from echod.supervisor.channel import Channel, ChannelClosed
+from echod.supervisor.channel import ChannelClosed
+from echod.supervisor.process import WorkerProcess
 
 log = structlog.get_logger("echod.workers")
 
-INIT_TIMEOUT = 30.0  # a new worker's interpreter start and `init`
 CALL_TIMEOUT = 30.0  # start, stop and restart: bounded by the grace and migration deadlines
 QUERY_TIMEOUT = 5.0  # apply_live
 # status, stats and the 1 s tick wait this long for each worker; one that has not answered by
 # then is reported from what it said last, marked stale, so one stopped worker cannot stall them.
 ANSWER_WAIT = 0.5
-WORKER_HANG = 15.0  # no answer to the tick for this long: killed and started again (not while
-# it is busy with a start, stop or restart, which have their own deadlines)
-RESPAWN_DELAY = 0.2  # doubled for a worker that dies soon after its start, up to RESPAWN_MAX
-RESPAWN_MAX = 5.0
 SHARE_SLACK = 1.1
 POOL_BELL_GATHER = 0.02  # seconds the supervisor gathers rings before passing them on
-_QUERIES = frozenset({"status", "stats", "sample"})
-_SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-
-
-class WorkerProcess:
-    """One worker: its process and its channel."""
-
-    def __init__(self, index: int, proc: asyncio.subprocess.Process, channel: Channel) -> None:
-        self.index = index
-        self.proc = proc
-        self.channel = channel
-        self.started_at = time.monotonic()
-        self.last_answer = time.monotonic()
-        self.last_totals: dict[str, Any] | None = None  # connection counters, last sample
-        self.retired = False  # its counts were kept and its exit logged
-        self.last_status: dict[str, Any] | None = None
-        self.kernel_sockets = 0
-        self.counters: dict[str, int] = {}
-        self.busy = 0  # start, stop, restart or apply_live requests in flight
-
-    @property
-    def pid(self) -> int:
-        """The worker's pid."""
-        return self.proc.pid
-
-    async def call(self, method: str, wait_s: float, **params: Any) -> Any:
-        """One request to this worker, answered within wait_s seconds."""
-        fds = params.pop("fds", ())
-        busy = method not in _QUERIES
-        self.busy += busy
-        try:
-            reply = await self.channel.call(method, params, fds=fds, wait_s=wait_s)
-        finally:
-            self.busy -= busy
-        self.last_answer = time.monotonic()
-        return reply
-
-    def stale_status(self, now: float) -> dict[str, Any] | None:
-        """What it said last, marked stale with how long it has been silent.
-
-        None when it said nothing yet, or is gone (its state is then `unresponsive`).
-        """
-        if self.last_status is None or self.channel.closed or self.proc.returncode is not None:
-            return None
-        return {**self.last_status, "stale": True, "silent_s": round(now - self.last_answer, 1)}
 
 
 class WorkerPool(Lifecycle):
@@ -137,50 +86,7 @@ class WorkerPool(Lifecycle):
         return dataclasses.asdict(mine)
 
     async def _spawn(self, index: int) -> WorkerProcess:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        proc: asyncio.subprocess.Process | None = None
-        try:
-            # /proc/self/exe: the path of the interpreter may not be ours to open (a venv
-            # whose interpreter links into a home directory, for a daemon running as
-            # `echod`), while the running image always is. That image does not know the venv
-            # it runs for (uvloop makes it argv[0] too), so the worker is given our sys.path.
-            # Only the supervisor speaks to systemd (NotifyAccess=main).
-            env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
-            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-            proc = await asyncio.create_subprocess_exec(
-                "/proc/self/exe",
-                "-m",
-                "echod.supervisor.worker",
-                str(theirs.fileno()),
-                pass_fds=[theirs.fileno()],
-                start_new_session=True,  # a terminal's ^C reaches the supervisor alone
-                stdin=asyncio.subprocess.DEVNULL,
-                env=env,
-            )
-        finally:
-            theirs.close()
-            if proc is None:
-                ours.close()
-        worker: WorkerProcess | None = None
-
-        def closed() -> None:
-            if worker is not None:
-                self._exited.put_nowait(worker)
-
-        worker = WorkerProcess(index, proc, Channel(ours, on_close=closed))
-        try:
-            await worker.call("init", INIT_TIMEOUT, index=index, config=self._worker_config())
-        except BaseException as exc:
-            worker.retired = True  # never one of the pool's: nothing to keep or start again
-            worker.channel.close()
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
-            await worker.proc.wait()
-            if isinstance(exc, RequestError | ChannelClosed | TimeoutError):
-                raise OSError(f"worker {index} did not start: {exc}") from exc
-            raise
-        log.info("worker.started", index=index, pid=proc.pid)
-        return worker
+        return await WorkerProcess.spawn(index, self._worker_config, self._exited.put_nowait)
 
     async def open(self) -> None:
         """Start the worker processes (not yet serving)."""
@@ -374,11 +280,7 @@ class WorkerPool(Lifecycle):
             if self.workers.get(w.index) is not w:
                 continue  # replaced meanwhile
             if reply is None:
-                hung = now - w.last_answer > WORKER_HANG and not w.busy
-                if hung and w.proc.returncode is None:
-                    log.error("worker.hung", index=w.index, pid=w.pid, silent_s=WORKER_HANG)
-                    with contextlib.suppress(ProcessLookupError):
-                        w.proc.kill()
+                w.kill_if_hung(now)
                 continue
             w.counters, w.last_totals = reply["counters"], reply["totals"]
             if generation == self._generation:  # not from before a start, stop or restart
@@ -409,7 +311,7 @@ class WorkerPool(Lifecycle):
     async def _replace(self, worker: WorkerProcess) -> None:
         if not worker.retired:  # once, even when starting its successor has to be retried
             worker.retired = True
-            code = await _reap(worker, 10.0)
+            code = await worker.reap(10.0)
             self.restarts += 1
             retire(self._retired, worker.last_totals)
             for key, value in worker.counters.items():
@@ -426,9 +328,7 @@ class WorkerPool(Lifecycle):
                 # Its sockets' keys would stay in the activity set for ever.
                 with contextlib.suppress(OSError):
                     self.kernel.maps.prune_active()
-        lived = time.monotonic() - worker.started_at
-        delay = RESPAWN_DELAY if lived > 10 else min(RESPAWN_DELAY * 2**self.restarts, RESPAWN_MAX)
-        await asyncio.sleep(delay)
+        await asyncio.sleep(worker.respawn_delay(self.restarts))
         async with self._lock:
             if self._closing:
                 return
@@ -450,8 +350,7 @@ class WorkerPool(Lifecycle):
             )
         except (RequestError, ChannelClosed, TimeoutError) as exc:
             log.error("worker.start_failed", index=worker.index, error=str(exc))
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
+            worker.kill()
 
     async def aclose(self) -> None:
         """End every worker process (they have stopped serving by now), waiting without
@@ -461,21 +360,9 @@ class WorkerPool(Lifecycle):
             w.channel.close()  # the worker sees EOF and exits
         deadline = time.monotonic() + 5.0
         for w in self.workers.values():
-            await _reap(w, max(deadline - time.monotonic(), 0.01))
+            await w.reap(max(deadline - time.monotonic(), 0.01))
         self._unload()
         self._set_bypass(False)
-
-
-async def _reap(worker: WorkerProcess, wait_s: float) -> int:
-    """The worker's exit status, once it has exited; SIGKILL after wait_s seconds."""
-    try:
-        async with asyncio.timeout(wait_s):
-            return await worker.proc.wait()
-    except TimeoutError:
-        log.error("worker.kill", index=worker.index, pid=worker.pid)
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.kill()
-        return await worker.proc.wait()
 
 
 def _check_port_free(config: Config) -> None:

@@ -21,6 +21,7 @@ import pytest
 from echoctl.client import ControlClient
 from echod.control import limits, protocol
 from echod.control import server as control
+from echod.control.connection import IDLE_TIMEOUT, WRITE_TIMEOUT
 from echod.control.protocol import admin_socket_path
 from tests.integration.conftest import Echod, Factory
 from tests.integration.control_util import (
@@ -123,7 +124,7 @@ def test_idle_unprivileged_clients_do_not_lock_root_out(echod_factory: Factory) 
             child.wait(10)
     # The refused ones were told `busy` at once; the idle ones closed after IDLE_TIMEOUT.
     assert int(closed) == 100
-    assert float(seconds) < control.IDLE_TIMEOUT + 3
+    assert float(seconds) < IDLE_TIMEOUT + 3
     wait_for(lambda: d.status()["control"]["clients"] == 1, what="idle slots to be freed")
     assert any(r.get("event") == "control.busy" and r.get("uid") == NOBODY for r in log_records(d))
 
@@ -148,7 +149,7 @@ def test_clients_that_stop_reading_are_dropped(echod_factory: Factory) -> None:
         clients = {"watcher": watcher, "piper": piper}
         last: dict[str, tuple[int, float]] = {name: (-1, 0.0) for name in clients}
         dropped: dict[str, float] = {}
-        deadline = time.monotonic() + control.WRITE_TIMEOUT + 40
+        deadline = time.monotonic() + WRITE_TIMEOUT + 40
         while len(dropped) < 2 and time.monotonic() < deadline:
             for name, sock in clients.items():
                 if name in dropped:
@@ -162,7 +163,7 @@ def test_clients_that_stop_reading_are_dropped(echod_factory: Factory) -> None:
     assert set(dropped) == {"watcher", "piper"}, f"not dropped within the deadline: {last}"
     for name, at in dropped.items():
         blocked = at - last[name][1]
-        assert control.WRITE_TIMEOUT - 2 < blocked < control.WRITE_TIMEOUT + 3, (name, blocked)
+        assert WRITE_TIMEOUT - 2 < blocked < WRITE_TIMEOUT + 3, (name, blocked)
     # Their slots are free again, and the daemon still answers.
     wait_for(lambda: d.status()["control"] == {"clients": 1, "watchers": 0}, what="slots freed")
     still_serving(d)

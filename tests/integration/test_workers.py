@@ -200,7 +200,8 @@ def test_a_switch_while_a_worker_is_down_reaches_it_when_it_comes_back(
 def test_a_stopped_worker_is_reported_stale_at_once_then_replaced(
     echod_factory: Callable[..., Echod],
 ) -> None:
-    from echod.supervisor.pool import ANSWER_WAIT, WORKER_HANG
+    from echod.supervisor.pool import ANSWER_WAIT
+    from echod.supervisor.process import WORKER_HANG
 
     d = echod_factory(mode="user", args=WORKERS)
     stopped, other = worker_pids(d)

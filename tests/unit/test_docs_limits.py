@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from echod.control import limits
-from echod.supervisor.pool import ANSWER_WAIT, WORKER_HANG
+from echod.supervisor.pool import ANSWER_WAIT
+from echod.supervisor.process import WORKER_HANG
 
 DOCS = Path(__file__).parents[2] / "docs"
 

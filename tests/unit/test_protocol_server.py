@@ -20,8 +20,7 @@ import pytest
 import uvloop
 
 from echoctl.client import ControlClient, ControlError
-from echod.control import protocol
-from echod.control import server as control
+from echod.control import connection, protocol
 from echod.control.protocol import RequestError
 from echod.control.server import ControlServer
 from tests.util import first_watch_notification, wait_for
@@ -223,7 +222,7 @@ def test_frame_just_over_cap_is_refused_but_connection_stays(srv: Running) -> No
 
 
 def test_partial_frame_times_out(srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(control, "PARTIAL_FRAME_TIMEOUT", 0.3)
+    monkeypatch.setattr(connection, "PARTIAL_FRAME_TIMEOUT", 0.3)
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(srv.path)
@@ -236,7 +235,7 @@ def test_partial_frame_times_out(srv: Running, monkeypatch: pytest.MonkeyPatch) 
 def test_partial_frame_deadline_is_for_the_whole_frame(
     srv: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(control, "PARTIAL_FRAME_TIMEOUT", 1.0)
+    monkeypatch.setattr(connection, "PARTIAL_FRAME_TIMEOUT", 1.0)
     frame = protocol.encode_request(2, "status")
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
@@ -261,7 +260,7 @@ def test_partial_frame_deadline_is_for_the_whole_frame(
 
 
 def test_idle_connection_is_closed(srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(connection, "IDLE_TIMEOUT", 0.5)
     # A client that has sent a request may then stay quiet. It connects first, so by the time
     # the idle clients below are cut it has been quiet for longer than their deadline.
     with ControlClient(srv.path) as quiet:

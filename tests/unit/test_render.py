@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from echoctl import comparerender, render
+from echoctl import comparerender, render, statusrender
 from echoctl.bench.sizes import size_label
 
 
@@ -84,19 +84,19 @@ def test_render_status_with_the_short_circuit() -> None:
         "link_ids": [7, 8],
     }
     status = {**STATUS, "mode": "kernel", "requested_mode": "kernel", "bypass": bypass}
-    rows = dict(line.split(None, 1) for line in render.render_status(status).splitlines())
+    rows = dict(line.split(None, 1) for line in statusrender.render_status(status).splitlines())
     assert rows["mode"] == "kernel + bypass"
     assert rows["bypass"] == (
         "short circuit, port 8888; cgroup sock_ops + sockhash sk_msg, through BPF links at "
         "/sys/fs/cgroup (links 7, 8)"
     )
-    assert render.summary({**status, "listen": ["127.0.0.1:8888"]}) == (
+    assert statusrender.summary({**status, "listen": ["127.0.0.1:8888"]}) == (
         "echod serving in kernel + bypass mode on 127.0.0.1:8888"
     )
 
 
 def test_render_status() -> None:
-    assert render.render_status(STATUS).splitlines() == [
+    assert statusrender.render_status(STATUS).splitlines() == [
         "state        serving",
         "mode         user (requested auto)",
         "fallback     kernel lacks sockmap",
@@ -110,12 +110,12 @@ def test_render_status() -> None:
         "control      clients 2, watchers 1",
     ]
     assert (
-        render.summary(STATUS)
+        statusrender.summary(STATUS)
         == "echod serving in user (requested auto) mode on 127.0.0.1:8888, [::1]:8888"
     )
-    assert render.summary({"state": "stopped"}) == "echod stopped"
+    assert statusrender.summary({"state": "stopped"}) == "echod stopped"
     restarted = {**STATUS, "migration": {"moved": 3, "stayed": 1}}
-    assert render.summary(restarted).endswith("[::1]:8888; connections moved 3, stayed 1")
+    assert statusrender.summary(restarted).endswith("[::1]:8888; connections moved 3, stayed 1")
 
 
 def _snap(t: float, user: int, kernel: int, runs: int, run_ns: int) -> dict[str, Any]:
@@ -204,7 +204,7 @@ def test_render_stats_and_reload() -> None:
         "process": {"cpu_percent": 1.0, "rss_bytes": 50331648, "open_fds": 12, "threads": 1},
         "bpf_programs": [],
     }
-    out = render.render_stats(stats)
+    out = statusrender.render_stats(stats)
     rows = {line[:19].strip(): line[19:] for line in out.splitlines()}
     assert rows["accepted"] == "1.5k"
     assert rows["refused"] == "2 (allow 0, max_connections 2)"
@@ -213,8 +213,11 @@ def test_render_stats_and_reload() -> None:
     assert rows["rss"] == "48.0 MiB"
     assert rows["aborted (backlog)"] == "0"
     assert rows["insert failed"] == "0"
-    assert render.render_reload({"applied": [], "needs_restart": []}) == "configuration unchanged"
-    assert render.render_reload({"applied": ["log_level"], "needs_restart": ["port"]}) == (
+    assert (
+        statusrender.render_reload({"applied": [], "needs_restart": []})
+        == "configuration unchanged"
+    )
+    assert statusrender.render_reload({"applied": ["log_level"], "needs_restart": ["port"]}) == (
         "applied        log_level\nneeds restart  port"
     )
 
@@ -229,16 +232,20 @@ def test_stats_show_dropped_bytes_and_why_inserts_failed() -> None:
         "insert_failed": 2,
         "insert_failed_reasons": {"peer_gone": 2},
     }
-    out = render.render_stats({"connections": conns, "bpf_programs": PROGS})
+    out = statusrender.render_stats({"connections": conns, "bpf_programs": PROGS})
     assert "aborted (backlog)  3" in out
     assert "insert failed      2 (peer_gone 2; served on the user path)" in out
 
 
 def test_bpf_run_figures_unavailable_rather_than_zero() -> None:
-    off = render.render_stats({"connections": {}, "bpf_programs": PROGS}, bpf_stats_enabled=False)
+    off = statusrender.render_stats(
+        {"connections": {}, "bpf_programs": PROGS}, bpf_stats_enabled=False
+    )
     assert "unavailable" in off
     assert "kernel.bpf_stats_enabled=1" in off
-    on = render.render_stats({"connections": {}, "bpf_programs": PROGS}, bpf_stats_enabled=True)
+    on = statusrender.render_stats(
+        {"connections": {}, "bpf_programs": PROGS}, bpf_stats_enabled=True
+    )
     assert "unavailable" not in on
 
 
@@ -316,5 +323,5 @@ def test_a_silent_worker_is_shown_stale() -> None:
         **STATUS,
         "workers": [entry, {**entry, "index": 1, "pid": 8, "stale": True, "silent_s": 3.2}],
     }
-    rows = dict(line.split(None, 1) for line in render.render_status(status).splitlines())
+    rows = dict(line.split(None, 1) for line in statusrender.render_status(status).splitlines())
     assert rows["workers"] == "2: #0 pid 7 serving 2; #1 pid 8 serving 2 (stale: silent 3.2 s)"
