@@ -13,11 +13,16 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import structlog
 
 from echod.control.peercred import PeerCred
-from echod.control.protocol import MAX_FRAME, describe_exception, encode_response, error_body
+from echod.control.protocol import (
+    MAX_FRAME,
+    FrameError,
+    FrameReader,
+    encode_response,
+    error_body,
+)
 
 log = structlog.get_logger("echod.control")
 
@@ -33,15 +38,6 @@ IDLE_TIMEOUT = 5.0
 WRITE_TIMEOUT = 30.0
 LINGER_TIMEOUT = 1.0
 LINGER_BYTES = 4 * 1024 * 1024
-
-
-class FrameError(Exception):
-    """The peer's input cannot be read on: the connection is answered `code` and dropped."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Connection:
@@ -88,9 +84,7 @@ class Connection:
         loop = asyncio.get_running_loop()
         # Room for one whole MAX_FRAME plus the read that completes it; frame size is checked
         # exactly by the handler with the size given.
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME + READ_CHUNK)
-        # tell() also advances over a partly decoded frame, so track where frames end.
-        fed = boundary = 0
+        frames = FrameReader(MAX_FRAME + READ_CHUNK)
         first_by: float | None = loop.time() + IDLE_TIMEOUT  # None once a frame has arrived
         started: float | None = None  # when the first byte of an incomplete frame arrived
         while True:
@@ -102,7 +96,7 @@ class Connection:
                 async with asyncio.timeout_at(deadline):
                     data = await self.reader.read(READ_CHUNK)
             except TimeoutError:
-                if fed > boundary:
+                if frames.partial:
                     raise FrameError("invalid_request", "incomplete frame timed out") from None
                 log.debug("control.idle_timeout", uid=self.peer.uid, pid=self.peer.pid)
                 message = f"no request within {IDLE_TIMEOUT:g} s of connecting"
@@ -112,30 +106,20 @@ class Connection:
                 return
             now = loop.time()
             try:
-                unpacker.feed(data)
-            except msgpack.BufferFull:
+                frames.feed(data)
+            except FrameError:
                 raise FrameError(
                     "frame_too_large", f"frames are limited to {MAX_FRAME} B"
                 ) from None
-            fed += len(data)
-            before = boundary
-            while True:
-                try:
-                    frame = unpacker.unpack()
-                except msgpack.OutOfData:
-                    break
-                except (ValueError, msgpack.UnpackException) as exc:
-                    # Undecodable bytes leave no frame boundary to resync on.
-                    message = f"undecodable frame: {describe_exception(exc)}"
-                    raise FrameError("invalid_request", message) from None
-                size, boundary = unpacker.tell() - boundary, unpacker.tell()
+            before = frames.boundary
+            while (got := frames.next_frame()) is not None:  # FrameError: undecodable
                 first_by = None
-                await handle(frame, size)
+                await handle(*got)
                 # A read can hold hundreds of pipelined requests: let the echo path run between.
                 await asyncio.sleep(0)
-            if fed == boundary:
+            if not frames.partial:
                 started = None
-            elif started is None or boundary != before:
+            elif started is None or frames.boundary != before:
                 started = now
 
     async def linger(self) -> None:

@@ -22,7 +22,7 @@ import structlog
 
 from echod import __version__
 from echod.config.validators import SUN_PATH_MAX, control_temp_path
-from echod.control.connection import Connection, FrameError
+from echod.control.connection import Connection
 from echod.control.limits import slot_refusal
 from echod.control.peercred import is_admin, peer_cred
 from echod.control.protocol import (
@@ -32,6 +32,7 @@ from echod.control.protocol import (
     MIN_INTERVAL,
     MUTATING_METHODS,
     ControlTarget,
+    FrameError,
     RequestError,
     admin_socket_path,
     encode_notification,
