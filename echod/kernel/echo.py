@@ -98,9 +98,13 @@ class SocketMaps:
         self._owned = owned
         self._ncpus = libbpf.possible_cpus() if counters_fd >= 0 else 1
 
-    def fds(self) -> list[int]:
-        """The fds to hand another process: sockhash, activity set, counters."""
-        return [self.sockets_fd, self.active_fd, self.counters_fd]
+    def fds(self) -> dict[str, int]:
+        """The fds to hand another process, by name (the keyword arguments of SocketMaps)."""
+        return {
+            "sockets_fd": self.sockets_fd,
+            "active_fd": self.active_fd,
+            "counters_fd": self.counters_fd,
+        }
 
     def add(self, sock: socket.socket) -> int:
         """Insert sock into the sockhash, then kick it so data queued before the insert is echoed.

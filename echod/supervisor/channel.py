@@ -2,8 +2,8 @@
 
 Both ends speak the control socket's MessagePack-RPC frames (protocol.py): requests, responses
 and notifications, matched by msgid. A request may carry file descriptors (the BPF maps'),
-sent with SCM_RIGHTS in the same sendmsg as the frame's first byte; `params["nfds"]` says how
-many belong to it, and the receiver takes them in arrival order.
+sent with SCM_RIGHTS in the same sendmsg as the frame's first byte; `params["fds"]` names them
+in the order sent, and the receiver's handler gets them by name.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import itertools
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -37,8 +37,8 @@ log = structlog.get_logger("echod.channel")
 RECV_SIZE = 256 * 1024
 MAX_FDS = 8  # per message
 
-# (method, params, fds the request carried) -> result; raise RequestError for an error reply.
-Handler = Callable[[str, dict[str, Any], list[int]], Awaitable[Any]]
+# (method, params, fds the request carried by name) -> result; raise RequestError for an error.
+Handler = Callable[[str, dict[str, Any], dict[str, int]], Awaitable[Any]]
 
 
 class ChannelClosed(ConnectionError):
@@ -79,7 +79,7 @@ class Channel:
         self,
         method: str,
         params: dict[str, Any] | None = None,
-        fds: Sequence[int] = (),
+        fds: Mapping[str, int] | None = None,
         wait_s: float | None = None,
     ) -> Any:
         """Send a request and wait for its result; RequestError or ChannelClosed on failure."""
@@ -90,8 +90,8 @@ class Channel:
         self._pending[msgid] = future
         body = dict(params or {})
         if fds:
-            body["nfds"] = len(fds)
-        self._send(encode_request(msgid, method, body), fds)
+            body["fds"] = list(fds)  # their names, in the order of the fds sent with the frame
+        self._send(encode_request(msgid, method, body), list((fds or {}).values()))
         try:
             async with asyncio.timeout(wait_s):
                 return await future
@@ -169,18 +169,18 @@ class Channel:
                     future.set_result(result)
         elif frame[0] == REQUEST and len(frame) == 4:
             _, msgid, method, params = frame
-            wanted = int(params.pop("nfds", 0)) if isinstance(params, dict) else 0
-            fds = [self._fds.popleft() for _ in range(min(wanted, len(self._fds)))]
+            names = params.pop("fds", []) if isinstance(params, dict) else []
+            fds = {str(name): self._fds.popleft() for name in names if self._fds}
             task = self.loop.create_task(self._serve(msgid, method, params, fds))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif frame[0] == NOTIFICATION and len(frame) == 3 and self.handler is not None:
-            task = self.loop.create_task(self._serve(None, frame[1], frame[2] or {}, []))
+            task = self.loop.create_task(self._serve(None, frame[1], frame[2] or {}, {}))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(
-        self, msgid: int | None, method: str, params: dict[str, Any], fds: list[int]
+        self, msgid: int | None, method: str, params: dict[str, Any], fds: dict[str, int]
     ) -> None:
         error, result = None, None
         try:

@@ -125,9 +125,9 @@ class WorkerPool(Lifecycle):
 
     def _maps(self) -> dict[str, Any]:
         """The BPF maps a worker needs now, as start and restart pass them (fds, bypass)."""
-        fds = self.kernel.maps.fds() if self.kernel is not None and self.mode == "kernel" else []
+        fds = self.kernel.maps.fds() if self.kernel is not None and self.mode == "kernel" else {}
         if self.bypass is not None:  # last, as WorkerService.offer expects
-            fds += [self.bypass.sockets_fd, self.bypass.paths_fd]
+            fds |= {"bypass_sockets": self.bypass.sockets_fd, "bypass_paths": self.bypass.paths_fd}
         return {"fds": fds, "bypass": self.bypass is not None}
 
     # -- mode and BPF -------------------------------------------------------------------------

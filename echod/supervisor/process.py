@@ -111,7 +111,7 @@ class WorkerProcess:
 
     async def call(self, method: str, wait_s: float, **params: Any) -> Any:
         """One request to this worker, answered within wait_s seconds."""
-        fds = params.pop("fds", ())
+        fds = params.pop("fds", None)
         busy = method not in _QUERIES
         self.busy += busy
         try:

@@ -50,26 +50,27 @@ class WorkerService(Service):
         self.reuse_port = True
         self.offered: SocketMaps | None = None
 
-    def offer(self, fds: list[int], bypass: bool = False) -> None:
-        """The supervisor sent the maps' fds (sockhash, activity set); takes ownership.
+    def offer(self, fds: dict[str, int], bypass: bool = False) -> None:
+        """The supervisor sent the maps' fds, by name; takes ownership of every one.
 
-        With `bypass`, the last two fds are the bypass object's sockhash and path storage,
-        which this worker reads to know which connections the bypass keeps in user space, and
-        keeps until no connection of that object is left (PathReaders.retire).
+        sockets_fd, active_fd and counters_fd are the echo object's maps (SocketMaps.fds).
+        With `bypass`, bypass_sockets and bypass_paths are the bypass object's sockhash and path
+        storage, which this worker reads to know which connections the bypass keeps in user
+        space, and keeps until no connection of that object is left (PathReaders.retire).
         """
         self.drop_offer()
-        if bypass and len(fds) >= 2:
-            paths_fd = fds.pop()
-            self.bypass_readers.add(paths_fd, fds.pop())
+        fds = dict(fds)
+        if bypass and {"bypass_sockets", "bypass_paths"} <= fds.keys():
+            self.bypass_readers.add(fds.pop("bypass_paths"), fds.pop("bypass_sockets"))
             self.bypass_readers.retire(self.loop, keep_newest=True)
             self._mark_listeners()
         elif not bypass:
             self.bypass_readers.retire(self.loop, keep_newest=False)
-        if len(fds) == 3:  # sockhash, activity set, counters (SocketMaps.fds)
-            self.offered = SocketMaps(*fds, owned=True)
-        else:
-            for fd in fds:
-                os.close(fd)
+        if {"sockets_fd", "active_fd", "counters_fd"} <= fds.keys():
+            names = ("sockets_fd", "active_fd", "counters_fd")
+            self.offered = SocketMaps(**{name: fds.pop(name) for name in names}, owned=True)
+        for fd in fds.values():  # nothing else is expected: nobody may keep it
+            os.close(fd)
 
     def drop_offer(self) -> None:
         """Close offered fds that were not taken."""
@@ -95,12 +96,12 @@ class Worker:
         self.guard: asyncio.Task[None] | None = None
         self.index = -1
 
-    async def handle(self, method: str, params: dict[str, Any], fds: list[int]) -> Any:
+    async def handle(self, method: str, params: dict[str, Any], fds: dict[str, int]) -> Any:
         """Serve one request from the supervisor."""
         if fds and (method not in ("start", "restart") or self.service is None):
-            for fd in fds:  # only start and restart carry maps: nobody else may keep these
+            for fd in fds.values():  # only start and restart carry maps: nobody else may keep these
                 os.close(fd)
-            fds = []
+            fds = {}
         if method == "init":
             return self._init(params)
         svc = self.service

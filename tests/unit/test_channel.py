@@ -26,25 +26,25 @@ async def _pair(handler: Any) -> tuple[Channel, Channel]:
 def test_calls_errors_notifications_and_fds_cross_intact() -> None:
     got: dict[str, Any] = {}
 
-    async def handler(method: str, params: dict[str, Any], fds: list[int]) -> Any:
+    async def handler(method: str, params: dict[str, Any], fds: dict[str, int]) -> Any:
         if method == "fail":
             raise RequestError("bad_state", "no")
         if method == "note":
             got["note"] = params
             return None
-        got["inodes"] = [os.fstat(fd).st_ino for fd in fds]
-        for fd in fds:
+        got["inodes"] = {name: os.fstat(fd).st_ino for name, fd in fds.items()}
+        for fd in fds.values():
             os.close(fd)
-        return {"echo": params["x"], "nfds": len(fds)}
+        return {"echo": params["x"], "fds": sorted(fds)}
 
     async def main() -> None:
         before = _open_fds()
         sup, worker = await _pair(handler)
         r, w = os.pipe()
         try:
-            reply = await sup.call("take", {"x": 5}, fds=[r, w], wait_s=5)
-            assert reply == {"echo": 5, "nfds": 2}
-            assert got["inodes"] == [os.fstat(r).st_ino, os.fstat(w).st_ino]
+            reply = await sup.call("take", {"x": 5}, fds={"write": w, "read": r}, wait_s=5)
+            assert reply == {"echo": 5, "fds": ["read", "write"]}  # the names the call gave
+            assert got["inodes"] == {"read": os.fstat(r).st_ino, "write": os.fstat(w).st_ino}
             with pytest.raises(RequestError) as err:
                 await sup.call("fail", wait_s=5)
             assert err.value.code == "bad_state"
@@ -64,7 +64,7 @@ def test_calls_errors_notifications_and_fds_cross_intact() -> None:
 
 
 def test_a_call_fails_when_the_other_end_goes() -> None:
-    async def never(method: str, params: dict[str, Any], fds: list[int]) -> Any:
+    async def never(method: str, params: dict[str, Any], fds: dict[str, int]) -> Any:
         await asyncio.sleep(60)
 
     async def main() -> None:
