@@ -18,6 +18,7 @@ from echod.config.schema import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
 from echod.config.sources import resolve
 from echod.control.limits import check_fd_budget
 from echod.control.protocol import RequestError
+from echod.control.replies import ProcessStatus, Stats, Status
 from echod.control.server import ControlServer
 from echod.service.lifecycle import Lifecycle
 from echod.service.selfcheck import SelfCheck
@@ -234,21 +235,21 @@ class Daemon:
         assert self.service is not None, "control methods are served only while running"
         return self.service
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> Status:
         """Return the service's `status`."""
         return await self._serving().report_status()
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> Stats:
         """Return the service's `stats`."""
         return await self._serving().report_stats()
 
     async def start(
         self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
-    ) -> dict[str, Any]:
+    ) -> ProcessStatus:
         """Start serving (control `start`)."""
         return await self._serving().start(mode, port, bypass)
 
-    async def stop(self) -> dict[str, Any]:
+    async def stop(self) -> ProcessStatus:
         """Stop serving, with the configured grace (control `stop`)."""
         return await self._serving().stop()
 

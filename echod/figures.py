@@ -12,9 +12,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import psutil
+
+from echod.control.replies import (
+    BaseStatus,
+    ConnectionCounts,
+    Stats,
+    Status,
+    UserCounts,
+    WorkerEntry,
+)
 
 __all__ = [
     "METER",
@@ -163,7 +172,7 @@ def sum_process(figures: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 def merge_stats(
     workers: list[Mapping[str, Any]], retired: Mapping[str, Any], own: Mapping[str, Any]
-) -> dict[str, Any]:
+) -> Stats:
     """One `stats` from the workers' (and what workers that exited had counted).
 
     `own` holds the supervisor's parts: kernel, bypass, bpf_programs, rates, process, workers.
@@ -177,8 +186,8 @@ def merge_stats(
         kernel_sockets += st["kernel_sockets"]
     conns["active"] = sum(st["connections"]["active"] for st in workers)
     return {
-        "connections": conns,
-        "user": user,
+        "connections": cast(ConnectionCounts, conns),
+        "user": cast(UserCounts, user),
         "kernel": own["kernel"],
         "kernel_sockets": kernel_sockets,
         "bypass": own["bypass"],
@@ -199,29 +208,32 @@ def retire(retired: dict[str, Any], last_stats: Mapping[str, Any] | None) -> Non
     add_counts(retired.setdefault("user", {}), last_stats["user"])
 
 
-def worker_entry(index: int, status: Mapping[str, Any]) -> dict[str, Any]:
+def worker_entry(index: int, status: Mapping[str, Any]) -> WorkerEntry:
     """One worker's line in `status`, from that worker's own status."""
-    return {
+    entry: WorkerEntry = {
         "index": index,
         "pid": status["pid"],
         "state": status["state"],
         "mode": status["mode"],
         "connections": status["connections"],
         "connections_by_path": status["connections_by_path"],
-        **({"stale": True, "silent_s": status["silent_s"]} if status.get("stale") else {}),
     }
+    if status.get("stale"):
+        entry["stale"] = True
+        entry["silent_s"] = status["silent_s"]
+    return entry
 
 
 def merge_status(
-    own: dict[str, Any], workers: Sequence[tuple[int, Mapping[str, Any] | None]]
-) -> dict[str, Any]:
+    own: BaseStatus, workers: Sequence[tuple[int, Mapping[str, Any] | None]]
+) -> Status:
     """The daemon's `status`: the supervisor's own fields, plus the workers' connections.
 
     `workers` pairs each worker's index with its status (None: it did not answer).
     """
     listen: list[str] = []
     total, kernel, user = 0, 0, 0
-    entries = []
+    entries: list[WorkerEntry] = []
     for index, st in workers:
         if st is None:
             entries.append({"index": index, "pid": None, "state": "unresponsive", "mode": None})

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import msgpack
 
 from echod.config.schema import MODES
+from echod.control.replies import ProcessStatus, Stats, Status
 
 API_VERSION = 1
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2  # the first element of every frame
@@ -57,15 +58,15 @@ class RequestError(Exception):
 class ControlTarget(Protocol):
     """What the control methods act on: the daemon (daemon.Daemon) serves every one of them."""
 
-    async def status(self) -> dict[str, Any]: ...
+    async def status(self) -> Status: ...
 
-    async def stats(self) -> dict[str, Any]: ...
+    async def stats(self) -> Stats: ...
 
     async def start(
         self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
-    ) -> dict[str, Any]: ...
+    ) -> ProcessStatus: ...
 
-    async def stop(self) -> dict[str, Any]: ...
+    async def stop(self) -> ProcessStatus: ...
 
     async def restart(
         self, mode: str | None = None, bypass: bool | None = None

@@ -42,6 +42,7 @@ from echod.control.protocol import (
     request_msgid,
     validate_params,
 )
+from echod.control.replies import ControlFigures, Stats, Status
 from echod.control.socketfile import SocketFile, resolve_group
 from echod.logs import RateLimited
 
@@ -301,13 +302,13 @@ class ControlServer:
             },
         }
 
-    def _control_info(self) -> dict[str, int]:
+    def _control_info(self) -> ControlFigures:
         return {"clients": self.active_clients, "watchers": self.active_watchers}
 
-    async def _status(self, conn: Connection, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _status(self, conn: Connection, kwargs: dict[str, Any]) -> Status:
         return {**(await self.target.status()), "control": self._control_info()}
 
-    async def _stats(self, conn: Connection, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _stats(self, conn: Connection, kwargs: dict[str, Any]) -> Stats:
         return await self.target.stats()
 
     async def _snapshot(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import structlog
 from echod import __version__
 from echod.config.schema import Config
 from echod.control.protocol import RequestError
+from echod.control.replies import BaseStatus, BpfFigures, ProcessStatus, Stats, Status
 from echod.kernel.bypass import Bypass, bypass_status
 from echod.kernel.echo import KernelEcho, bpf_status
 from echod.service.paths import Checker, Outcome, candidates, check_report, path_name, report
@@ -66,7 +67,7 @@ class Lifecycle:
         self.checks: dict[str, Outcome] = {}  # path -> its latest self-check
         self.log: Any = log  # the self-check's private service logs its comings and goings less
 
-    def base_status(self) -> dict[str, Any]:
+    def base_status(self) -> BaseStatus:
         """The fields of `status` that do not depend on who serves the connections."""
         return {
             "state": self.state,
@@ -194,7 +195,7 @@ class Lifecycle:
             out.update({f"bypass_{k}": v for k, v in self.bypass.counters().items()})
         return out
 
-    def bpf_figures(self) -> dict[str, Any]:
+    def bpf_figures(self) -> BpfFigures:
         """stats' kernel, bypass and bpf_programs: the objects this process owns."""
         programs = self.kernel.programs() if self.kernel is not None else []
         if self.bypass is not None:
@@ -221,7 +222,7 @@ class Lifecycle:
         """Move connections after a mode change from old; returns (moved, stayed)."""
         raise NotImplementedError
 
-    def status_now(self) -> dict[str, Any]:
+    def status_now(self) -> ProcessStatus:
         """The status, from what is known now."""
         raise NotImplementedError
 
@@ -238,7 +239,7 @@ class Lifecycle:
         """After the last stop: release what is held for the service's whole life."""
         raise NotImplementedError
 
-    async def stop(self, grace: float | None = None) -> dict[str, Any]:
+    async def stop(self, grace: float | None = None) -> ProcessStatus:
         """Stop serving: connections drain within the grace; returns the status."""
         raise NotImplementedError
 
@@ -250,11 +251,11 @@ class Lifecycle:
         """The daemon's 1 s tick: rates (and the pool's look at its workers)."""
         raise NotImplementedError
 
-    async def report_status(self) -> dict[str, Any]:
+    async def report_status(self) -> Status:
         """`status` as the daemon answers it."""
         raise NotImplementedError
 
-    async def report_stats(self) -> dict[str, Any]:
+    async def report_stats(self) -> Stats:
         """`stats` as the daemon answers it."""
         raise NotImplementedError
 
@@ -276,7 +277,7 @@ class Lifecycle:
 
     async def start(
         self, mode: str | None = None, port: int | None = None, bypass: bool | None = None
-    ) -> dict[str, Any]:
+    ) -> ProcessStatus:
         """Open the listeners and enter the requested mode (and bypass); returns the status."""
         async with self._lock:
             if self.state != "stopped":

@@ -15,6 +15,7 @@ import structlog
 
 from echod.config.schema import LIVE_KEYS, Config
 from echod.control.protocol import RequestError
+from echod.control.replies import ProcessStatus, Stats, Status, Totals
 from echod.figures import METER, Rates, process_figures, worker_entry
 from echod.kernel.bypass import Bypass
 from echod.kernel.bypass_paths import PathReaders
@@ -70,7 +71,7 @@ class Service(Lifecycle):
         self._close_listeners()
         self._maybe_unload(force=True)
 
-    def status_now(self) -> dict[str, Any]:
+    def status_now(self) -> ProcessStatus:
         """status()."""
         return self.status()
 
@@ -121,7 +122,7 @@ class Service(Lifecycle):
             sock.close()
         self.listeners.clear()
 
-    async def stop(self, grace: float | None = None) -> dict[str, Any]:
+    async def stop(self, grace: float | None = None) -> ProcessStatus:
         """Stop accepting, close every connection within the grace period, unload BPF."""
         async with self._lock:
             if self.state == "stopped":
@@ -329,7 +330,7 @@ class Service(Lifecycle):
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProcessStatus:
         """State, modes, listen addresses, connections, BPF attach state."""
         return {
             **self.base_status(),
@@ -351,12 +352,12 @@ class Service(Lifecycle):
         out.update(self.bpf_counters())
         return out
 
-    async def report_status(self) -> dict[str, Any]:
+    async def report_status(self) -> Status:
         """status(), with this process as the one worker (what the daemon reports)."""
         st = self.status()
         return {**st, "workers": [worker_entry(0, st)]}
 
-    async def report_stats(self) -> dict[str, Any]:
+    async def report_stats(self) -> Stats:
         """stats() (what the daemon reports)."""
         return self.stats()
 
@@ -369,7 +370,7 @@ class Service(Lifecycle):
         self.rates = self._rates.sample(self.counters())
         METER.tick()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Stats:
         """Counters, rates, kernel counters and per-program BPF figures."""
         return {
             **self.totals(),
@@ -382,7 +383,7 @@ class Service(Lifecycle):
             "workers": {"count": 1, "restarts": 0},
         }
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self) -> Totals:
         """The connection and user-path counters of stats (cheap: no system calls)."""
         return {
             "connections": {

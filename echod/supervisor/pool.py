@@ -28,6 +28,7 @@ import structlog
 
 from echod.config.schema import LIVE_KEYS, Config
 from echod.control.protocol import RequestError
+from echod.control.replies import ProcessStatus, Stats, Status
 from echod.figures import (
     METER,
     Rates,
@@ -173,7 +174,7 @@ class WorkerPool(Lifecycle):
             elif isinstance(result, RequestError) and result.code != "bad_state":
                 raise result
 
-    async def stop(self, grace: float | None = None) -> dict[str, Any]:
+    async def stop(self, grace: float | None = None) -> ProcessStatus:
         """Every worker stops (drains within the grace); then the BPF object is unloaded."""
         async with self._lock:
             if self.state == "stopped":
@@ -212,7 +213,7 @@ class WorkerPool(Lifecycle):
 
     # -- figures -----------------------------------------------------------------------------
 
-    def status_now(self) -> dict[str, Any]:
+    def status_now(self) -> Status:
         """status from what the workers said last (start, stop and restart replies)."""
         workers: list[tuple[int, Mapping[str, Any] | None]] = [
             (w.index, w.last_status) for w in self._sorted()
@@ -235,7 +236,7 @@ class WorkerPool(Lifecycle):
             for w, r in zip(workers, results, strict=True)
         ]
 
-    async def report_status(self) -> dict[str, Any]:
+    async def report_status(self) -> Status:
         """status: the supervisor's mode and BPF, every worker's connections."""
         answers = await self._ask("status")
         now = time.monotonic()
@@ -249,7 +250,7 @@ class WorkerPool(Lifecycle):
             merged.append((index, st))
         return merge_status(self.base_status(), merged)
 
-    async def report_stats(self) -> dict[str, Any]:
+    async def report_stats(self) -> Stats:
         """stats: the workers' counters added up, the kernel's counted once."""
         asked = await self._ask("stats")
         answers = [st for _, st in asked if st is not None]

@@ -1,0 +1,143 @@
+"""The shapes of the `status` and `stats` replies (docs/protocol.md), as TypedDicts.
+
+The daemon builds them in a few layers, each typed here: what any service reports
+(`BaseStatus`), what one process serving connections adds (`ProcessStatus`), and what the
+daemon answers (`Status`: the workers' lines, the control socket's figures). `stats` has one
+shape whoever serves; a pool adds its workers' parts up into the same shape (echod.figures).
+Nested objects that only repeat what the kernel or psutil said (BPF programs and maps, the
+self-check's entries, process figures) stay plain dicts: their fields are documented in
+docs/protocol.md and come from one function each.
+
+No `from __future__ import annotations` here: TypedDict reads NotRequired from evaluated
+annotations only (Python 3.11), and tests compare these keys with the wire.
+"""
+
+from typing import Any, NotRequired, TypedDict
+
+__all__ = [
+    "BaseStatus",
+    "BpfFigures",
+    "ByPath",
+    "ConnectionCounts",
+    "ControlFigures",
+    "ProcessStatus",
+    "Stats",
+    "Status",
+    "Totals",
+    "UserCounts",
+    "WorkerCounts",
+    "WorkerEntry",
+]
+
+
+class ByPath(TypedDict):
+    """Open connections by the path that echoes them."""
+
+    kernel: int
+    user: int
+
+
+class BaseStatus(TypedDict):
+    """The fields of `status` that do not depend on who serves the connections."""
+
+    state: str
+    mode: str | None
+    requested_mode: str | None
+    fallback_reason: str | None
+    port: int
+    pid: int
+    version: str
+    uptime_s: float
+    bpf: dict[str, Any]
+    bypass: dict[str, Any]
+    self_check: dict[str, Any]
+
+
+class ProcessStatus(BaseStatus):
+    """One process's status: a worker's to its supervisor, or the single process's own."""
+
+    listen: list[str]
+    connections: int
+    connections_by_path: ByPath
+    stale: NotRequired[bool]  # a worker that did not answer in time: what it said last
+    silent_s: NotRequired[float]
+
+
+class WorkerEntry(TypedDict):
+    """One worker's line in `status`."""
+
+    index: int
+    pid: int | None
+    state: str
+    mode: str | None
+    connections: NotRequired[int]
+    connections_by_path: NotRequired[ByPath]
+    stale: NotRequired[bool]
+    silent_s: NotRequired[float]
+
+
+class ControlFigures(TypedDict):
+    """The control socket's own figures."""
+
+    clients: int
+    watchers: int
+
+
+class Status(ProcessStatus):
+    """The daemon's `status` reply."""
+
+    workers: list[WorkerEntry]
+    control: NotRequired[ControlFigures]  # added by the control server
+
+
+class ConnectionCounts(TypedDict):
+    """`stats.connections`: counts since start (active: open now)."""
+
+    accepted: int
+    refused: dict[str, int]
+    active: int
+    closed: int
+    insert_failed: int
+    insert_failed_reasons: dict[str, int]
+    aborted_backlog: int
+    bypass_user: int
+
+
+class UserCounts(TypedDict):
+    """`stats.user`: what user space echoed."""
+
+    bytes: int
+    messages: int
+
+
+class WorkerCounts(TypedDict):
+    """`stats.workers`: how many, how often one was started again, who did not answer."""
+
+    count: int
+    restarts: int
+    unresponsive: NotRequired[list[int]]
+
+
+class Totals(TypedDict):
+    """The connection and user-path counts of `stats`: what each process counts itself."""
+
+    connections: ConnectionCounts
+    user: UserCounts
+
+
+class BpfFigures(TypedDict):
+    """The parts of `stats` that the owner of the BPF objects reports."""
+
+    kernel: dict[str, int] | None
+    bypass: dict[str, int] | None
+    bpf_programs: list[dict[str, Any]]
+
+
+class Stats(Totals, BpfFigures):
+    """The daemon's `stats` reply (and each worker's, in the same shape)."""
+
+    kernel_sockets: int
+    rates: dict[str, float]
+    process: dict[str, Any]
+    processes: list[dict[str, Any]]
+    workers: WorkerCounts
