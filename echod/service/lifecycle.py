@@ -8,6 +8,7 @@ the rules of `start` and `restart`, and differ only in how they open, undo and s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -58,6 +59,7 @@ class Lifecycle:
         self.kernel: KernelEcho | None = None  # the BPF object, when this process owns it
         self.bypass_requested = config.bypass
         self.bypass: Bypass | None = None  # the bypass object, when this process owns it
+        self._bypass_stack = contextlib.ExitStack()  # holds it while attached
         self.started_at = time.monotonic()
         self._lock = asyncio.Lock()
         # Runs the self-check before a path serves; the daemon's service has one, a worker
@@ -86,10 +88,11 @@ class Lifecycle:
     def _attach_bypass(self, want: bool) -> None:
         """Attach or detach the bypass object (OSError when it cannot be attached)."""
         if want and self.bypass is None:
-            self.bypass = Bypass(self.config.bypass_cgroup, self.config.bypass_object).__enter__()
+            bypass = Bypass(self.config.bypass_cgroup, self.config.bypass_object)
+            self.bypass = self._bypass_stack.enter_context(bypass)
             self._bypass_attached(self.bypass)
         elif not want and self.bypass is not None:
-            self.bypass.close()
+            self._bypass_stack.close()
             self.bypass = None
             self._bypass_detached()
 

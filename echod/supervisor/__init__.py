@@ -1,1 +1,1 @@
-"""Worker processes: the pool, one worker, their channel, their figures added up."""
+"""Worker processes: the pool, one supervised process each, the worker, their channel."""
