@@ -121,3 +121,9 @@ def insert_failure(exc: OSError) -> str:
     if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
         return "map_full"
     return errno.errorcode.get(exc.errno or 0, "error").lower()
+
+
+def listen_address(sock: socket.socket) -> str:
+    """A bound listener's address as host:port ([v6]:port)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -23,7 +23,7 @@ from echod.kernel.echo import KernelEcho, SocketMaps
 from echod.kernel.path import KernelPath, Watched
 from echod.kernel.sockdiag import SockDiag
 from echod.logs import RateLimited
-from echod.service.admission import Admission, bind_listener, insert_failure
+from echod.service.admission import Admission, bind_listener, insert_failure, listen_address
 from echod.service.connection import INGRESS_LIMIT, Connection
 from echod.service.lifecycle import Lifecycle, TaskSet
 from echod.service.migrate import migrate_to_kernel
@@ -322,19 +322,11 @@ class Service(Lifecycle):
 
     # -- reporting ------------------------------------------------------------------------------
 
-    def listen_addresses(self) -> list[str]:
-        """Bound addresses as host:port ([v6]:port)."""
-        out = []
-        for sock in self.listeners:
-            host, port = sock.getsockname()[:2]
-            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return out
-
     def status(self) -> ProcessStatus:
         """State, modes, listen addresses, connections, BPF attach state."""
         return {
             **self.base_status(),
-            "listen": self.listen_addresses(),
+            "listen": [listen_address(sock) for sock in self.listeners],
             "connections": len(self.conns),
             "connections_by_path": {
                 "kernel": self.kpath.sockets,
