@@ -106,6 +106,8 @@ class Library:
             "bpf_prog_attach": (i, [i, i, i, u32]),
             "bpf_prog_detach2": (i, [i, i, i]),
             "bpf_link_create": (i, [i, i, i, vp]),
+            "bpf_link__fd": (i, [vp]),
+            "bpf_link__destroy": (i, [vp]),
             "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
             "bpf_map_delete_elem": (i, [i, vp]),
@@ -119,6 +121,11 @@ class Library:
             fn = getattr(c, name)
             fn.restype = restype
             fn.argtypes = argtypes
+        # Optional: libbpf 1.3+ (the wheel's; not Debian 12's 1.1).
+        self.attach_tcx = getattr(c, "bpf_program__attach_tcx", None)
+        if self.attach_tcx is not None:
+            self.attach_tcx.restype = vp
+            self.attach_tcx.argtypes = [vp, i, vp]
         # Optional: Debian's libbpf exports it, the wheel's static build does not.
         self._strerror = getattr(c, "libbpf_strerror", None)
         if self._strerror is not None:
@@ -244,6 +251,32 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> FdHolder:
         "bpf_link_create",
     )
     return FdHolder(fd)
+
+
+class Link:
+    """A libbpf struct bpf_link (a kernel BPF link and its fd); close() destroys it once, and
+    the kernel detaches the program with the link's last fd."""
+
+    def __init__(self, ptr: int) -> None:
+        self._ptr: int | None = ptr
+        self.fd: int = library().cdll.bpf_link__fd(ptr)
+
+    def close(self) -> None:
+        """bpf_link__destroy, once; leaves fd at -1."""
+        ptr, self._ptr, self.fd = self._ptr, None, -1
+        if ptr is not None:
+            library().cdll.bpf_link__destroy(ptr)
+
+
+def attach_tcx(program: int, ifindex: int) -> Link:
+    """Attach a loaded tcx program (a struct bpf_program pointer) to a device through a TCX BPF
+    link (Linux 6.6+): ingress or egress as the program's section says ("tcx/ingress"), after
+    the device's other TCX programs (no bpf_tcx_opts). NotSupported with a libbpf before 1.3."""
+    lib = library()
+    if lib.attach_tcx is None:
+        raise NotSupported(errno.ENOSYS, f"{lib.path} has no TCX (libbpf 1.3 or later)")
+    ptr = lib.attach_tcx(program, ifindex, None)
+    return Link(check_ptr(ptr, f"bpf_program__attach_tcx(ifindex {ifindex})"))
 
 
 def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
