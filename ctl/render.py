@@ -153,6 +153,7 @@ class Rates:
     kernel_share: float | None = None
     ns_per_verdict: float | None = None
     redirects_per_s: float | None = None
+    udp_per_s: float | None = None
 
 
 def _totals(snapshot: Mapping[str, Any]) -> tuple[float, ...]:
@@ -198,12 +199,22 @@ def rates_between(prev: Mapping[str, Any] | None, cur: Mapping[str, Any]) -> Rat
         return Rates()
     db = b1 - b0
     runs = r1 - r0
+    u0, u1 = _udp_echoed(prev), _udp_echoed(cur)
     return Rates(
         req_per_s=(m1 - m0) / dt,
         bytes_per_s=db / dt,
         kernel_share=100.0 * (k1 - k0) / db if db > 0 else None,
         ns_per_verdict=(n1 - n0) / runs if runs > 0 else None,
         redirects_per_s=(d1 - d0) / dt if d1 >= d0 and get_in(cur, "stats", "bypass") else None,
+        udp_per_s=(u1 - u0) / dt if u1 >= u0 and get_in(cur, "stats", "udp") else None,
+    )
+
+
+def _udp_echoed(snapshot: Mapping[str, Any]) -> float:
+    """UDP datagrams echoed on both paths."""
+    return sum(
+        as_number(get_in(snapshot, "stats", "udp", path, "echoed_packets")) or 0.0
+        for path in ("user", "kernel")
     )
 
 
@@ -217,7 +228,7 @@ def watch_rows(snapshot: Mapping[str, Any], rates: Rates) -> list[tuple[str, str
     verdict = fmt_ns(rates.ns_per_verdict)
     if get_in(status, "bpf", "stats_enabled") is False:
         verdict = "unavailable"
-    return [
+    rows = [
         ("state", str(status.get("state", DASH))),
         ("mode", mode_text(status)),
         ("connections", fmt_count(conns.get("active"))),
@@ -234,6 +245,21 @@ def watch_rows(snapshot: Mapping[str, Any], rates: Rates) -> list[tuple[str, str
         ("rss", fmt_bytes(proc.get("rss_bytes"))),
         ("per verdict", verdict),
     ]
+    if get_in(status, "udp", "enabled"):  # after the bypass's row
+        at = [label for label, _ in rows].index("bypass") + 1
+        rows.insert(at, ("udp", _watch_udp(stats.get("udp"), status["udp"], rates)))
+    return rows
+
+
+def _watch_udp(udp: Any, status: Mapping[str, Any], rates: Rates) -> str:
+    """'1.2k datagrams/s (user path), dropped 14'."""
+    dropped = sum(
+        as_number(get_in(udp, path, f"dropped_{reason}")) or 0.0
+        for path in ("user", "kernel")
+        for reason in ("loop", "allow", "rate")
+    )
+    path = status.get("path") or "not serving"
+    return f"{fmt_rate(rates.udp_per_s, 'datagrams/s')} ({path} path), dropped {fmt_count(dropped)}"
 
 
 def _watch_bypass(bypass: Any, rates: Rates) -> str:

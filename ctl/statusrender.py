@@ -66,6 +66,15 @@ def _bypass_text(bypass: Any) -> str:
     )
 
 
+def _udp_text(udp: Mapping[str, Any]) -> str:
+    """'user path on 127.0.0.1:8888, [::1]:8888 (UDP kernel path unavailable: ...)'."""
+    path = udp.get("path")
+    if path is None:
+        return "on, not serving"
+    text = f"{path} path on {', '.join(udp.get('listen') or []) or DASH}"
+    return text + (f" ({udp['fallback_reason']})" if udp.get("fallback_reason") else "")
+
+
 def _connections_text(status: Mapping[str, Any]) -> str:
     text = fmt_count(status.get("connections"))
     by_path = status.get("connections_by_path")
@@ -91,6 +100,9 @@ def render_status(status: Mapping[str, Any]) -> str:
         ("bpf", _bpf_text(status.get("bpf"))),
         ("bypass", _bypass_text(status.get("bypass"))),
     ]
+    udp = status.get("udp")
+    if isinstance(udp, Mapping) and udp.get("enabled"):
+        rows.append(("udp", _udp_text(udp)))
     if "self_check" in status:
         rows.append(("self-check", _self_check_text(status["self_check"])))
     workers = status.get("workers") or []
@@ -182,6 +194,11 @@ def render_stats(stats: Mapping[str, Any], bpf_stats_enabled: bool | None = None
     else:
         rows.append(("kernel", DASH))
     rows.append(("bypass", _bypass_stats_text(stats.get("bypass"))))
+    udp = stats.get("udp")
+    if isinstance(udp, Mapping):
+        for path in ("user", "kernel"):
+            if isinstance(udp.get(path), Mapping):
+                rows.append((f"udp ({path})", _udp_stats_text(udp[path])))
     rates = stats.get("rates")
     if isinstance(rates, Mapping) and _rate_items(rates):
         rows.append(("rates", ", ".join(_rate_items(rates))))
@@ -255,6 +272,22 @@ def _bypass_stats_text(bypass: Any) -> str:
         f"{fmt_count(bypass.get('ingress_msgs'))} to the peer's ingress; "
         f"{fmt_count(bypass.get('redirect_failures'))} redirect failures"
     )
+
+
+def _udp_stats_text(counts: Mapping[str, Any]) -> str:
+    """'12 datagrams, 1.2 KiB echoed; dropped: loop 1, allow 0, rate 3; 0 send errors'."""
+    text = (
+        f"{fmt_count(counts.get('echoed_packets'))} datagrams, "
+        f"{fmt_bytes(counts.get('echoed_bytes'))} echoed; dropped: "
+        + ", ".join(
+            f"{r} {fmt_count(counts.get(f'dropped_{r}'))}" for r in ("loop", "allow", "rate")
+        )
+    )
+    if "send_errors" in counts:
+        text += f"; {fmt_count(counts.get('send_errors'))} send errors"
+    if "passed_packets" in counts:
+        text += f"; {fmt_count(counts.get('passed_packets'))} passed to user space"
+    return text
 
 
 def _rate_items(rates: Mapping[str, Any]) -> list[str]:

@@ -221,6 +221,8 @@ class Daemon:
             "kernel": stats["kernel"],
             "bypass": stats.get("bypass"),
             "bypass_status": self.service.base_status()["bypass"],
+            "udp": stats["udp"],
+            "udp_status": self.service.base_status()["udp"],
             "self_check": self.service.base_status()["self_check"],
             "bpf_programs": stats["bpf_programs"],
             "workers": stats.get("workers"),

@@ -21,6 +21,8 @@ from echod.control.replies import (
     ConnectionCounts,
     Stats,
     Status,
+    UdpCounts,
+    UdpFigures,
     UserCounts,
     WorkerEntry,
 )
@@ -175,19 +177,27 @@ def merge_stats(
 ) -> Stats:
     """One `stats` from the workers' (and what workers that exited had counted).
 
-    `own` holds the supervisor's parts: kernel, bypass, bpf_programs, rates, process, workers.
+    `own` holds the supervisor's parts: kernel, bypass, bpf_programs, rates, process, workers,
+    and udp (nil while UDP is off; else its kernel path's counters).
     """
     conns: dict[str, Any] = add_counts({}, retired.get("connections", {}))
     user: dict[str, Any] = add_counts({}, retired.get("user", {}))
+    zero = dict.fromkeys(sorted(UdpCounts.__required_keys__), 0)
+    udp_user: dict[str, Any] = add_counts(zero, retired.get("udp_user", {}))
     kernel_sockets = 0
     for st in workers:
         add_counts(conns, st["connections"])
         add_counts(user, st["user"])
+        add_counts(udp_user, (st.get("udp") or {}).get("user") or {})
         kernel_sockets += st["kernel_sockets"]
     conns["active"] = sum(st["connections"]["active"] for st in workers)
+    udp: UdpFigures | None = None
+    if own.get("udp") is not None:
+        udp = {"user": cast(UdpCounts, udp_user), "kernel": own["udp"]["kernel"]}
     return {
         "connections": cast(ConnectionCounts, conns),
         "user": cast(UserCounts, user),
+        "udp": udp,
         "kernel": own["kernel"],
         "kernel_sockets": kernel_sockets,
         "bypass": own["bypass"],
@@ -206,6 +216,7 @@ def retire(retired: dict[str, Any], last_stats: Mapping[str, Any] | None) -> Non
     add_counts(retired.setdefault("connections", {}), last_stats["connections"])
     retired["connections"].pop("active", None)
     add_counts(retired.setdefault("user", {}), last_stats["user"])
+    add_counts(retired.setdefault("udp_user", {}), (last_stats.get("udp") or {}).get("user") or {})
 
 
 def worker_entry(index: int, status: Mapping[str, Any]) -> WorkerEntry:
@@ -232,6 +243,7 @@ def merge_status(
     `workers` pairs each worker's index with its status (None: it did not answer).
     """
     listen: list[str] = []
+    udp_listen: list[str] = []
     total, kernel, user = 0, 0, 0
     entries: list[WorkerEntry] = []
     for index, st in workers:
@@ -239,14 +251,18 @@ def merge_status(
             entries.append({"index": index, "pid": None, "state": "unresponsive", "mode": None})
             continue
         listen = listen or list(st["listen"])
+        udp_listen = udp_listen or list((st.get("udp") or {}).get("listen") or [])
         total += st["connections"]
         kernel += st["connections_by_path"]["kernel"]
         user += st["connections_by_path"]["user"]
         entries.append(worker_entry(index, st))
-    return {
+    merged: Status = {
         **own,
         "listen": listen,
         "connections": total,
         "connections_by_path": {"kernel": kernel, "user": user},
         "workers": entries,
     }
+    if "udp" in own:  # the supervisor's path and fallback, the workers' sockets
+        merged["udp"] = {**own["udp"], "listen": udp_listen}
+    return merged

@@ -16,6 +16,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from echod.config.schema import EFFECTIVE_MODES
+from echod.metrics_udp import udp_families
 
 __all__ = ["SnapshotCollector", "make_registry", "render", "renderer"]
 
@@ -79,6 +80,7 @@ class SnapshotCollector(Collector):
         yield from _connections(snap.get("connections") or {})
         yield from _traffic(snap.get("user") or {}, snap.get("kernel"), snap.get("bypass"))
         yield from _bypass(snap.get("bypass"), snap.get("bypass_status") or {})
+        yield from udp_families(snap.get("udp"), snap.get("udp_status") or {})
         yield from _bpf_programs(snap.get("bpf_programs") or [])
         yield from _workers(snap.get("workers") or {})
         yield from _self_check(snap.get("self_check") or {})

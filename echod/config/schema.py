@@ -160,6 +160,27 @@ SCHEMA: tuple[Setting, ...] = (
         metavar="CIDR",
     ),
     Setting(
+        key="udp", type="bool", default=_const(False), check=v.boolean, live=False,
+        toml=("", "udp"), env="ECHOD_UDP", flag="--udp", parse=v.text_bool,
+        help="UDP echo (RFC 862) on the same addresses and port (default off).",
+    ),
+    Setting(
+        key="udp_rate_per_source", type="int", default=_const(2000),
+        check=v.integer(0, v.MAX_UDP_RATE, ceiling=True), live=True,
+        toml=("", "udp_rate_per_source"), env="ECHOD_UDP_RATE_PER_SOURCE",
+        flag="--udp-rate-per-source", parse=v.text_int,
+        help="UDP datagrams echoed per second to one source address (default 2000; 0: no limit).",
+        metavar="N",
+    ),
+    Setting(
+        key="udp_drop_ports", type="list[int]", default=lambda: [7, 13, 17, 19, 37],
+        check=v.ports, live=True, toml=("", "udp_drop_ports"), env="ECHOD_UDP_DROP_PORTS",
+        flag="--udp-drop-ports", parse=v.text_ports,
+        help="Never answer a UDP datagram from these source ports (comma-separated or repeated; "
+        "default 7,13,17,19,37).",
+        metavar="PORT",
+    ),
+    Setting(
         key="control", type="str", default=default_control_path, check=v.control_path, live=False,
         toml=("control", "path"), env="ECHOD_CONTROL", flag="--control",
         help="Control socket path (absolute).", metavar="PATH",
@@ -249,6 +270,9 @@ class Config:
     max_connections: int = _default("max_connections")
     max_connections_per_ip: int = _default("max_connections_per_ip")
     allow: list[str] = _default("allow")
+    udp: bool = _default("udp")
+    udp_rate_per_source: int = _default("udp_rate_per_source")
+    udp_drop_ports: list[int] = _default("udp_drop_ports")
     control: str = _default("control")
     control_group: str | None = _default("control_group")
     admin_group: str | None = _default("admin_group")

@@ -29,6 +29,8 @@ MAX_BACKLOG = 1 << 40  # bytes (1 TiB)
 MAX_GID = 2**32 - 2  # gid_t is 32 bits, and (gid_t)-1 means "unchanged" to chown()
 MAX_HOSTS = 64
 MAX_ALLOW = 1024
+MAX_UDP_RATE = 1_000_000  # datagrams per second from one source address
+MAX_DROP_PORTS = 256
 # A value is echoed in a message at most this long, so that every message stays one short line.
 SHOWN_MAX = 60
 
@@ -159,6 +161,22 @@ def allow(value: object) -> list[str]:
             why = f": {exc}" if len(item) <= SHOWN_MAX else ""
             raise Invalid(f"{shown(item)} is not a valid CIDR{why}", item) from None
     return list(dict.fromkeys(nets))
+
+
+def ports(value: object) -> list[int]:
+    """A list of port numbers (0-65535), duplicates dropped."""
+    if not isinstance(value, list | tuple):
+        raise Invalid(f"must be a list of port numbers, e.g. [7, 19], got {type_name(value)}")
+    if len(value) > MAX_DROP_PORTS:
+        raise Invalid(f"lists {len(value)} ports; at most {MAX_DROP_PORTS}")
+    port = integer(0, MAX_PORT)
+    out = []
+    for item in value:
+        try:
+            out.append(port(item))
+        except Invalid as exc:
+            raise Invalid(f"{shown(item)}: {exc.reason}", shown(item)) from None
+    return list(dict.fromkeys(out))
 
 
 def control_path(value: object) -> str:
@@ -299,6 +317,11 @@ def text(value: str) -> str:
 
 def text_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def text_ports(text: str) -> list[int]:
+    """Comma-separated port numbers; empty text is no port."""
+    return [text_int(part) for part in text_list(text)]
 
 
 _TRUE = ("1", "true", "yes", "on")

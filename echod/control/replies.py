@@ -24,6 +24,9 @@ __all__ = [
     "Stats",
     "Status",
     "Totals",
+    "UdpCounts",
+    "UdpFigures",
+    "UdpStatus",
     "UserCounts",
     "WorkerCounts",
     "WorkerEntry",
@@ -35,6 +38,16 @@ class ByPath(TypedDict):
 
     kernel: int
     user: int
+
+
+class UdpStatus(TypedDict):
+    """`status.udp`: UDP echo, configured or not, and the path that echoes it."""
+
+    enabled: bool
+    path: str | None  # "user" or "kernel" while serving
+    listen: list[str]
+    fallback_reason: str | None  # why kernel mode's UDP is echoed in user space
+    kernel: dict[str, Any] | None  # the UDP kernel path's own description, while attached
 
 
 class BaseStatus(TypedDict):
@@ -51,6 +64,7 @@ class BaseStatus(TypedDict):
     bpf: dict[str, Any]
     bypass: dict[str, Any]
     self_check: dict[str, Any]
+    udp: UdpStatus
 
 
 class ProcessStatus(BaseStatus):
@@ -110,6 +124,24 @@ class UserCounts(TypedDict):
     messages: int
 
 
+class UdpCounts(TypedDict):
+    """`stats.udp.user`: what the user path did with the datagrams it read."""
+
+    echoed_packets: int
+    echoed_bytes: int
+    dropped_loop: int
+    dropped_allow: int
+    dropped_rate: int
+    send_errors: int
+
+
+class UdpFigures(TypedDict):
+    """`stats.udp` (nil while UDP is off): counters by path; a path not in use is nil."""
+
+    user: UdpCounts | None
+    kernel: dict[str, int] | None
+
+
 class WorkerCounts(TypedDict):
     """`stats.workers`: how many, how often one was started again, who did not answer."""
 
@@ -123,6 +155,7 @@ class Totals(TypedDict):
 
     connections: ConnectionCounts
     user: UserCounts
+    udp: UdpFigures | None
 
 
 class BpfFigures(TypedDict):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from echod.config.schema import Config
 from echod.control.limits import echo_fd_budget
+from echod.control.protocol import RequestError
 from echod.service.lifecycle import resolve_listen
 
 REFUSAL_REASONS = ("max_connections", "per_ip", "allow", "fd_limit")
@@ -23,7 +24,7 @@ class Admission:
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.allow = _networks(config)
+        self.allow = networks(config.allow)
         self.per_ip: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self._clock = clock
@@ -32,13 +33,13 @@ class Admission:
     def apply(self, config: Config) -> None:
         """Take new settings (a reload)."""
         self.config = config
-        self.allow = _networks(config)
+        self.allow = networks(config.allow)
 
     def refusal(self, sock: socket.socket, peer: str, active: int) -> str | None:
         """Why sock (from peer, with `active` connections open) is refused, or None; counted."""
         cfg = self.config
         reason = None
-        if self.allow and not self._allowed(peer):
+        if self.allow and not allowed(self.allow, peer):
             reason = "allow"
         elif active >= cfg.max_connections:
             reason = "max_connections"
@@ -72,15 +73,21 @@ class Admission:
             self._budget, self._budget_at = echo_fd_budget(), now
         return self._budget
 
-    def _allowed(self, peer: str) -> bool:
-        addr = ipaddress.ip_address(peer.split("%", 1)[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.allow)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _networks(config: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(c, strict=False) for c in config.allow]
+def networks(cidrs: list[str]) -> list[Network]:
+    """The `allow` list's networks."""
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
+def allowed(nets: list[Network], peer: str) -> bool:
+    """Whether the peer's address (a v4-mapped one as IPv4, a scope id ignored) is in nets."""
+    addr = ipaddress.ip_address(peer.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in nets)
 
 
 def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -110,6 +117,43 @@ def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
             exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}{hint}"
         ) from exc
     return sock
+
+
+def bind_datagram(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A UDP socket bound to host:port, non-blocking (SO_REUSEPORT for workers, never
+    SO_REUSEADDR: that would let another socket take the datagrams). OSError names the address.
+    """
+    family, addr = resolve_listen(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot listen on {host} UDP port {port}: {exc.strerror}"
+        ) from exc
+    return sock
+
+
+def check_port_free(config: Config) -> None:
+    """Fail as a single process would when the port is taken, before the workers share it.
+
+    The workers bind with SO_REUSEPORT, which would quietly share the port with another
+    process of the same user that did so too: a plain bind first proves nobody holds it
+    (the UDP port too, with `udp`).
+    """
+    for host in config.hosts:
+        try:
+            bind_listener(host, config.port).close()
+            if config.udp:
+                bind_datagram(host, config.port).close()
+        except OSError as exc:
+            raise RequestError("listen_failed", exc.strerror or str(exc)) from exc
 
 
 def insert_failure(exc: OSError) -> str:

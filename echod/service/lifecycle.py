@@ -13,8 +13,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,6 +24,9 @@ from echod.control.replies import BaseStatus, BpfFigures, ProcessStatus, Stats, 
 from echod.kernel.bypass import Bypass, bypass_status
 from echod.kernel.echo import KernelEcho, bpf_status
 from echod.service.paths import Checker, Outcome, candidates, check_report, path_name, report
+
+if TYPE_CHECKING:
+    from echod.service.udp import UdpService
 
 log = structlog.get_logger("echod.service")
 
@@ -50,8 +52,9 @@ class Lifecycle:
     A subclass provides `_load_kernel`, `_open`, `_abort_start`, `_switch` and `status_now`.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, udp: UdpService) -> None:
         self.config = config
+        self.udp = udp  # UDP echo: the sockets of a process that serves, the kernel path's slot
         self.state = "stopped"
         self.requested_mode = config.mode
         self.mode: str | None = None
@@ -83,6 +86,7 @@ class Lifecycle:
             "bpf": bpf_status(self.kernel),
             "bypass": bypass_status(self.bypass, self.bypass_requested),
             "self_check": report(self.checks),
+            "udp": self.udp.status(),
         }
 
     def _attach_bypass(self, want: bool) -> None:
@@ -203,6 +207,8 @@ class Lifecycle:
         programs = self.kernel.programs() if self.kernel is not None else []
         if self.bypass is not None:
             programs += self.bypass.programs()
+        if self.udp.kernel is not None:
+            programs += self.udp.kernel.programs()
         return {
             "kernel": self.kernel.counters() if self.kernel is not None else None,
             "bypass": self.bypass.counters() if self.bypass is not None else None,
@@ -296,7 +302,9 @@ class Lifecycle:
                 # The bypass before the listeners: a client that connects at once takes it too.
                 await self._enter(self.requested_mode, self.bypass_requested)
                 await self._open()
+                self._start_udp()
             except BaseException:
+                self.udp.stop()
                 await self._abort_start()
                 self._set_bypass(False)
                 self.state = "stopped"
@@ -313,6 +321,13 @@ class Lifecycle:
                 bypass=self.bypass is not None,
             )
             return st
+
+    def _start_udp(self) -> None:
+        """UDP echo, when configured: its sockets, and in kernel mode its kernel path."""
+        try:
+            self.udp.start(self.config, self.mode)
+        except OSError as exc:
+            raise RequestError("listen_failed", exc.strerror or str(exc)) from exc
 
     def _stop_bypass(self) -> None:
         """At stop: detach the bypass (bypass_requested stays, for the next start)."""
@@ -345,6 +360,7 @@ class Lifecycle:
                 raise
             self.requested_mode, self.bypass_requested = target, want
             moved, stayed = await self._switch(old)
+            self.udp.follow(self.config, self.mode)
             self.log.info(
                 "service.mode_switched",
                 old=old,
@@ -355,30 +371,3 @@ class Lifecycle:
                 bypass=self.bypass is not None,
             )
             return {**self.status_now(), "migration": {"moved": moved, "stayed": stayed}}
-
-
-class TaskSet:
-    """Tasks with an owner: the loop holds tasks only weakly, so they are held here until
-    done, and cancel() cancels what is left and waits for it to finish."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run coro as a task held here until it is done."""
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def cancel(self) -> None:
-        """Cancel every task still running, and wait for them to finish."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)

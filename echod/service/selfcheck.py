@@ -60,6 +60,7 @@ def _private_config(config: Config, mode: str) -> Config:
         port=0,
         mode=mode,
         bypass=False,
+        udp=False,
         workers=1,
         max_connections=64,
         max_connections_per_ip=0,

@@ -15,29 +15,31 @@ import structlog
 
 from echod.config.schema import LIVE_KEYS, Config
 from echod.control.protocol import RequestError
-from echod.control.replies import ProcessStatus, Stats, Status, Totals
-from echod.figures import METER, Rates, process_figures, worker_entry
+from echod.control.replies import ProcessStatus
+from echod.figures import Rates
 from echod.kernel.bypass import Bypass
 from echod.kernel.bypass_paths import PathReaders
 from echod.kernel.echo import KernelEcho, SocketMaps
 from echod.kernel.path import KernelPath, Watched
 from echod.kernel.sockdiag import SockDiag
 from echod.logs import RateLimited
-from echod.service.admission import Admission, bind_listener, insert_failure, listen_address
+from echod.service.admission import Admission, bind_listener, insert_failure
 from echod.service.connection import INGRESS_LIMIT, Connection
-from echod.service.lifecycle import Lifecycle, TaskSet
 from echod.service.migrate import migrate_to_kernel
+from echod.service.report import Report
+from echod.service.tasks import TaskSet
+from echod.service.udp import UdpService
 
 log = structlog.get_logger("echod.service")
 
 ACCEPT_BATCH = 64
 
 
-class Service(Lifecycle):
+class Service(Report):
     """The echo service: owns listeners, connections and (in kernel mode) the BPF object."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
+        super().__init__(config, UdpService(serves=True, owns_kernel=True))
         self.loop = asyncio.get_running_loop()
         self.maps: SocketMaps | None = None  # the sockhash and activity set, in kernel mode
         self._bpf = contextlib.ExitStack()  # holds the kernel or the maps while loaded
@@ -70,10 +72,6 @@ class Service(Lifecycle):
     async def _abort_start(self) -> None:
         self._close_listeners()
         self._maybe_unload(force=True)
-
-    def status_now(self) -> ProcessStatus:
-        """status()."""
-        return self.status()
 
     def _load_kernel(self) -> None:
         """Load and attach the BPF object (a worker takes the maps its supervisor sent)."""
@@ -134,6 +132,7 @@ class Service(Lifecycle):
         self.state = "stopping"
         self.log.info("service.stopping", connections=len(self.conns), grace_s=grace)
         self._close_listeners()
+        self.udp.stop()
         conns = list(self.conns)
         for conn in conns:
             if conn.in_map:
@@ -159,6 +158,7 @@ class Service(Lifecycle):
         """Take the settings that can change while serving."""
         self.config = self.config.replace(**{k: getattr(config, k) for k in LIVE_KEYS})
         self.admission.apply(self.config)
+        self.udp.apply(self.config)
 
     async def _switch(self, old: str | None) -> tuple[int, int]:
         """To kernel: move the user-path connections in; to user: unload once unused."""
@@ -260,6 +260,7 @@ class Service(Lifecycle):
 
     def close(self) -> None:
         """Release what the service holds for its whole life (call once stopped)."""
+        self.udp.stop()
         self.kpath.close()
         if self._diag is not None:
             self._diag.close()
@@ -319,74 +320,3 @@ class Service(Lifecycle):
     ) -> None:
         """A warning, rate-limited per event; `rate` is (burst, period) for an event's own rate."""
         self.limiter.warning(log, event, rate, **fields)
-
-    # -- reporting ------------------------------------------------------------------------------
-
-    def status(self) -> ProcessStatus:
-        """State, modes, listen addresses, connections, BPF attach state."""
-        return {
-            **self.base_status(),
-            "listen": [listen_address(sock) for sock in self.listeners],
-            "connections": len(self.conns),
-            "connections_by_path": {
-                "kernel": self.kpath.sockets,
-                "user": len(self.conns) - self.kpath.sockets,
-            },
-        }
-
-    def counters(self) -> dict[str, int]:
-        """Flat monotonic counters (for rates)."""
-        out = {
-            "accepted": self.counts["accepted"],
-            "user_bytes": self.counts["user_bytes"],
-            "user_messages": self.counts["user_messages"],
-        }
-        out.update(self.bpf_counters())
-        return out
-
-    async def report_status(self) -> Status:
-        """status(), with this process as the one worker (what the daemon reports)."""
-        st = self.status()
-        return {**st, "workers": [worker_entry(0, st)]}
-
-    async def report_stats(self) -> Stats:
-        """stats() (what the daemon reports)."""
-        return self.stats()
-
-    async def sample(self) -> None:
-        """The daemon's 1 s tick: take a sample of the rates."""
-        self.sample_rates()
-
-    def sample_rates(self) -> None:
-        """Take a sample; rates are per second over the interval since the previous one."""
-        self.rates = self._rates.sample(self.counters())
-        METER.tick()
-
-    def stats(self) -> Stats:
-        """Counters, rates, kernel counters and per-program BPF figures."""
-        return {
-            **self.totals(),
-            **self.bpf_figures(),
-            # The daemon's own count: walking the sockhash costs ~50 ms at 19k sockets.
-            "kernel_sockets": self.kpath.sockets if self.maps is not None else 0,
-            "rates": dict(self.rates),
-            "process": (own := process_figures()),
-            "processes": [{"worker": "0", **own}],
-            "workers": {"count": 1, "restarts": 0},
-        }
-
-    def totals(self) -> Totals:
-        """The connection and user-path counters of stats (cheap: no system calls)."""
-        return {
-            "connections": {
-                "accepted": self.counts["accepted"],
-                "refused": self.admission.figures(),
-                "active": len(self.conns),
-                "closed": self.counts["closed"],
-                "insert_failed": self.counts["insert_failed"],
-                "insert_failed_reasons": dict(self.insert_failed),
-                "aborted_backlog": self.counts["aborted_backlog"],
-                "bypass_user": self.counts["bypass_user"],
-            },
-            "user": {"bytes": self.counts["user_bytes"], "messages": self.counts["user_messages"]},
-        }

@@ -39,8 +39,9 @@ from echod.figures import (
     sum_process,
 )
 from echod.kernel.echo import KernelEcho
-from echod.service.admission import bind_listener
+from echod.service.admission import check_port_free
 from echod.service.lifecycle import Lifecycle
+from echod.service.udp import UdpService
 from echod.supervisor.channel import ChannelClosed
 from echod.supervisor.process import WorkerProcess
 
@@ -59,7 +60,8 @@ class WorkerPool(Lifecycle):
     """N worker processes behind one service interface (what daemon.Daemon drives)."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
+        # UDP: the workers have the sockets; the supervisor attaches the kernel path.
+        super().__init__(config, UdpService(serves=False, owns_kernel=True))
         self.count = config.workers
         self._bpf = contextlib.ExitStack()
         self.workers: dict[int, WorkerProcess] = {}
@@ -153,7 +155,7 @@ class WorkerPool(Lifecycle):
     # -- the service's methods ----------------------------------------------------------------
 
     async def _open(self) -> None:
-        _check_port_free(self.config)
+        check_port_free(self.config)
         await self._each("start", mode=self.mode, port=self.config.port, **self._maps())
 
     async def _abort_start(self) -> None:
@@ -186,6 +188,7 @@ class WorkerPool(Lifecycle):
                 for w in self.workers.values():
                     w.kernel_sockets = 0
                 self.mode = None
+                self.udp.stop()
                 self._unload()
                 self._stop_bypass()
                 self.state = "stopped"
@@ -209,6 +212,7 @@ class WorkerPool(Lifecycle):
         # Split first: a respawn splits self.config again, so it must only ever hold one that can.
         split = self._worker_config(new)
         self.config = new
+        self.udp.apply(new)
         await self._each("apply_live", QUERY_TIMEOUT, config=split)
 
     # -- figures -----------------------------------------------------------------------------
@@ -259,6 +263,7 @@ class WorkerPool(Lifecycle):
         ]
         own = {
             **self.bpf_figures(),
+            "udp": self.udp.figures(),
             "rates": dict(self.rates),
             "process": sum_process(processes),
             "processes": processes,
@@ -289,6 +294,7 @@ class WorkerPool(Lifecycle):
             for key, value in reply["counters"].items():
                 total[key] = total.get(key, 0) + value
         total.update(self.bpf_counters())
+        total.update(self.udp.counters())
         self.rates = self._rates.sample(total)
         METER.tick()
         if self.state == "serving" and generation == self._generation and not self._lock.locked():
@@ -362,18 +368,6 @@ class WorkerPool(Lifecycle):
         deadline = time.monotonic() + 5.0
         for w in self.workers.values():
             await w.reap(max(deadline - time.monotonic(), 0.01))
+        self.udp.stop()
         self._unload()
         self._set_bypass(False)
-
-
-def _check_port_free(config: Config) -> None:
-    """Fail as a single process would when the port is taken, before the workers share it.
-
-    The workers bind with SO_REUSEPORT, which would quietly share the port with another
-    process of the same user that did so too: a plain bind first proves nobody holds it.
-    """
-    for host in config.hosts:
-        try:
-            bind_listener(host, config.port).close()
-        except OSError as exc:
-            raise RequestError("listen_failed", exc.strerror or str(exc)) from exc

@@ -48,6 +48,8 @@ class WorkerService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.reuse_port = True
+        self.udp.owns_kernel = False  # the supervisor's: it attaches the UDP kernel path
+        self.udp.reuse_port = True
         self.offered: SocketMaps | None = None
 
     def offer(self, fds: dict[str, int], bypass: bool = False) -> None:

@@ -44,4 +44,6 @@ def test_status_and_stats_have_their_typed_shapes(
     conforms(stats["connections"], replies.ConnectionCounts, "stats.connections")
     conforms(stats["user"], replies.UserCounts, "stats.user")
     conforms(stats["workers"], replies.WorkerCounts, "stats.workers")
+    conforms(status["udp"], replies.UdpStatus, "status.udp")
+    assert stats["udp"] is None  # UDP is off unless configured
     assert (stats["kernel"] is None) == (mode == "user")

@@ -81,3 +81,49 @@ def test_status_lists_each_worker_and_an_unresponsive_one() -> None:
     assert merged["listen"] == ["127.0.0.1:1"]
     assert [w["state"] for w in merged["workers"]] == ["serving", "unresponsive"]
     assert merged["workers"][0]["pid"] == 11
+
+
+UDP_USER = {
+    "echoed_packets": 3,
+    "echoed_bytes": 30,
+    "dropped_loop": 1,
+    "dropped_allow": 0,
+    "dropped_rate": 2,
+    "send_errors": 0,
+}
+
+
+def test_udp_user_counters_are_added_up_and_its_kernel_path_counted_once() -> None:
+    workers = [{**_stats(1, 0, 0, 0), "udp": {"user": UDP_USER, "kernel": None}}] * 2
+    own = {**OWN, "udp": {"user": None, "kernel": {"echoed_packets": 9}}}
+    retired: dict[str, Any] = {}
+    retire(retired, workers[0])  # one more worker that exited
+    merged = merge_stats(workers, retired, own)
+    assert merged["udp"] is not None
+    assert merged["udp"]["user"] == {k: 3 * v for k, v in UDP_USER.items()}
+    assert merged["udp"]["kernel"] == {"echoed_packets": 9}
+    # No worker answered: the user path's counters are still all there.
+    lone = merge_stats([], {}, own)["udp"]
+    assert lone is not None
+    assert lone["user"] == dict.fromkeys(UDP_USER, 0)
+
+
+def test_udp_off_is_nil() -> None:
+    merged = merge_stats([_stats(1, 0, 0, 0)], {}, {**OWN, "udp": None})
+    assert merged["udp"] is None
+
+
+def test_status_takes_udp_s_path_from_the_supervisor_and_its_sockets_from_a_worker() -> None:
+    own_udp = {"enabled": True, "path": "user", "listen": [], "fallback_reason": "why"}
+    worker_udp = {**own_udp, "listen": ["127.0.0.1:1"], "fallback_reason": None}
+    st = {
+        "pid": 11,
+        "state": "serving",
+        "mode": "kernel",
+        "listen": ["127.0.0.1:1"],
+        "connections": 0,
+        "connections_by_path": {"kernel": 0, "user": 0},
+        "udp": worker_udp,
+    }
+    merged = merge_status({"pid": 10, "udp": own_udp}, [(0, st), (1, None)])
+    assert merged["udp"] == {**own_udp, "listen": ["127.0.0.1:1"]}

@@ -56,6 +56,7 @@ BOUNDS = {
     "shutdown_grace": (600, 600.001),
     "kernel_backlog_limit": (1 << 40, (1 << 40) + 1),
     "kernel_backlog_total": (1 << 40, (1 << 40) + 1),
+    "udp_rate_per_source": (1_000_000, 1_000_001),
 }
 
 

@@ -60,6 +60,8 @@ DOCUMENTED_BOUNDS = {
     "control.admin_group": ("gid ≤ 4294967294", v.MAX_GID),
     "host": ("at most 64", v.MAX_HOSTS),
     "allow": ("at most 1024", v.MAX_ALLOW),
+    "udp_rate_per_source": ("int 0–1000000", v.MAX_UDP_RATE),
+    "udp_drop_ports": ("at most 256", v.MAX_DROP_PORTS),
 }
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from echod.config.schema import SCHEMA
+from echod.config.schema import SCHEMA, Config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,22 +22,25 @@ def _section(doc: str, title: str) -> str:
 
 
 def test_readme_says_what_echod_does_not_do() -> None:
-    """UDP and TLS are named as missing, and the daemon indeed has neither."""
+    """TLS is named as missing and UDP as off unless asked; the daemon has no TLS, and UDP
+    echo is off by default with its only datagram listener in admission.bind_datagram."""
     section = _section("README.md", "What echod does not do")
-    assert "**No UDP.**" in section
+    assert "**No UDP unless asked.**" in section
     assert "**No TLS.**" in section
     keys = {s.key for s in SCHEMA}
-    assert not {k for k in keys if "tls" in k or "udp" in k or "ssl" in k or "cert" in k}
+    assert not {k for k in keys if "tls" in k or "ssl" in k or "cert" in k}
+    assert Config().udp is False
     for path in sorted((ROOT / "echod").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert "ssl" not in names, f"{path} imports ssl"
-        # Datagram sockets are for netlink and sd_notify only, never a listener.
+        # Datagram sockets are for netlink and sd_notify, and UDP echo's one listener.
         for line in path.read_text().splitlines():
             if "SOCK_DGRAM" in line:
-                assert "AF_NETLINK" in line or "AF_UNIX" in line, f"{path}: {line.strip()}"
+                udp_echo = path.name == "admission.py" and "IPPROTO_UDP" in line
+                assert "AF_NETLINK" in line or "AF_UNIX" in line or udp_echo, f"{path}: {line}"
     for word in ("allow", "max_connections_per_ip"):
         assert f"`{word}`" in section
         assert word in keys
