@@ -190,8 +190,7 @@ class UdpService:
         kernel = self._kernel_stack.enter_context(module.UdpKernelEcho())
         try:
             self._configure(kernel, config)
-            numeric = [resolve_listen(host, config.port)[1][0] for host in config.hosts]
-            for ifindex in module.devices_for(numeric):
+            for ifindex in module.devices_for(_numeric_hosts(config)):
                 kernel.attach(ifindex)
         except BaseException:
             self._kernel_stack.close()
@@ -208,7 +207,11 @@ class UdpService:
     @staticmethod
     def _configure(kernel: Any, config: Config) -> None:
         kernel.configure(
-            config.port, config.udp_drop_ports, config.udp_rate_per_source, config.allow
+            config.port,
+            config.udp_drop_ports,
+            config.udp_rate_per_source,
+            config.allow,
+            hosts=_numeric_hosts(config),  # answer only what the user sockets would receive
         )
 
     def apply(self, config: Config) -> None:
@@ -305,3 +308,8 @@ class UdpService:
             for key in ("echoed_packets", "echoed_bytes"):
                 out[f"udp_kernel_{key}"] = int(kernel.get(key, 0))
         return out
+
+
+def _numeric_hosts(config: Config) -> list[str]:
+    """The addresses echod listens on, resolved as the listeners are."""
+    return [str(resolve_listen(host, config.port)[1][0]) for host in config.hosts]

@@ -20,7 +20,7 @@ from echoctl.spawn import Daemon, SpawnError
 BIN = Path(sys.executable).parent
 HOSTS = ("127.0.0.1", "::1")
 START_TIMEOUT = 15.0
-OUR_PROGRAMS = ("echo_verdict", "bypass_sockops", "bypass_msg", "bypass_ingress")
+OUR_PROGRAMS = ("echo_verdict", "bypass_sockops", "bypass_msg", "bypass_ingress", "udp_echo")
 STOP_TIMEOUT = 20.0
 
 
@@ -67,7 +67,7 @@ def loaded_bpf_ids(ours: bool = False) -> tuple[set[int], set[int]]:
     )
     if ours:
         progs = [p for p in progs if p.get("name") in OUR_PROGRAMS]
-        maps = [m for m in maps if str(m.get("name", "")).startswith(("echo_", "bypass_"))]
+        maps = [m for m in maps if str(m.get("name", "")).startswith(("echo_", "bypass_", "udp_"))]
     return {p["id"] for p in progs}, {m["id"] for m in maps}
 
 
@@ -129,9 +129,11 @@ def spawn(
                 d.stop()
             raise AssertionError(f"{exc}:\n{d.log()}") from None
         bpf, bypass = st["bpf"], st.get("bypass") or {}
+        udp = (st.get("udp") or {}).get("kernel") or {"programs": [], "maps": []}
         d.bpf_ids = (
-            {p["id"] for p in bpf["programs"]} | set(bypass.get("prog_ids") or []),
-            set(bpf["maps"]) | set(bypass.get("map_ids") or []),
+            {p["id"] for p in bpf["programs"] + udp["programs"]}
+            | set(bypass.get("prog_ids") or []),
+            set(bpf["maps"]) | set(udp["maps"]) | set(bypass.get("map_ids") or []),
         )
     return d
 

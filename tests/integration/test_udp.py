@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ import pytest
 
 from echod.control import replies
 from tests.integration.conftest import HOSTS, Echod, Factory, free_port
-from tests.integration.echo_util import connect, roundtrip, wait_for
+from tests.integration.echo_util import wait_for
 from tests.integration.test_reply_shapes import conforms
 
 ECHOCTL = str(Path(sys.executable).parent / "echoctl")
@@ -301,32 +300,6 @@ def test_udp_off_answers_no_datagram(echod_factory: Factory) -> None:
     assert d.stats()["udp"] is None
     with client("127.0.0.1") as sock:
         assert exchange(sock, "127.0.0.1", d.port, b"hello?") is None
-
-
-@pytest.mark.bpf
-def test_kernel_mode_without_the_udp_kernel_path_echoes_udp_in_user_space(
-    echod_factory: Factory,
-) -> None:
-    d = start(echod_factory, mode="kernel")
-    st = d.status()
-    assert st["mode"] == "kernel"
-    assert st["fallback_reason"] is None  # TCP is not affected
-    with connect("127.0.0.1", d.port) as tcp:
-        roundtrip(tcp, b"tcp still in the kernel")
-    if importlib.util.find_spec("echod.kernel.udp") is None:
-        assert st["udp"]["path"] == "user"
-        assert st["udp"]["fallback_reason"] == (
-            "UDP kernel path unavailable: no UDP kernel path in this build"
-        )
-    elif st["udp"]["path"] == "user":
-        assert st["udp"]["fallback_reason"]  # the kernel lacks what it needs: it says what
-    with client("::1") as sock:
-        assert exchange(sock, "::1", d.port, b"udp") == b"udp"
-    figures = d.stats()["udp"]
-    echoed = figures["user"]["echoed_packets"] + (
-        (figures["kernel"] or {}).get("echoed_packets") or 0
-    )
-    assert echoed == 1
 
 
 def test_metrics_have_the_udp_families(echod_factory: Factory) -> None:

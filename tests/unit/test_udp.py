@@ -277,8 +277,9 @@ class FakeKernel:
     def __exit__(self, *exc: object) -> None:
         self.closed = True
 
-    def configure(self, port: int, drop_ports: Any, rate: int, allow: Any) -> None:
+    def configure(self, port: int, drop_ports: Any, rate: int, allow: Any, hosts: Any = ()) -> None:
         self.configured.append((port, list(drop_ports), rate, list(allow)))
+        self.hosts = list(hosts)
 
     def attach(self, ifindex: int) -> None:
         self.ifindexes.append(ifindex)
