@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,28 @@ def test_kernel_mode_echoes_udp_in_the_kernel_and_switches_live(
     )
     assert_clean_exit(d)  # no program or map of ours is left
     assert not ours & tcx_links()
+
+
+@pytest.mark.bpf
+def test_the_c_flood_client_checks_every_datagram_on_both_paths(
+    echod_factory: Factory, tmp_path: Path
+) -> None:
+    """tests/cclient/udpflood.c, the reference client of docs/benchmarks.md, builds and runs."""
+    binary = tmp_path / "udpflood"
+    source = Path(__file__).parents[1] / "cclient" / "udpflood.c"
+    subprocess.run(["clang-14", "-O2", "-pthread", "-o", binary, source], check=True)
+    d = start(echod_factory, "--udp-rate-per-source", "0", mode="user")
+    for mode in ("user", "kernel"):
+        d.call("restart", {"mode": mode})
+        run = subprocess.run(
+            [binary, "127.0.0.1", str(d.port), "64", "32", "2", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 0, run
+        result = json.loads(run.stdout)
+        assert result["received"] > 1000, (mode, result)
+        assert result["duplicates"] == 0, (mode, result)
+        assert result["mismatches"] == 0, (mode, result)
+    assert d.stats()["udp"]["kernel"]["echoed_packets"] > 1000
