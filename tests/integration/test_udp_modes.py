@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import Echod, Factory, assert_clean_exit
 from tests.integration.echo_util import connect, roundtrip
+from tests.integration.netns_util import veth_namespace
 from tests.integration.test_udp import client, exchange, start
 
 
@@ -110,3 +112,44 @@ def test_the_c_flood_client_checks_every_datagram_on_both_paths(
         assert result["duplicates"] == 0, (mode, result)
         assert result["mismatches"] == 0, (mode, result)
     assert d.stats()["udp"]["kernel"]["echoed_packets"] > 1000
+
+
+NS_CLIENT = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+got = 0
+for i in range(20):
+    data = bytes([i]) * (1 + i * 70)
+    s.sendto(data, (host, port))
+    reply, source = s.recvfrom(65536)
+    assert reply == data and source == (host, port), (i, source)
+    got += 1
+print(got)
+"""
+
+
+@pytest.mark.bpf
+def test_a_client_in_another_namespace_is_echoed_on_the_kernel_path(
+    echod_factory: Factory,
+) -> None:
+    """A second host over a veth pair: echod listens on the host's end, and the TCX program
+    on that device turns the client's datagrams around."""
+    with veth_namespace() as (ns, host_ip, _):
+        d = echod_factory(mode="kernel", args=["--udp"], hosts=(host_ip,))
+        st = d.status()
+        assert st["udp"]["path"] == "kernel", st["udp"]
+        assert st["udp"]["kernel"]["ifindexes"], st["udp"]  # the host's veth end
+        run = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", NS_CLIENT, host_ip, str(d.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run
+        assert run.stdout.strip() == "20"
+        user, kern = counts(d)
+        assert kern["echoed_packets"] == 20, (user, kern)
+        assert user["echoed_packets"] == 0, (user, kern)
+        assert_clean_exit(d)
