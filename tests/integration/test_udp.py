@@ -93,8 +93,10 @@ def udp_sockets(pids: list[int], port: int) -> list[Any]:
     return found
 
 
-def test_nc_and_socat_get_their_line_back(echod_factory: Factory) -> None:
-    d = start(echod_factory)
+@pytest.mark.parametrize("mode", ["user", pytest.param("kernel", marks=pytest.mark.bpf)])
+def test_nc_and_socat_get_their_line_back(echod_factory: Factory, mode: str) -> None:
+    d = start(echod_factory, mode=mode)
+    assert d.status()["udp"]["path"] == mode
     for host in HOSTS:
         r = subprocess.run(
             ["nc", "-u", "-w1", host, str(d.port)],
@@ -113,7 +115,9 @@ def test_nc_and_socat_get_their_line_back(echod_factory: Factory) -> None:
             check=False,
         )
         assert r.stdout == b"hello socat\n", (host, r)
-    assert user(d)["echoed_packets"] == 4
+    figures = d.stats()["udp"]
+    assert figures is not None
+    assert (figures[mode] or {}).get("echoed_packets") == 4, figures
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -8,12 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.integration.conftest import Echod, Factory, assert_clean_exit
-from tests.integration.echo_util import connect, roundtrip
+from tests.integration.conftest import (
+    Echod,
+    Factory,
+    assert_clean_exit,
+    assert_unloaded,
+    require_bpf,
+    spawn,
+)
+from tests.integration.echo_util import connect, roundtrip, wait_for
 from tests.integration.netns_util import veth_namespace
-from tests.integration.test_udp import client, exchange, start
+from tests.integration.test_udp import client, exchange, start, udp_port
 
 
 def counts(d: Echod) -> tuple[dict[str, int], dict[str, int]]:
@@ -153,3 +161,24 @@ def test_a_client_in_another_namespace_is_echoed_on_the_kernel_path(
         assert kern["echoed_packets"] == 20, (user, kern)
         assert user["echoed_packets"] == 0, (user, kern)
         assert_clean_exit(d)
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_kill_9_leaves_no_udp_link_program_or_map(tmp_path: Path, workers: str) -> None:
+    require_bpf()
+    d = spawn(tmp_path, "kernel", ["--udp", "--workers", workers], port=udp_port())
+    try:
+        st = d.status()
+        kernel = st["udp"]["kernel"]
+        links = set(kernel["link_ids"])
+        assert links
+        assert links <= tcx_links()
+        pids = [w["pid"] for w in st["workers"] if w["pid"] != d.proc.pid]
+    finally:
+        d.proc.kill()
+        d.proc.wait(timeout=30)
+    assert_unloaded({p["id"] for p in kernel["programs"]}, set(kernel["maps"]))
+    assert not links & tcx_links()
+    # The workers see their channel close and exit by themselves.
+    wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), what="workers to exit")
