@@ -13,11 +13,12 @@ import click
 from click.core import ParameterSource
 
 from echoctl.bench.config import BenchConfig, BenchError
-from echoctl.bench.options import bench_config, load_options
+from echoctl.bench.options import bench_config, bench_options, load_options
 from echoctl.bench.pathwatch import control_status
 from echoctl.bench.report import failures, progress_line, render_report
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import control_target
+from echoctl.bench.udpreport import render_udp_report, udp_failures
 from echoctl.compare import BYPASS_SUFFIX, CompareConfig, CompareError
 from echoctl.compare import run_compare as _run_compare
 from echoctl.comparerender import plot, render_sweep, render_table
@@ -61,15 +62,17 @@ def _progress(line: dict[str, Any]) -> None:
 
 
 @click.command()
-@load_options
+@bench_options
 @click.pass_context
 def bench(ctx: click.Context, **kw: Any) -> None:
-    """Load an echo server and measure rate, latency, errors and CPU; exit 1 on any error."""
+    """Load an echo server (TCP, or UDP with --udp) and measure rate, latency, errors and CPU;
+    exit 1 on any error."""
     as_json = kw["as_json"] or _group_json(ctx)
     progress = not as_json and sys.stderr.isatty()
     try:
         cfg = bench_config(kw, progress)
         cfg.validate()
+        _check_udp(ctx, kw)
     except ValueError as exc:
         raise usage(str(exc), as_json) from exc
     try:
@@ -92,24 +95,38 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     if as_json:
         emit_json(report)
     else:
-        click.echo(render_report(report))
+        click.echo(render_udp_report(report) if cfg.udp else render_report(report))
     if interrupt.signum is not None:
         # What was measured until the signal is printed above, marked as interrupted.
         if not as_json:
             click.echo(f"echoctl: bench: interrupted by {interrupt.name}", err=True)
         raise click.exceptions.Exit(exit_status(interrupt.signum))
-    reasons = failures(report)
+    reasons = udp_failures(report) if cfg.udp else failures(report)
     if reasons:
         if not as_json:
             click.echo(f"echoctl: bench: failed: {', '.join(reasons)}", err=True)
         raise click.exceptions.Exit(EXIT_ERROR)
 
 
+def _check_udp(ctx: click.Context, kw: dict[str, Any]) -> None:
+    """Refuse the options --udp has no use for, and the UDP ones without --udp."""
+    if not kw["udp"]:
+        for name in ("udp_timeout", "max_loss"):
+            if _given(ctx, name):
+                raise ValueError(f"--{name.replace('_', '-')} needs --udp")
+        return
+    control_given = ctx.get_parameter_source("control") == ParameterSource.COMMANDLINE
+    if control_given or _given(ctx, "stall_timeout"):
+        # The daemon's figures are TCP's; --udp loads the --host and --port given, and
+        # ignores an ECHOD_CONTROL in the environment.
+        raise ValueError("--control and --stall-timeout are for TCP, not --udp")
+
+
 def _bench_target(
     ctx: click.Context, kw: dict[str, Any], cfg: BenchConfig
 ) -> tuple[BenchConfig, str | None]:
     """With a control socket, load the daemon behind it; return the config and the socket."""
-    control = kw["control"] or _group_control(ctx)
+    control = None if cfg.udp else kw["control"] or _group_control(ctx)
     if not control:
         return cfg, None
     host = kw["host"] if _given(ctx, "host") else None

@@ -6,6 +6,9 @@
 - schedule: the paced send schedule.
 - worker: one worker process; messages: what it sends its parent.
 - pingpong: plain ping-pong; stream: byte-checked streams, pipelines and random sizes.
+- udp, udpflow, udplost, udpwire, udpio, mmsg, udpreport: `--udp`, datagrams to a UDP echo
+  server: the loop, one flow's checks and losses, the datagram, the batched system calls,
+  and the report.
 - runner: the parent side of a run; report: merging and rendering the figures.
 - histogram, sizes, progress: latency histograms, message sizes, progress lines.
 

@@ -30,6 +30,12 @@ class Counters:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_verified: int = 0
+    # --udp: datagrams sent while measuring, and what became of them (udpflow.py)
+    datagrams_sent: int = 0
+    lost: int = 0
+    late: int = 0
+    duplicates: int = 0
+    reordered: int = 0
 
 
 @dataclass(frozen=True)

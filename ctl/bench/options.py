@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from echoctl.bench.config import PATTERNS, BenchConfig
+from echoctl.bench.config import PATTERNS, TCP_PATTERNS, BenchConfig
 from echoctl.bench.sizes import SizeRange, parse_bytes
 
 
@@ -41,7 +41,21 @@ class ByteCount(click.ParamType):
 
 
 def load_options(f: Any) -> Any:
-    """Add the load-shape options shared by bench and compare."""
+    """Add the load-shape options of compare (TCP only)."""
+    return _load_options(f, udp=False)
+
+
+def bench_options(f: Any) -> Any:
+    """Add the options of bench: compare's, with what they mean with --udp, and --udp's own."""
+    return _load_options(udp_options(f), udp=True)
+
+
+def _load_options(f: Any, udp: bool) -> Any:
+    """Add the load-shape options shared by bench and compare; `udp`: bench's, with --udp."""
+
+    def also(text: str, with_udp: str) -> str:
+        return text + with_udp if udp else text
+
     options = [
         click.option(
             "--host",
@@ -54,7 +68,7 @@ def load_options(f: Any) -> Any:
             type=click.IntRange(1, 65535),
             default=8888,
             show_default=True,
-            help="Server TCP port.",
+            help=also("Server TCP port", " (UDP with --udp)") + ".",
         ),
         click.option(
             "-c",
@@ -62,7 +76,8 @@ def load_options(f: Any) -> Any:
             type=click.IntRange(min=1),
             default=10,
             show_default=True,
-            help="Connections, shared among the workers.",
+            help=also("Connections, shared among the workers", " (--udp: flows, a socket each)")
+            + ".",
         ),
         click.option(
             "-r",
@@ -70,7 +85,8 @@ def load_options(f: Any) -> Any:
             type=click.IntRange(min=1),
             default=10_000,
             show_default=True,
-            help="Messages per connection (ignored with --duration).",
+            help=also("Messages per connection", ", or datagrams per flow with --udp")
+            + " (ignored with --duration).",
         ),
         click.option(
             "-s",
@@ -89,8 +105,11 @@ def load_options(f: Any) -> Any:
         click.option(
             "--window",
             type=ByteCount(),
-            help="Bytes in flight per connection [default: unbounded for ping-pong, "
-            "1M for stream].",
+            help=also(
+                "Bytes in flight per connection [default: unbounded for ping-pong, 1M for stream]",
+                "; with --udp, datagrams in flight per flow, for flood and -q [default: 32]",
+            )
+            + ".",
         ),
         click.option(
             "--stall-timeout",
@@ -110,7 +129,8 @@ def load_options(f: Any) -> Any:
             "--qps",
             type=click.FloatRange(min=0),
             default=0.0,
-            help="Total req/s on a fixed schedule; 0 = as fast as possible.",
+            help=also("Total req/s", " (--udp: datagrams/s)")
+            + " on a fixed schedule; 0 = as fast as possible.",
         ),
         click.option(
             "-d",
@@ -129,11 +149,14 @@ def load_options(f: Any) -> Any:
         ),
         click.option(
             "--pattern",
-            type=click.Choice(PATTERNS),
+            type=click.Choice(PATTERNS if udp else TCP_PATTERNS),
             default="pingpong",
             show_default=True,
-            help="Messages echoed in turn (see --pipeline); a byte stream filling the pipe "
-            "both ways (see --window); or crr: connect, one message, close, again.",
+            help=also(
+                "Messages echoed in turn (see --pipeline); a byte stream filling the pipe both "
+                "ways (see --window); or crr: connect, one message, close, again.",
+                " With --udp: pingpong (one datagram in flight per flow) or flood (--window).",
+            ),
         ),
         click.option(
             "--timeout",
@@ -150,6 +173,37 @@ def load_options(f: Any) -> Any:
             help="Daemon control socket, for server figures [env ECHOD_CONTROL].",
         ),
         click.option("-j", "--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def udp_options(f: Any) -> Any:
+    """Add the options of `bench --udp` (bench only: compare loads the TCP daemon)."""
+    options = [
+        click.option(
+            "--udp",
+            is_flag=True,
+            help="Load a UDP echo server (RFC 862) instead: -s byte datagrams on -c flows, "
+            "each its own connected socket; --pattern pingpong or flood, or -q RATE. Every "
+            "echo is checked; mismatches and duplicates exit 1.",
+        ),
+        click.option(
+            "--udp-timeout",
+            type=click.FloatRange(min=0, min_open=True, max=60),
+            default=1.0,
+            show_default=True,
+            help="Seconds a datagram has to come back before it counts as lost (one that comes "
+            "back later counts as late too).",
+        ),
+        click.option(
+            "--max-loss",
+            type=click.FloatRange(min=0, max=1),
+            default=0.001,
+            show_default=True,
+            help="Fraction of the datagrams sent that may be lost before the run fails (exit 1).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -177,4 +231,7 @@ def bench_config(kw: dict[str, Any], progress: bool) -> BenchConfig:
         window=kw["window"] or 0,
         stall_timeout=kw["stall_timeout"],
         seed=kw["seed"],
+        udp=kw.get("udp", False),
+        udp_timeout=kw.get("udp_timeout", 1.0),
+        max_loss=kw.get("max_loss", 0.001),
     )

@@ -36,6 +36,7 @@ class Progress:
     interval_s: float
     stream: bool
     emit: ProgressFn
+    udp: bool = False  # the rate is datagrams echoed
     latest: dict[int, Sample] = field(default_factory=dict)
     printed: int = 0  # the last tick printed
     last_line: dict[str, Any] | None = None
@@ -76,6 +77,7 @@ class Progress:
             "p99_us": hist.percentile(99.0) / 1000 if hist.count else None,
             "failed": sum(s.failed for s in samples),
             "stream": self.stream,
+            "udp": self.udp,
         }
         self.last_line = line
         return line

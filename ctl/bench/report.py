@@ -113,7 +113,8 @@ def latency(summary: dict[str, float]) -> str:
 
 def progress_line(line: dict[str, Any]) -> str:
     """Return one progress line: the interval's figures, summed over every worker."""
-    text = f"{line['elapsed_s']:6.1f} s  {line['qps']:>12,.0f} req/s"
+    unit = "datagrams/s" if line.get("udp") else "req/s"
+    text = f"{line['elapsed_s']:6.1f} s  {line['qps']:>12,.0f} {unit}"
     if line.get("stream"):
         text = (
             f"{line['elapsed_s']:6.1f} s  sent {line['mb_per_s_sent']:>9,.1f} MB/s  "
@@ -197,7 +198,7 @@ def render_report(r: dict[str, Any]) -> str:
         rows.append(("latency (raw)", latency(r["latency_raw_us"])))
     if not churn:  # churn's connects are inside its cycles
         rows.append(("connect", latency(r["connect_us"])))
-    rows += _cpu_rows(r)
+    rows += cpu_rows(r)
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
 
@@ -223,7 +224,7 @@ def _mismatches(r: dict[str, Any]) -> str:
     return text
 
 
-def _cpu_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+def cpu_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     client = r["cpu"]["client"]
     rows = [("client CPU", f"user {client['user_s']:.2f} s, sys {client['system_s']:.2f} s")]
     m = r["cpu"].get("machine")

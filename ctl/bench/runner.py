@@ -26,6 +26,7 @@ from echoctl.bench.pathwatch import PathWatch, StatusProbe, path_of
 from echoctl.bench.progress import Progress, ProgressFn
 from echoctl.bench.report import build_report
 from echoctl.bench.target import resolve
+from echoctl.bench.udpreport import build_udp_report
 from echoctl.bench.worker import worker_main
 from echoctl.client import ControlClient
 from echoctl.interrupt import Interrupt
@@ -80,7 +81,7 @@ def run_bench(
         p.start()
     got = _Collected()
     lines = (
-        Progress(nworkers, PROGRESS_NS / 1e9, cfg.pattern == "stream", progress)
+        Progress(nworkers, PROGRESS_NS / 1e9, cfg.pattern == "stream", progress, udp=cfg.udp)
         if progress
         else None
     )
@@ -109,7 +110,8 @@ def run_bench(
         _reap(procs)
         raise
     _reap(procs)
-    report = build_report(cfg, list(got.results.values()), got.connect, nworkers)
+    build = build_udp_report if cfg.udp else build_report
+    report = build(cfg, list(got.results.values()), got.connect, nworkers)
     report["cpu"]["machine"] = {
         **machine_after.minus(machine_before).report(),
         "cpus": cpu_count(),

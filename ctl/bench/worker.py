@@ -23,6 +23,7 @@ from echoctl.bench.messages import Counters, Done, Failed, Ready, Result, Tick
 from echoctl.bench.pingpong import run_paced, run_pingpong
 from echoctl.bench.progress import Sample
 from echoctl.bench.stream import Flow, ShortRead, Stalled
+from echoctl.bench.udp import run_udp, udp_socket
 from echoctl.sysstat import own_cpu
 
 CHECK_NS = 100_000_000  # how often the hot loop looks at the clock-driven duties
@@ -100,6 +101,10 @@ class Worker:
         opened and closed, that the target answers.
         """
         self.family, self.sockaddr = family, sockaddr
+        if self.cfg.udp:
+            for _ in range(self.nconns):  # one by one: close_all closes those made so far
+                self.socks.append(udp_socket(family, sockaddr))
+            return
         if self.cfg.pattern == "crr":
             t0 = time.monotonic_ns()
             connect(family, sockaddr, self.cfg, blocking=True).close()
@@ -270,7 +275,9 @@ def worker_main(
     if wait > 0:
         time.sleep(wait / 1e9)
     try:
-        if cfg.pattern == "crr":
+        if cfg.udp:
+            run_udp(worker)
+        elif cfg.pattern == "crr":
             run_crr(worker)
         elif cfg.uses_flow():
             Flow(worker).run()
