@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import psutil
 import structlog
 
-from echod.kernel import libbpf
+from echod.kernel import libbpf, udpcheck
 from echod.kernel.errors import NotSupported
 from echod.kernel.info import link_info, map_info, prog_info, program_figures
 from echod.kernel.objects import LoadedObject
@@ -299,6 +299,13 @@ class UdpKernelEcho(LoadedObject):
         """The per-CPU counters summed over every possible CPU."""
         totals = libbpf.percpu_totals(self._fds[COUNTERS_MAP], COUNTERS_STRUCT, self._ncpus)
         return UdpCounters._make(totals)._asdict()
+
+    def self_check(self, hosts: Sequence[str]) -> str | None:
+        """The cases of echod.kernel.udpcheck on this attached object; None, or what failed.
+
+        It is left configured for the check's private port: configure() it for real next.
+        """
+        return udpcheck.run(self, hosts)
 
     def programs(self) -> list[dict[str, Any]]:
         """Per-program figures, as KernelEcho.programs()."""

@@ -134,6 +134,7 @@ class UdpService:
         self.active = False  # between start and stop
         self.sockets: list[socket.socket] = []
         self.kernel: Any | None = None  # echod.kernel.udp.UdpKernelEcho, while attached
+        self._kernel_base: dict[str, int] = {}  # its counters once the self-check was done
         self._kernel_stack = contextlib.ExitStack()
         self.fallback_reason: str | None = None
         self.counts: dict[str, int] = dict.fromkeys((*COUNTERS, "send_errors"), 0)
@@ -189,9 +190,15 @@ class UdpService:
         module = kernel_module()
         kernel = self._kernel_stack.enter_context(module.UdpKernelEcho())
         try:
-            self._configure(kernel, config)
             for ifindex in module.devices_for(_numeric_hosts(config)):
-                kernel.attach(ifindex)
+                kernel.attach(ifindex)  # not configured yet: it passes every datagram on
+            failed = kernel.self_check(_numeric_hosts(config))
+            self._configure(kernel, config)
+            if failed is not None:
+                log.error("udp.selfcheck_failed", detail=failed)
+                raise OSError(errno.EPROTO, f"it failed its self-check: {failed}")
+            self._kernel_base = kernel.counters()  # stats count from here: not the check's
+            log.info("udp.selfcheck_passed")
         except BaseException:
             self._kernel_stack.close()
             raise
@@ -294,8 +301,14 @@ class UdpService:
         """stats.udp: each path's counters; nil while UDP is off."""
         totals = self.totals()
         if totals is not None and self.kernel is not None:
-            totals["kernel"] = self.kernel.counters()
+            totals["kernel"] = self.kernel_counts()
         return totals
+
+    def kernel_counts(self) -> dict[str, int]:
+        """The kernel path's counters since it began to serve (the self-check's left out)."""
+        assert self.kernel is not None
+        base = self._kernel_base
+        return {k: int(v) - base.get(k, 0) for k, v in self.kernel.counters().items()}
 
     def counters(self) -> dict[str, int]:
         """Flat monotonic counters, for the rates."""
@@ -304,7 +317,7 @@ class UdpService:
             out["udp_echoed_packets"] = self.counts["echoed_packets"]
             out["udp_echoed_bytes"] = self.counts["echoed_bytes"]
         if self.kernel is not None:
-            kernel = self.kernel.counters()
+            kernel = self.kernel_counts()
             for key in ("echoed_packets", "echoed_bytes"):
                 out[f"udp_kernel_{key}"] = int(kernel.get(key, 0))
         return out

@@ -267,6 +267,7 @@ class FakeKernel:
 
     def __init__(self, path: str | None = None) -> None:
         self.configured: list[tuple[Any, ...]] = []
+        self.counts = {"echoed_packets": 2, "echoed_bytes": 2, "passed_packets": 0}  # the check's
         self.ifindexes: list[int] = []
         self.closed = False
         FakeKernel.instances.append(self)
@@ -284,8 +285,11 @@ class FakeKernel:
     def attach(self, ifindex: int) -> None:
         self.ifindexes.append(ifindex)
 
+    def self_check(self, hosts: Any) -> str | None:
+        return None
+
     def counters(self) -> dict[str, int]:
-        return {"echoed_packets": 5, "echoed_bytes": 50, "passed_packets": 1}
+        return dict(self.counts)
 
     def programs(self) -> list[dict[str, Any]]:
         return [{"id": 9, "name": "udp_echo"}]
@@ -307,11 +311,16 @@ def test_a_kernel_path_plugs_in_follows_the_mode_and_the_live_settings(
     config = _config(hosts=["127.0.0.1"], udp_rate_per_source=10, allow=["127.0.0.0/8"])
     svc.start(config, "kernel")
     kernel = FakeKernel.instances[-1]
+    kernel.counts = {"echoed_packets": 7, "echoed_bytes": 52, "passed_packets": 1}
     assert kernel.configured == [(8888, [7, 13, 17, 19, 37], 10, ["127.0.0.0/8"])]
     assert kernel.ifindexes == [1]
     st = svc.status()
     assert (st["path"], st["fallback_reason"], st["kernel"]) == ("kernel", None, {"ifindexes": [1]})
-    assert svc.figures() == {"user": None, "kernel": kernel.counters()}
+    # Counted from when it began to serve: the self-check's 2 datagrams are left out.
+    assert svc.figures() == {
+        "user": None,
+        "kernel": {"echoed_packets": 5, "echoed_bytes": 50, "passed_packets": 1},
+    }
     assert svc.counters() == {"udp_kernel_echoed_packets": 5, "udp_kernel_echoed_bytes": 50}
     svc.apply(config.replace(udp_rate_per_source=20, udp_drop_ports=[19]))
     assert kernel.configured[-1] == (8888, [19], 20, ["127.0.0.0/8"])
@@ -344,3 +353,26 @@ def test_a_kernel_path_that_fails_to_attach_is_freed_and_explained(
     assert FakeKernel.instances[-1].closed
     assert svc.status()["path"] == "user"
     assert svc.status()["fallback_reason"] == "UDP kernel path unavailable: TCX is missing"
+
+
+def test_a_kernel_path_that_fails_its_self_check_is_freed_and_explained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Failing(FakeKernel):
+        def self_check(self, hosts: Any) -> str | None:
+            return "1 B to 127.0.0.1: no echo within 0.5 s"
+
+    module = types.ModuleType("echod.kernel.fake_udp")
+    module.UdpKernelEcho = Failing
+    module.devices_for = lambda hosts: [1]
+    monkeypatch.setitem(sys.modules, "echod.kernel.fake_udp", module)
+    monkeypatch.setattr(udp, "KERNEL_MODULE", "echod.kernel.fake_udp")
+    FakeKernel.instances.clear()
+    svc = UdpService(serves=False, owns_kernel=True)
+    svc.start(_config(), "kernel")
+    assert FakeKernel.instances[-1].closed
+    assert svc.status()["path"] == "user"
+    assert svc.status()["fallback_reason"] == (
+        "UDP kernel path unavailable: it failed its self-check: "
+        "1 B to 127.0.0.1: no echo within 0.5 s"
+    )
