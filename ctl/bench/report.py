@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from echoctl.bench.config import BenchConfig
@@ -14,20 +14,46 @@ from echoctl.bench.histogram import Histogram
 from echoctl.bench.messages import Counters, Result
 
 
-def build_report(
-    cfg: BenchConfig, results: list[Result], connect: Histogram, nworkers: int
-) -> dict[str, Any]:
-    """Merge the workers' figures into the report (the `--json` object of `echoctl bench`)."""
+@dataclass
+class Merged:
+    """The workers' results added up: histograms, counters, the longest run, CPU time."""
+
+    hist: Histogram
+    raw: Histogram
+    totals: dict[str, int]
+    duration: float
+    errors: int  # socket errors of every kind
+    cpu_user: float
+    cpu_sys: float
+
+
+def merge_results(results: list[Result]) -> Merged:
+    """Add the workers' results up (TCP and UDP reports alike)."""
     hist, raw = Histogram(), Histogram()
     totals = {k: sum(getattr(r.counters, k) for r in results) for k in asdict(Counters())}
     for r in results:
         hist.merge_sparse(r.hist)
         if r.raw_hist:
             raw.merge_sparse(r.raw_hist)
-    duration = max(r.elapsed_ns for r in results) / 1e9
     errors = totals["short_reads"] + totals["resets"] + totals["timeouts"] + totals["other_errors"]
-    cpu_user = sum(r.cpu_user_s for r in results)
-    cpu_sys = sum(r.cpu_system_s for r in results)
+    return Merged(
+        hist,
+        raw,
+        totals,
+        max(r.elapsed_ns for r in results) / 1e9,
+        errors,
+        sum(r.cpu_user_s for r in results),
+        sum(r.cpu_system_s for r in results),
+    )
+
+
+def build_report(
+    cfg: BenchConfig, results: list[Result], connect: Histogram, nworkers: int
+) -> dict[str, Any]:
+    """Merge the workers' figures into the report (the `--json` object of `echoctl bench`)."""
+    m = merge_results(results)
+    hist, raw, totals, duration = m.hist, m.raw, m.totals, m.duration
+    errors, cpu_user, cpu_sys = m.errors, m.cpu_user, m.cpu_sys
     requests = totals["requests"]
     report: dict[str, Any] = {
         "qps": round(requests / duration, 1),

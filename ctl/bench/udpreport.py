@@ -3,29 +3,21 @@ its human rendering (the TCP report is report.py, whose latency and CPU lines it
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from echoctl.bench.config import BenchConfig
 from echoctl.bench.histogram import Histogram
-from echoctl.bench.messages import Counters, Result
-from echoctl.bench.report import cpu_rows, latency, plural
+from echoctl.bench.messages import Result
+from echoctl.bench.report import cpu_rows, latency, merge_results, plural
 
 
 def build_udp_report(
     cfg: BenchConfig, results: list[Result], connect: Histogram, nworkers: int
 ) -> dict[str, Any]:
     """Merge the workers' figures into the report (the `--json` object of `bench --udp`)."""
-    hist, raw = Histogram(), Histogram()
-    totals = {k: sum(getattr(r.counters, k) for r in results) for k in asdict(Counters())}
-    for r in results:
-        hist.merge_sparse(r.hist)
-        if r.raw_hist:
-            raw.merge_sparse(r.raw_hist)
-    duration = max(r.elapsed_ns for r in results) / 1e9
-    errors = totals["short_reads"] + totals["resets"] + totals["timeouts"] + totals["other_errors"]
-    cpu_user = sum(r.cpu_user_s for r in results)
-    cpu_sys = sum(r.cpu_system_s for r in results)
+    m = merge_results(results)
+    hist, raw, totals, duration = m.hist, m.raw, m.totals, m.duration
+    errors, cpu_user, cpu_sys = m.errors, m.cpu_user, m.cpu_sys
     echoed, sent = totals["requests"], totals["datagrams_sent"]
     calls = sorted({n["calls"] for r in results for n in r.notes.get("udp_io", [])})
     report: dict[str, Any] = {

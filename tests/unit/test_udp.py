@@ -335,15 +335,29 @@ def test_a_kernel_path_plugs_in_follows_the_mode_and_the_live_settings(
     assert svc.status()["path"] is None
 
 
-def test_a_kernel_path_that_fails_to_attach_is_freed_and_explained(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    class Refusing(FakeKernel):
-        def attach(self, ifindex: int) -> None:
-            raise NotSupported(95, "TCX is missing")
+class Refusing(FakeKernel):
+    def attach(self, ifindex: int) -> None:
+        raise NotSupported(95, "TCX is missing")
 
+
+class FailingCheck(FakeKernel):
+    def self_check(self, hosts: Any) -> str | None:
+        return "1 B to 127.0.0.1: no echo within 0.5 s"
+
+
+@pytest.mark.parametrize(
+    ("kernel", "reason"),
+    [
+        (Refusing, "TCX is missing"),
+        (FailingCheck, "it failed its self-check: 1 B to 127.0.0.1: no echo within 0.5 s"),
+    ],
+    ids=["attach", "self-check"],
+)
+def test_a_kernel_path_that_fails_is_freed_and_explained(
+    monkeypatch: pytest.MonkeyPatch, kernel: type[FakeKernel], reason: str
+) -> None:
     module = types.ModuleType("echod.kernel.fake_udp")
-    module.UdpKernelEcho = Refusing
+    module.UdpKernelEcho = kernel
     module.devices_for = lambda hosts: [1]
     monkeypatch.setitem(sys.modules, "echod.kernel.fake_udp", module)
     monkeypatch.setattr(udp, "KERNEL_MODULE", "echod.kernel.fake_udp")
@@ -352,27 +366,4 @@ def test_a_kernel_path_that_fails_to_attach_is_freed_and_explained(
     svc.start(_config(), "kernel")
     assert FakeKernel.instances[-1].closed
     assert svc.status()["path"] == "user"
-    assert svc.status()["fallback_reason"] == "UDP kernel path unavailable: TCX is missing"
-
-
-def test_a_kernel_path_that_fails_its_self_check_is_freed_and_explained(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    class Failing(FakeKernel):
-        def self_check(self, hosts: Any) -> str | None:
-            return "1 B to 127.0.0.1: no echo within 0.5 s"
-
-    module = types.ModuleType("echod.kernel.fake_udp")
-    module.UdpKernelEcho = Failing
-    module.devices_for = lambda hosts: [1]
-    monkeypatch.setitem(sys.modules, "echod.kernel.fake_udp", module)
-    monkeypatch.setattr(udp, "KERNEL_MODULE", "echod.kernel.fake_udp")
-    FakeKernel.instances.clear()
-    svc = UdpService(serves=False, owns_kernel=True)
-    svc.start(_config(), "kernel")
-    assert FakeKernel.instances[-1].closed
-    assert svc.status()["path"] == "user"
-    assert svc.status()["fallback_reason"] == (
-        "UDP kernel path unavailable: it failed its self-check: "
-        "1 B to 127.0.0.1: no echo within 0.5 s"
-    )
+    assert svc.status()["fallback_reason"] == f"UDP kernel path unavailable: {reason}"
