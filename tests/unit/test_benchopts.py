@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 import pytest
@@ -15,6 +16,8 @@ from echoctl.bench.config import STREAM_WINDOW, BenchConfig
 from echoctl.bench.options import bench_config, load_options
 from echoctl.bench.sizes import SizeRange, parse_bytes
 from echoctl.benchcmd import bench, compare
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @pytest.mark.parametrize(
@@ -74,12 +77,12 @@ def test_a_seed_repeats_the_draws() -> None:
     assert [one() for _ in range(100)] == [two() for _ in range(100)]
 
 
-def parse(*args: str) -> BenchConfig:
-    """Parse bench options as the CLI does; return the config."""
+def parse(*args: str, options: Callable[[F], F] = load_options) -> BenchConfig:
+    """Parse bench options as the CLI does (the load options, or `options`); the config."""
     got: dict[str, Any] = {}
 
     @click.command()
-    @load_options
+    @options
     def cmd(**kw: Any) -> None:
         got["cfg"] = bench_config(kw, progress=False)
 

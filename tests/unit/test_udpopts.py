@@ -4,30 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
 import pytest
 from click.testing import CliRunner
 
 from echoctl.bench.config import BenchConfig
 from echoctl.bench.histogram import Histogram
 from echoctl.bench.messages import Counters, Result
-from echoctl.bench.options import bench_config, bench_options
+from echoctl.bench.options import bench_options
 from echoctl.bench.udpreport import build_udp_report, render_udp_report, udp_failures
 from echoctl.benchcmd import bench, compare
+from tests.unit.test_benchopts import parse as parse_options
 
 
 def parse(*args: str) -> BenchConfig:
-    got: dict[str, Any] = {}
-
-    @click.command()
-    @bench_options
-    def cmd(**kw: Any) -> None:
-        got["cfg"] = bench_config(kw, progress=False)
-
-    result = CliRunner().invoke(cmd, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    cfg = got["cfg"]
-    assert isinstance(cfg, BenchConfig)
+    """Parse with bench's own options (--udp is bench's), and check the config as bench does."""
+    cfg = parse_options(*args, options=bench_options)
     cfg.validate()
     return cfg
 
