@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
 	systemd systemd-container socat ncat netcat-openbsd strace tmux groff-base man-db
 
-.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths man \
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths userspeed man \
 	clean
 
 venv: $(STAMP)
@@ -67,6 +67,12 @@ bench: venv
 CPATHS_ARGS ?= --rounds 3 --seconds 5 --workers 1
 cpaths: venv
 	$(BIN)/python -m tests.cpaths $(PORT_FLAG) $(CPATHS_ARGS)
+
+# echod's user and kernel modes against a C epoll server (tests/cclient/epollecho.c), side by
+# side: 10 x 64 B, 1 x 64 B and connection churn (root for kernel mode; clang-14 builds both).
+USERSPEED_ARGS ?= --rounds 3 --seconds 5
+userspeed: venv
+	$(BIN)/python -m tests.userspeed $(USERSPEED_ARGS)
 
 # The long live-switch soak (root, BPF): 4 runs x 20 switches x 50 streams, 120 s each.
 SOAK_ARGS ?= --runs 4 --switches 20 --connections 50 --duration 120

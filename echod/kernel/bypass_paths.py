@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import structlog
 
@@ -64,9 +65,10 @@ class PathReaders:
 
     RETIRE_CHECK = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, on_empty: Callable[[], None] | None = None) -> None:
         # paths map id -> (paths fd, sockhash fd or -1), both owned; oldest first.
         self._fds: dict[int, tuple[int, int]] = {}
+        self._on_empty = on_empty  # called when retiring lets go of the last object
         self._timers: dict[int, asyncio.TimerHandle] = {}  # map id -> its next look
 
     def add(self, fd: int, sockets_fd: int = -1) -> None:
@@ -108,6 +110,8 @@ class PathReaders:
         else:
             del self._fds[map_id]
             _close(*fds)
+            if not self._fds and self._on_empty is not None:
+                self._on_empty()
 
     def __len__(self) -> int:
         return len(self._fds)

@@ -35,8 +35,9 @@ class Admission:
         self.config = config
         self.allow = networks(config.allow)
 
-    def refusal(self, sock: socket.socket, peer: str, active: int) -> str | None:
-        """Why sock (from peer, with `active` connections open) is refused, or None; counted."""
+    def refusal(self, fd: int, peer: str, active: int) -> str | None:
+        """Why the socket `fd` (from peer, with `active` connections open) is refused, or None;
+        counted."""
         cfg = self.config
         reason = None
         if self.allow and not allowed(self.allow, peer):
@@ -44,7 +45,7 @@ class Admission:
         elif active >= cfg.max_connections:
             reason = "max_connections"
         # fds are allocated lowest first: this socket's number counts the fds open below it.
-        elif max(sock.fileno(), active) >= self._fd_budget():
+        elif max(fd, active) >= self._fd_budget():
             reason = "fd_limit"
         elif cfg.max_connections_per_ip and self.per_ip[peer] >= cfg.max_connections_per_ip:
             reason = "per_ip"

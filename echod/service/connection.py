@@ -96,12 +96,19 @@ class Host(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run coro as a task the service owns (cancelled and awaited when it stops)."""
 
+    def admit_served(self, transport: asyncio.Transport) -> Connection | None:
+        """A connection uvloop's server accepted: its Connection, or None when refused."""
+
     async def serve_user(self, conn: Connection) -> None:
         """Serve conn on the user path."""
 
 
 class Connection:
     """One accepted connection. Owns its socket, until a user-path transport takes the fd over.
+
+    A connection that uvloop's server accepted (plain user mode, Service.accept_follow) never
+    had a socket of its own: its `sock` is the transport's view of it (uvloop's PseudoSocket:
+    options and addresses, no I/O, not ours to close) until leave_transport gives it one.
 
     There may be 100,000 of these in one daemon: slots, and no future until one is awaited.
     """
@@ -281,7 +288,7 @@ class Connection:
     async def serve_user(self) -> None:
         """Hand the socket to a uvloop transport that echoes it (UserEcho sets self.transport)."""
         transport, _ = await self.host.loop.connect_accepted_socket(
-            lambda: UserEcho(self), self.sock
+            lambda: UserEcho(self.host, self), self.sock
         )
         if self.closed:  # stopped while the transport was being made
             transport.abort()
@@ -328,38 +335,51 @@ class Connection:
         if self.transport is not None:
             self.transport.abort()  # closes the fd it took over
             self.transport = None
-        self.sock.close()  # a no-op once a transport has detached it
+        if isinstance(self.sock, socket.socket):  # not a transport's PseudoSocket
+            self.sock.close()  # a no-op once a transport has detached it
         self.host.forget(self, reason)
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
 
 class UserEcho(asyncio.Protocol):
-    """The user-space echo: write back what arrives; stop reading while the peer does not read."""
+    """The user-space echo: write back what arrives; stop reading while the peer does not read.
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.host = conn.host
+    Made either for a Connection (moved to the user path, or accepted by the service's own
+    accept) or, with none, by uvloop's server for a socket it accepted: the host admits it
+    (or refuses it) once the transport is made.
+    """
+
+    def __init__(self, host: Host, conn: Connection | None = None) -> None:
+        self.host = host
+        self.conn = conn  # admitted in connection_made when None here
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        if self.conn.closed:  # stopped before the transport was ready
+        if self.conn is None:
+            conn = self.host.admit_served(self.transport)
+            if conn is None:  # refused: the host closed the transport
+                return
+            self.conn = conn
+        elif self.conn.closed:  # stopped before the transport was ready
             self.transport.abort()
             return
-        self.conn.transport, self.conn.protocol = self.transport, self
+        conn = self.conn
+        conn.transport, conn.protocol = self.transport, self
         self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        if self.conn.out:  # echo a failed move to the kernel read but could not write yet
-            self.transport.write(bytes(self.conn.out))
-            self.conn.out.clear()
+        if conn.out:  # echo a failed move to the kernel read but could not write yet
+            self.transport.write(bytes(conn.out))
+            conn.out.clear()
 
     def data_received(self, data: bytes) -> None:
+        conn = self.conn
         assert self.transport is not None
+        assert conn is not None
         self.transport.write(data)
         self.host.count_user(len(data))
-        conn = self.conn
         if conn.ingress >= 0:
             conn.ingress += len(data)
             if conn.ingress >= INGRESS_CHECK_EVERY:
@@ -368,6 +388,7 @@ class UserEcho(asyncio.Protocol):
     def update_reading(self) -> None:
         """Read only while neither flow control nor a migration holds reading off."""
         assert self.transport is not None
+        assert self.conn is not None
         if self.write_paused or self.conn.migrating:
             self.transport.pause_reading()
         else:
@@ -386,6 +407,8 @@ class UserEcho(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is None:  # refused by admit_served
+            return
         if self.conn.transport is self.transport and self.transport is not None:
             self.conn.transport = self.conn.protocol = None
             self.conn.close(reason="reset" if exc else "eof")

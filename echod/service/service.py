@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -24,7 +24,7 @@ from echod.kernel.path import KernelPath, Watched
 from echod.kernel.sockdiag import SockDiag
 from echod.logs import RateLimited
 from echod.service.admission import Admission, bind_listener, insert_failure
-from echod.service.connection import INGRESS_LIMIT, Connection
+from echod.service.connection import INGRESS_LIMIT, Connection, UserEcho
 from echod.service.migrate import migrate_to_kernel
 from echod.service.report import Report
 from echod.service.tasks import TaskSet
@@ -33,6 +33,7 @@ from echod.service.udp import UdpService
 log = structlog.get_logger("echod.service")
 
 ACCEPT_BATCH = 64
+LISTEN_BACKLOG = 4096
 
 
 class Service(Report):
@@ -44,6 +45,11 @@ class Service(Report):
         self.maps: SocketMaps | None = None  # the sockhash and activity set, in kernel mode
         self._bpf = contextlib.ExitStack()  # holds the kernel or the maps while loaded
         self.listeners: list[socket.socket] = []
+        # How the listeners are accepted from (accept_follow): "reader" (ours), "server"
+        # (uvloop's, plain user mode), or "" (not at all); `_served` are uvloop's servers.
+        self.accepting = ""
+        self._served: list[asyncio.AbstractServer] = []
+        self._accept_gen = 0
         self.conns: set[Connection] = set()
         self.admission = Admission(config)
         self.counts: Counter[str] = Counter()
@@ -54,7 +60,8 @@ class Service(Report):
         self.reuse_port = False  # workers share the port (SO_REUSEPORT)
         self.rates: dict[str, float] = {}
         self._rates = Rates()
-        self.bypass_readers = PathReaders()  # which connections the bypass keeps in user space
+        # Which connections the bypass keeps in user space; accepting changes when it empties.
+        self.bypass_readers = PathReaders(on_empty=self.accept_follow)
         self._diag: SockDiag | None = None  # looks at ingress-path clients' queues
         # Every task the service starts (a connection's drain, a move to the user path);
         # stop cancels and awaits what is left.
@@ -84,6 +91,7 @@ class Service(Report):
         self.bypass_readers.add(os.dup(bypass.paths_fd), os.dup(bypass.sockets_fd))
         self.bypass_readers.retire(self.loop, keep_newest=True)
         self._mark_listeners()
+        self.accept_follow()
 
     def _bypass_detached(self) -> None:
         self.bypass_readers.retire(self.loop, keep_newest=False)
@@ -106,19 +114,77 @@ class Service(Report):
             sock = bind_listener(host, self.config.port, reuse_port=self.reuse_port)
             try:
                 self.bypass_readers.mark(sock)  # before listen: every connection carries it
-                sock.listen(4096)
+                sock.listen(LISTEN_BACKLOG)
                 sock.setblocking(False)
             except OSError:
                 sock.close()
                 raise
             self.listeners.append(sock)
-            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+        self.accept_follow()
 
     def _close_listeners(self) -> None:
+        self._accept_with("")
         for sock in self.listeners:
-            self.loop.remove_reader(sock.fileno())
             sock.close()
         self.listeners.clear()
+
+    def accept_follow(self) -> None:
+        """Accept the way the mode needs.
+
+        Plain user mode lets uvloop's server accept (accept, transport and protocol made in C;
+        UserEcho admits each connection through admit_served): connection set-up costs half
+        the Python work of our own accept. Kernel mode needs our accept (_on_accept: each
+        socket enters the sockhash before any byte is read), and so does user mode while a
+        bypass object is held (each socket's path is looked up as it is accepted).
+        """
+        if not self.listeners:
+            want = ""
+        elif self.mode == "user" and not len(self.bypass_readers):
+            want = "server"
+        else:
+            want = "reader"
+        if want != self.accepting:
+            self._accept_with(want)
+
+    def _accept_with(self, how: str) -> None:
+        """Stop accepting the current way, then start the new one (accept_follow)."""
+        if self.accepting == "reader":
+            for sock in self.listeners:
+                self.loop.remove_reader(sock.fileno())
+        for server in self._served:
+            server.close()  # closes its dup of the listener: the listener stays
+        self._served.clear()
+        self._accept_gen += 1
+        self.accepting = how
+        if how == "reader":
+            for sock in self.listeners:
+                self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+        elif how == "server":
+            # Queued connections wait in the listen backlog until the servers run.
+            self.spawn(self._serve(self._accept_gen))
+
+    async def _serve(self, gen: int) -> None:
+        """uvloop's servers on dups of the listeners (for generation `gen` of accept_follow)."""
+        served: list[asyncio.AbstractServer] = []
+        try:
+            for sock in self.listeners:
+                served.append(
+                    await self.loop.create_server(
+                        lambda: UserEcho(self), sock=sock.dup(), backlog=LISTEN_BACKLOG
+                    )
+                )
+        except OSError as exc:
+            self._log_limited("accept.server_failed", error=str(exc))
+            for server in served:
+                server.close()
+            if gen == self._accept_gen:
+                self._accept_with("reader")
+            return
+        if gen != self._accept_gen:  # accept_follow changed its mind meanwhile
+            for server in served:
+                server.close()
+            return
+        self._served = served
 
     async def stop(self, grace: float | None = None) -> ProcessStatus:
         """Stop accepting, close every connection within the grace period, unload BPF."""
@@ -162,6 +228,7 @@ class Service(Report):
 
     async def _switch(self, old: str | None) -> tuple[int, int]:
         """To kernel: move the user-path connections in; to user: unload once unused."""
+        self.accept_follow()  # new connections first: they take the new mode's way at once
         moved = 0
         if self.mode == "kernel" and old != "kernel":
             assert self.maps is not None
@@ -199,17 +266,14 @@ class Service(Report):
         self.loop.call_later(0.1, resume)
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
-        reason = self.admission.refusal(sock, peer, len(self.conns))
+        reason = self.admission.refusal(sock.fileno(), peer, len(self.conns))
         if reason is not None:
             self._log_limited("conn.refused", peer=peer, reason=reason)
             sock.close()
             return
         # TCP_NODELAY and SO_OOBINLINE come from the listener (accepted sockets inherit them).
         sock.setblocking(False)
-        conn = Connection(self, sock, peer)
-        self.conns.add(conn)
-        self.admission.admitted(peer)
-        self.counts["accepted"] += 1
+        conn = self._admitted(sock, peer)
         ingress = self.bypass_readers.user_only(sock)
         if ingress:
             conn.ingress = 0  # its echo goes straight into the client: bounded by check_ingress
@@ -225,6 +289,26 @@ class Service(Report):
                 self.insert_failed[reason] += 1
                 self._log_limited("conn.insert_failed", peer=peer, reason=reason)
         self.spawn(self.serve_user(conn))
+
+    def admit_served(self, transport: asyncio.Transport) -> Connection | None:
+        """Host.admit_served: the same rules as _admit, for a socket uvloop's server accepted."""
+        # uvloop's PseudoSocket: options and addresses of the transport's socket (Connection).
+        sock = cast(socket.socket, transport.get_extra_info("socket"))
+        peername = transport.get_extra_info("peername")
+        peer = sys.intern(peername[0]) if peername else "unknown"
+        reason = self.admission.refusal(sock.fileno(), peer, len(self.conns))
+        if reason is not None:
+            self._log_limited("conn.refused", peer=peer, reason=reason)
+            transport.close()
+            return None
+        return self._admitted(sock, peer)
+
+    def _admitted(self, sock: socket.socket, peer: str) -> Connection:
+        conn = Connection(self, sock, peer)
+        self.conns.add(conn)
+        self.admission.admitted(peer)
+        self.counts["accepted"] += 1
+        return conn
 
     async def serve_user(self, conn: Connection) -> None:
         """Serve conn on the user path; a failure closes it (and is logged, rate-limited)."""

@@ -66,6 +66,7 @@ class WorkerService(Service):
             self.bypass_readers.add(fds.pop("bypass_paths"), fds.pop("bypass_sockets"))
             self.bypass_readers.retire(self.loop, keep_newest=True)
             self._mark_listeners()
+            self.accept_follow()
         elif not bypass:
             self.bypass_readers.retire(self.loop, keep_newest=False)
         if {"sockets_fd", "active_fd", "counters_fd"} <= fds.keys():

@@ -73,9 +73,20 @@ print(json.dumps({"sent": sent, "outcome": outcome, "peak_pages": peak}))
 """
 
 
-def test_an_unprivileged_client_cannot_take_the_hosts_tcp_memory(echod_factory: Factory) -> None:
-    """user + bypass: the echo redirected into a never-reading client is bounded (8 MiB)."""
-    d = echod_factory(mode="user", args=["--bypass"])
+@pytest.mark.parametrize("bypass", ["at_start", "turned_on_live"])
+def test_an_unprivileged_client_cannot_take_the_hosts_tcp_memory(
+    echod_factory: Factory, bypass: str
+) -> None:
+    """user + bypass: the echo redirected into a never-reading client is bounded (8 MiB).
+
+    Turned on live, the bypass also moves accepting from uvloop's server (plain user mode)
+    to echod's own accept, which looks up each new connection's path.
+    """
+    d = echod_factory(mode="user", args=["--bypass"] if bypass == "at_start" else [])
+    if bypass == "turned_on_live":
+        with connect("127.0.0.1", d.port) as sock:  # served before: accepted by uvloop
+            roundtrip(sock, b"before")
+        d.call("restart", {"bypass": True})
     before = tcp_mem_pages()
     done = as_nobody(NEVER_READS, str(d.port))
     assert done.returncode == 0, done.stderr
