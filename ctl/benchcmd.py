@@ -19,8 +19,9 @@ from echoctl.bench.report import failures, progress_line, render_report
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import control_target
 from echoctl.bench.udpreport import render_udp_report, udp_failures
-from echoctl.compare import BYPASS_SUFFIX, CompareConfig, CompareError
+from echoctl.compare import CompareConfig
 from echoctl.compare import run_compare as _run_compare
+from echoctl.comparepaths import BYPASS_SUFFIX, CompareError
 from echoctl.comparerender import plot, render_sweep, render_table
 from echoctl.interrupt import (
     EXIT_INTERRUPTED,
@@ -108,18 +109,20 @@ def bench(ctx: click.Context, **kw: Any) -> None:
         raise click.exceptions.Exit(EXIT_ERROR)
 
 
-def _check_udp(ctx: click.Context, kw: dict[str, Any]) -> None:
-    """Refuse the options --udp has no use for, and the UDP ones without --udp."""
+def _check_udp(ctx: click.Context, kw: dict[str, Any], control: bool = False) -> None:
+    """Refuse the options --udp has no use for, and the UDP ones without --udp; `control`:
+    --control is the daemon to switch (compare), not one whose figures to show (bench)."""
     if not kw["udp"]:
         for name in ("udp_timeout", "max_loss"):
             if _given(ctx, name):
                 raise ValueError(f"--{name.replace('_', '-')} needs --udp")
         return
-    control_given = ctx.get_parameter_source("control") == ParameterSource.COMMANDLINE
-    if control_given or _given(ctx, "stall_timeout"):
-        # The daemon's figures are TCP's; --udp loads the --host and --port given, and
+    if _given(ctx, "stall_timeout"):
+        raise ValueError("--stall-timeout is for TCP, not --udp")
+    if not control and ctx.get_parameter_source("control") == ParameterSource.COMMANDLINE:
+        # The daemon's figures are TCP's; bench --udp loads the --host and --port given, and
         # ignores an ECHOD_CONTROL in the environment.
-        raise ValueError("--control and --stall-timeout are for TCP, not --udp")
+        raise ValueError("--control is for TCP, not bench --udp (compare --udp takes it)")
 
 
 def _bench_target(
@@ -148,14 +151,15 @@ def _bench_target(
     "--modes",
     default="user,kernel",
     show_default=True,
-    help="Paths, in run order: user, user+bypass, kernel, kernel+bypass.",
+    help="Paths, in run order: user, user+bypass, kernel, kernel+bypass (with --udp: user, "
+    "kernel).",
 )
 @click.option(
     "--bypass",
     "with_bypass",
     is_flag=True,
     help="Add each mode's +bypass path after it: four paths, as in Intel's istio-tcpip-bypass "
-    "experiment (sockmap between same-host sockets).",
+    "experiment (sockmap between same-host sockets; TCP only).",
 )
 @click.option(
     "--repeat",
@@ -164,7 +168,12 @@ def _bench_target(
     show_default=True,
     help="Runs per mode, alternated A B A B; the table shows medians.",
 )
-@click.option("--sizes", default="", help="Comma-separated sizes for a 1-connection sweep.")
+@click.option(
+    "--sizes",
+    default="",
+    help="Comma-separated sizes for a sweep on one connection (--udp: one flow; ping-pong and "
+    "flood).",
+)
 @click.option(
     "--sweep-duration",
     type=click.FloatRange(min=0, min_open=True, max=600),
@@ -176,7 +185,8 @@ def _bench_target(
     "--spawn",
     is_flag=True,
     help="Start a private echod for the comparison, on --host and --port when given "
-    "(default 127.0.0.1 and a free port).",
+    "(default 127.0.0.1 and a free port); with --udp, it echoes UDP with no rate limit per "
+    "source.",
 )
 @click.option(
     "--plot",
@@ -186,7 +196,8 @@ def _bench_target(
 )
 @click.pass_context
 def compare(ctx: click.Context, **kw: Any) -> None:
-    """Run the same load against each daemon mode and report medians and the change in %."""
+    """Run the same load against each daemon path (TCP's, or UDP's with --udp) and report
+    medians and the change in %; exit 1 on any error."""
     as_json = kw["as_json"] or _group_json(ctx)
     plot_path = kw["plot_path"]
     try:
@@ -205,6 +216,7 @@ def compare(ctx: click.Context, **kw: Any) -> None:
         if plot_path and not cfg.sizes:
             raise ValueError("--plot draws the size sweep: give --sizes too")
         cfg.validate()
+        _check_udp(ctx, kw, control=True)
         if plot_path:
             _check_plot_path(plot_path)
     except (ValueError, click.BadParameter) as exc:

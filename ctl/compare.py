@@ -1,46 +1,47 @@
 """Compare echod's paths: the same load against each in turn, medians over repeats.
 
-A path is a mode, with or without the same-host bypass: user, user+bypass, kernel and
-kernel+bypass (the short circuit). Replaces the old benchmark.sh. Paths alternate (A B A B
-...) so slow drift of a shared machine lands on every path alike; each figure reported is the
-median of the repeats.
+A TCP path is a mode, with or without the same-host bypass: user, user+bypass, kernel and
+kernel+bypass (the short circuit); with --udp the paths are UDP's, user and kernel (TCX).
+Replaces the old benchmark.sh. Paths alternate (A B A B ...) so slow drift of a shared machine
+lands on every path alike; each figure reported is the median of the repeats. What differs
+between TCP and UDP (switching, the check that a run took its path, what fails it) is a
+`Paths` (comparepaths.py, compareudp.py).
 """
 
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from echoctl.bench.config import BenchConfig, BenchError
 from echoctl.bench.pathwatch import StatusProbe, control_status
-from echoctl.bench.report import failures
+from echoctl.bench.report import plural
 from echoctl.bench.runner import control_probe, run_bench
 from echoctl.bench.target import status_target
-from echoctl.client import ControlClient
 from echoctl.comparefigures import change_pct, summarize, sweep_summary
+from echoctl.comparepaths import (
+    SWITCH_TIMEOUT,
+    CompareError,
+    Paths,
+    TcpPaths,
+    control_call,
+    split_path,
+)
+from echoctl.compareudp import UdpPaths
 from echoctl.interrupt import Interrupt
 from echoctl.spawn import SpawnError, private_echod
 from echoctl.sysstat import cpu_count
 from echod.config.schema import EFFECTIVE_MODES
 
-SWITCH_TIMEOUT = 60.0
-BYPASS_SUFFIX = "+bypass"
-# What --modes may name: each effective mode, alone or with the bypass.
-PATHS = tuple(p for m in reversed(EFFECTIVE_MODES) for p in (m, m + BYPASS_SUFFIX))
-
 Say = Callable[[str], None]
-
-
-class CompareError(Exception):
-    """The comparison could not be done; the message is one line."""
 
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """What to compare: modes, repeats, the load, and an optional size sweep."""
+    """What to compare: modes, repeats, the load (TCP, or UDP's with bench.udp), and an
+    optional size sweep."""
 
     bench: BenchConfig
     modes: tuple[str, ...] = tuple(reversed(EFFECTIVE_MODES))  # user first, then kernel
@@ -54,10 +55,13 @@ class CompareConfig:
     host: str | None = None
     port: int | None = None
 
+    def paths(self) -> Paths:
+        """Return what the paths compared are: TCP's, or UDP's with --udp."""
+        return UdpPaths() if self.bench.udp else TcpPaths()
+
     def validate(self) -> None:
         """Raise ValueError when the configuration makes no sense."""
-        if not self.modes or any(m not in PATHS for m in self.modes):
-            raise ValueError(f"modes must be a list of {', '.join(PATHS)}")
+        self.paths().validate(self.modes, self.sizes)
         if len(set(self.modes)) != len(self.modes):
             raise ValueError("each mode may appear once")
         if self.repeat < 1:
@@ -67,48 +71,6 @@ class CompareConfig:
         if not self.spawn and not self.control:
             raise ValueError("give --control SOCK (or ECHOD_CONTROL), or --spawn")
         self.bench.validate()
-
-
-# ---------------------------------------------------------------------------------------------
-# The daemon: a private one, or the one behind --control; switching its mode
-
-
-def control_call(
-    path: str, method: str, params: dict[str, Any] | None = None, timeout: float = 10.0
-) -> Any:
-    """Call one control method; every failure becomes a one-line CompareError."""
-    try:
-        with ControlClient(path, timeout=timeout) as client:
-            return client.call(method, params)
-    except Exception as exc:  # ControlError, OSError
-        raise CompareError(f"control {method} on {path}: {exc}") from exc
-
-
-def split_path(path: str) -> tuple[str, bool]:
-    """A path's mode, and whether the bypass is on: "kernel+bypass" -> ("kernel", True)."""
-    mode = path.removesuffix(BYPASS_SUFFIX)
-    return mode, mode != path
-
-
-def switch_mode(control: str, path: str) -> dict[str, Any]:
-    """Restart the daemon onto `path`, then check that `status` shows that mode and bypass."""
-    mode, bypass = split_path(path)
-    control_call(control, "restart", {"mode": mode, "bypass": bypass}, timeout=SWITCH_TIMEOUT)
-    deadline = time.monotonic() + SWITCH_TIMEOUT
-    while True:
-        status: dict[str, Any] = control_call(control, "status")
-        if status.get("state") == "serving":
-            if status.get("mode") != mode:
-                reason = status.get("fallback_reason") or "no reason given"
-                raise CompareError(
-                    f"asked for {mode} mode, daemon runs {status.get('mode')}: {reason}"
-                )
-            if bool((status.get("bypass") or {}).get("enabled")) != bypass:
-                raise CompareError(f"asked for {path}, the daemon's bypass is not so")
-            return status
-        if time.monotonic() > deadline:
-            raise CompareError(f"daemon not serving after restart: state {status.get('state')}")
-        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,10 +94,12 @@ class _Plan:
         if self.interrupt is not None and self.interrupt.signum is not None:
             raise _Stopped
 
-    def run(self, b: BenchConfig, probe: Callable[[], dict[str, Any]], path: str) -> dict[str, Any]:
+    def run(
+        self, b: BenchConfig, probe: Callable[[], dict[str, Any]], path: str, kind: Paths
+    ) -> dict[str, Any]:
         """Bench `path`; return the report, or raise _Stopped when a signal cut it short (a
         run cut short is not counted)."""
-        report = _bench(b, probe, path, self.interrupt, self.status)
+        report = _bench(b, probe, path, self.interrupt, self.status, kind)
         if report.get("interrupted"):
             raise _Stopped
         return report
@@ -167,7 +131,8 @@ def run_compare(cfg: CompareConfig, say: Say, interrupt: Interrupt | None = None
         try:
             hosts = (cfg.host,) if cfg.host else ("127.0.0.1",)
             mode = split_path(cfg.modes[0])[0]
-            with private_echod(mode, hosts, say=say, port=cfg.port) as daemon:
+            args = cfg.paths().spawn_args
+            with private_echod(mode, hosts, args, say=say, port=cfg.port) as daemon:
                 bench = replace(cfg.bench, host=daemon.host, port=daemon.port)
                 return _run(replace(cfg, bench=bench), daemon.control, say, interrupt)
         except SpawnError as exc:
@@ -203,6 +168,7 @@ class _Stopped(Exception):
 def _run(
     cfg: CompareConfig, control: str, say: Say, interrupt: Interrupt | None = None
 ) -> dict[str, Any]:
+    cfg.paths().preflight(control)
     per_run = 1 + 2 * len(cfg.sizes)
     total = cfg.repeat * len(cfg.modes) * per_run
     plan = _Plan(total, say=say, interrupt=interrupt, status=control_status(control))
@@ -230,46 +196,58 @@ def _runs(
     failed: list[str],
 ) -> None:
     """Every run and sweep point, appended as each finishes; _Stopped ends them early."""
+    kind = cfg.paths()
+    b = cfg.bench
+    flows = plural(b.connections, "flow") if b.udp else f"{b.connections} conn"
+    shape = f"{flows} x {b.size} B, {_length(b)}"
     for rep in range(cfg.repeat):
         for mode in cfg.modes:
             plan.check()
-            switch_mode(control, mode)
-            b = cfg.bench
-            plan.step(f"{mode}: {b.connections} conn x {b.size} B, {_length(b)}, repeat {rep + 1}")
-            report = plan.run(b, probe, mode)
+            kind.switch(control, mode)
+            plan.step(f"{mode}: {shape}, repeat {rep + 1}")
+            report = plan.run(b, probe, mode, kind)
             runs.append({"mode": mode, "repeat": rep + 1, "report": report})
-            failed += [f"{mode} repeat {rep + 1}: {why}" for why in failures(report)]
+            failed += [f"{mode} repeat {rep + 1}: {why}" for why in kind.failures(report)]
             for size in cfg.sizes:
                 point = _sweep_point(cfg, mode, rep, size, probe, plan)
                 sweep.append(point)
-                for pattern in ("pingpong", "stream"):
+                for pattern in ("pingpong", kind.bulk):
                     failed += [
                         f"{mode} repeat {rep + 1}, sweep {size} B {pattern}: {why}"
-                        for why in failures(point[pattern])
+                        for why in kind.failures(point[pattern])
                     ]
 
 
 def _result(
     cfg: CompareConfig, runs: list[dict[str, Any]], sweep: list[dict[str, Any]], failed: list[str]
 ) -> dict[str, Any]:
-    summary = {m: summarize([r["report"] for r in runs if r["mode"] == m]) for m in cfg.modes}
+    b, kind = cfg.bench, cfg.paths()
+    summary = {
+        m: summarize([r["report"] for r in runs if r["mode"] == m], b.udp) for m in cfg.modes
+    }
+    load: dict[str, Any] = {
+        "connections": b.connections,
+        "size": b.size,
+        "duration_s": b.duration,
+        "rounds": None if b.duration else b.rounds,
+        "qps": b.qps,
+        "pattern": b.udp_pattern() if b.udp else b.pattern,
+    }
+    if b.udp:
+        load.update(window=b.udp_window(), udp_timeout_s=b.udp_timeout, max_loss=b.max_loss)
     return {
+        "protocol": kind.protocol,
         "modes": list(cfg.modes),
         "repeat": cfg.repeat,
-        "load": {
-            "connections": cfg.bench.connections,
-            "size": cfg.bench.size,
-            "duration_s": cfg.bench.duration,
-            "rounds": None if cfg.bench.duration else cfg.bench.rounds,
-            "qps": cfg.bench.qps,
-            "pattern": cfg.bench.pattern,
-        },
+        "load": load,
         "machine": {"kernel": platform.release(), "cpus": cpu_count()},
         "summary": summary,
         "change_pct": change_pct(cfg.modes, summary),
         "runs": runs,
         "sweep": (
-            sweep_summary(cfg.modes, cfg.sizes, cfg.sweep_duration, sweep) if cfg.sizes else None
+            sweep_summary(cfg.modes, cfg.sizes, cfg.sweep_duration, sweep, kind.bulk)
+            if cfg.sizes
+            else None
         ),
         "failures": failed,
     }
@@ -285,38 +263,16 @@ def _bench(
     path: str,
     interrupt: Interrupt | None = None,
     status: StatusProbe | None = None,
+    kind: Paths | None = None,
 ) -> dict[str, Any]:
-    mode = split_path(path)[0]
+    """Run one bench on `path` and check that it took it (TCP's paths unless `kind`)."""
     try:
         report = run_bench(b, server_probe=probe, interrupt=interrupt, status_probe=status)
     except BenchError as exc:
         raise CompareError(f"{path}: {exc}") from exc
     if report.get("interrupted"):
         return report  # cut short: not counted, so not checked
-    server = report["server"]
-    if "error" in server:
-        # Without the daemon's figures nothing shows which mode was measured.
-        raise CompareError(f"{path}: {server['error']}")
-    if server.get("mode") != mode:
-        raise CompareError(f"the daemon left {mode} mode during the run ({server.get('mode')})")
-    for change in server.get("path_changes") or []:
-        raise CompareError(
-            f"{path}: the daemon went from {change['from']} to {change['to']} during the run "
-            f"(between {change['after_s']:g} and {change['by_s']:g} s)"
-        )
-    if split_path(path)[1] and not server.get("bypass_redirects"):
-        raise CompareError(
-            f"{path}: no send took the bypass (is the load generator outside bypass_cgroup, "
-            "or on another host?)"
-        )
-    on_path = (server.get("connections_by_path") or {}).get(mode)
-    # Other clients may add to the count, so this can only catch too few, never too many.
-    # Churn holds no connection open to count: every one is new, so it takes the mode's path.
-    if b.pattern != "crr" and isinstance(on_path, int) and on_path < b.connections:
-        raise CompareError(
-            f"{mode} mode: only {on_path} of {b.connections} bench connections were on the "
-            f"{mode} path"
-        )
+    (kind or TcpPaths()).check(b, report, path)
     return report
 
 
@@ -339,10 +295,13 @@ def _sweep_point(
         warmup=0.0,
         progress=False,
     )
+    kind = cfg.paths()
     plan.check()
     plan.step(f"{mode}: sweep {size} B ping-pong, repeat {rep + 1}")
-    ping = plan.run(replace(one, pattern="pingpong"), probe, mode)
+    # A UDP ping-pong keeps one datagram in flight: --window is the flood's.
+    pingpong = replace(one, pattern="pingpong", window=0 if one.udp else one.window)
+    ping = plan.run(pingpong, probe, mode, kind)
     plan.check()
-    plan.step(f"{mode}: sweep {size} B stream, repeat {rep + 1}")
-    stream = plan.run(replace(one, pattern="stream"), probe, mode)
-    return {"mode": mode, "repeat": rep + 1, "size": size, "pingpong": ping, "stream": stream}
+    plan.step(f"{mode}: sweep {size} B {kind.bulk}, repeat {rep + 1}")
+    bulk = plan.run(replace(one, pattern=kind.bulk), probe, mode, kind)
+    return {"mode": mode, "repeat": rep + 1, "size": size, "pingpong": ping, kind.bulk: bulk}

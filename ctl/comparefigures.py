@@ -1,4 +1,9 @@
-"""The figures of `echoctl compare`: medians per path, the change in %, the size sweep."""
+"""The figures of `echoctl compare`: medians per path, the change in %, the size sweep.
+
+The rows are the same for TCP and UDP (a UDP report's `qps` is its datagrams/s); a UDP
+summary also adds up the datagrams lost, late and duplicated, and each path's echoes as the
+daemon counted them.
+"""
 
 from __future__ import annotations
 
@@ -41,11 +46,22 @@ ROWS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
 )
 
 
-def summarize(reports: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Return the median of each table row over the repeats of one mode."""
+UDP_SUMS = ("lost", "late", "duplicates", "datagrams_sent", "datagrams_echoed")
+
+
+def summarize(reports: list[dict[str, Any]], udp: bool = False) -> dict[str, float | None]:
+    """Return the median of each table row over the repeats of one mode; the counts summed."""
     out = {key: _median([get(r) for r in reports]) for key, _, get in ROWS}
     out["errors"] = sum(r["errors"] for r in reports)
     out["mismatches"] = sum(r["mismatches"] for r in reports)
+    if udp:
+        for key in UDP_SUMS:
+            out[key] = sum(r[key] for r in reports)
+        checks = [(r.get("path_check") or {}).get("daemon_echoed") or {} for r in reports]
+        for path in ("user", "kernel"):
+            # The datagrams the daemon echoed on each path; None: that path was never attached.
+            present = [c[path] for c in checks if c.get(path) is not None]
+            out[f"daemon_echoed_{path}"] = sum(present) if present else None
     return out
 
 
@@ -74,9 +90,14 @@ def _spread(values: list[float]) -> dict[str, float] | None:
 
 
 def sweep_summary(
-    modes: tuple[str, ...], sizes: tuple[int, ...], duration: float, points: list[dict[str, Any]]
+    modes: tuple[str, ...],
+    sizes: tuple[int, ...],
+    duration: float,
+    points: list[dict[str, Any]],
+    bulk: str = "stream",
 ) -> dict[str, Any]:
-    """Return per mode and size: ping-pong p50/avg latency and stream MB/s (median, min, max)."""
+    """Return per mode and size: ping-pong p50/avg latency and the MB/s of `bulk` (the stream
+    or, for UDP, the flood; median, min, max)."""
     table: dict[str, dict[str, Any]] = {}
     for mode in modes:
         table[mode] = {}
@@ -85,10 +106,10 @@ def sweep_summary(
             table[mode][str(size)] = {
                 "p50_us": _spread([p["pingpong"]["latency_us"]["p50"] for p in mine]),
                 "avg_us": _spread([p["pingpong"]["latency_us"]["avg"] for p in mine]),
-                "mb_per_s": _spread([p["stream"]["mb_per_s_received"] for p in mine]),
-                "errors": sum(p["pingpong"]["errors"] + p["stream"]["errors"] for p in mine),
+                "mb_per_s": _spread([p[bulk]["mb_per_s_received"] for p in mine]),
+                "errors": sum(p["pingpong"]["errors"] + p[bulk]["errors"] for p in mine),
                 "mismatches": sum(
-                    p["pingpong"]["mismatches"] + p["stream"]["mismatches"] for p in mine
+                    p["pingpong"]["mismatches"] + p[bulk]["mismatches"] for p in mine
                 ),
             }
-    return {"sizes": list(sizes), "duration_s": duration, "modes": table}
+    return {"sizes": list(sizes), "duration_s": duration, "bulk": bulk, "modes": table}

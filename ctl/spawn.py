@@ -9,6 +9,7 @@ daemon that fails to start is reported with the last line it wrote.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import socket
 import subprocess
@@ -36,23 +37,27 @@ def echod_binary() -> Path:
     return Path(sys.executable).parent / "echod"
 
 
-def free_port(hosts: Sequence[str] = ("127.0.0.1",)) -> int:
-    """Return a TCP port that was free on every one of `hosts` a moment ago."""
+def free_port(hosts: Sequence[str] = ("127.0.0.1",), udp: bool = False) -> int:
+    """Return a TCP port (and with `udp`, UDP port) that was free on every one of `hosts` a
+    moment ago."""
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
     for _ in range(50):
         with contextlib.ExitStack() as stack:
             first = stack.enter_context(socket.socket(_family(hosts[0])))
             first.bind((hosts[0], 0))
             port = int(first.getsockname()[1])
             try:
-                for host in hosts[1:]:
-                    other = stack.enter_context(socket.socket(_family(host)))
+                for host, kind in itertools.product(hosts, kinds):
+                    if (host, kind) == (hosts[0], socket.SOCK_STREAM):
+                        continue
+                    other = stack.enter_context(socket.socket(_family(host), kind))
                     if other.family == socket.AF_INET6:
                         other.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     other.bind((host, port))
             except OSError:
                 continue
             return port
-    raise SpawnError(f"no TCP port free on {', '.join(hosts)}")
+    raise SpawnError(f"no {'TCP and UDP' if udp else 'TCP'} port free on {', '.join(hosts)}")
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -152,7 +157,7 @@ def start(
     binary = echod_binary()
     if not binary.exists():
         raise SpawnError(f"{binary} not found: install the project (make venv) first")
-    port = port or free_port(hosts)
+    port = port or free_port(hosts, udp="--udp" in args)
     control = str(workdir / "control.sock")
     log_path = workdir / "echod.log"
     argv = [*prefix, str(binary), "--mode", mode]

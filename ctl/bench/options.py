@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from echoctl.bench.config import PATTERNS, TCP_PATTERNS, BenchConfig
+from echoctl.bench.config import PATTERNS, BenchConfig
 from echoctl.bench.sizes import SizeRange, parse_bytes
 
 
@@ -40,22 +40,30 @@ class ByteCount(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+BENCH_UDP = (
+    "Load a UDP echo server (RFC 862) instead: -s byte datagrams on -c flows, each its own "
+    "connected socket; --pattern pingpong or flood, or -q RATE. Every echo is checked; "
+    "mismatches and duplicates exit 1."
+)
+COMPARE_UDP = (
+    "Compare the UDP paths instead: user and kernel (TCX; the bypass is TCP's), with the load "
+    "of bench --udp. The daemon must echo UDP (--udp, udp = true). Every echo is checked; "
+    "mismatches, duplicates and loss above --max-loss exit 1."
+)
+
+
 def load_options(f: Any) -> Any:
-    """Add the load-shape options of compare (TCP only)."""
-    return _load_options(f, udp=False)
+    """Add the options of compare: the load shape, and --udp's (the UDP paths)."""
+    return _load_options(udp_options(f, COMPARE_UDP))
 
 
 def bench_options(f: Any) -> Any:
-    """Add the options of bench: compare's, with what they mean with --udp, and --udp's own."""
-    return _load_options(udp_options(f), udp=True)
+    """Add the options of bench: the load shape, and --udp's (a UDP echo server)."""
+    return _load_options(udp_options(f, BENCH_UDP))
 
 
-def _load_options(f: Any, udp: bool) -> Any:
-    """Add the load-shape options shared by bench and compare; `udp`: bench's, with --udp."""
-
-    def also(text: str, with_udp: str) -> str:
-        return text + with_udp if udp else text
-
+def _load_options(f: Any) -> Any:
+    """Add the load-shape options shared by bench and compare, with what they mean with --udp."""
     options = [
         click.option(
             "--host",
@@ -68,7 +76,7 @@ def _load_options(f: Any, udp: bool) -> Any:
             type=click.IntRange(1, 65535),
             default=8888,
             show_default=True,
-            help=also("Server TCP port", " (UDP with --udp)") + ".",
+            help="Server TCP port (UDP with --udp).",
         ),
         click.option(
             "-c",
@@ -76,8 +84,7 @@ def _load_options(f: Any, udp: bool) -> Any:
             type=click.IntRange(min=1),
             default=10,
             show_default=True,
-            help=also("Connections, shared among the workers", " (--udp: flows, a socket each)")
-            + ".",
+            help="Connections, shared among the workers (--udp: flows, a socket each).",
         ),
         click.option(
             "-r",
@@ -85,8 +92,8 @@ def _load_options(f: Any, udp: bool) -> Any:
             type=click.IntRange(min=1),
             default=10_000,
             show_default=True,
-            help=also("Messages per connection", ", or datagrams per flow with --udp")
-            + " (ignored with --duration).",
+            help="Messages per connection, or datagrams per flow with --udp (ignored with "
+            "--duration).",
         ),
         click.option(
             "-s",
@@ -105,11 +112,8 @@ def _load_options(f: Any, udp: bool) -> Any:
         click.option(
             "--window",
             type=ByteCount(),
-            help=also(
-                "Bytes in flight per connection [default: unbounded for ping-pong, 1M for stream]",
-                "; with --udp, datagrams in flight per flow, for flood and -q [default: 32]",
-            )
-            + ".",
+            help="Bytes in flight per connection [default: unbounded for ping-pong, 1M for "
+            "stream]; with --udp, datagrams in flight per flow, for flood and -q [default: 32].",
         ),
         click.option(
             "--stall-timeout",
@@ -129,8 +133,7 @@ def _load_options(f: Any, udp: bool) -> Any:
             "--qps",
             type=click.FloatRange(min=0),
             default=0.0,
-            help=also("Total req/s", " (--udp: datagrams/s)")
-            + " on a fixed schedule; 0 = as fast as possible.",
+            help="Total req/s (--udp: datagrams/s) on a fixed schedule; 0 = as fast as possible.",
         ),
         click.option(
             "-d",
@@ -149,14 +152,12 @@ def _load_options(f: Any, udp: bool) -> Any:
         ),
         click.option(
             "--pattern",
-            type=click.Choice(PATTERNS if udp else TCP_PATTERNS),
+            type=click.Choice(PATTERNS),
             default="pingpong",
             show_default=True,
-            help=also(
-                "Messages echoed in turn (see --pipeline); a byte stream filling the pipe both "
-                "ways (see --window); or crr: connect, one message, close, again.",
-                " With --udp: pingpong (one datagram in flight per flow) or flood (--window).",
-            ),
+            help="Messages echoed in turn (see --pipeline); a byte stream filling the pipe both "
+            "ways (see --window); or crr: connect, one message, close, again. With --udp: "
+            "pingpong (one datagram in flight per flow) or flood (--window).",
         ),
         click.option(
             "--timeout",
@@ -179,16 +180,10 @@ def _load_options(f: Any, udp: bool) -> Any:
     return f
 
 
-def udp_options(f: Any) -> Any:
-    """Add the options of `bench --udp` (bench only: compare loads the TCP daemon)."""
+def udp_options(f: Any, udp_help: str) -> Any:
+    """Add --udp (its help: `udp_help`) and the options that only --udp uses."""
     options = [
-        click.option(
-            "--udp",
-            is_flag=True,
-            help="Load a UDP echo server (RFC 862) instead: -s byte datagrams on -c flows, "
-            "each its own connected socket; --pattern pingpong or flood, or -q RATE. Every "
-            "echo is checked; mismatches and duplicates exit 1.",
-        ),
+        click.option("--udp", is_flag=True, help=udp_help),
         click.option(
             "--udp-timeout",
             type=click.FloatRange(min=0, min_open=True, max=60),

@@ -1,8 +1,9 @@
 """The echo path a daemon is on while a bench measures it: polled, so a switch mid-run shows.
 
-A path is the effective mode, with "+bypass" when the same-host bypass is on (as `compare`
-names them). `status` says both; `PathWatch` polls it in a thread for the length of a run and
-records each change with the interval in which it happened.
+A TCP path is the effective mode, with "+bypass" when the same-host bypass is on (as `compare`
+names them); a UDP path is the one `status.udp.path` names (user or kernel). `PathWatch` polls
+`status` in a thread for the length of a run and records each change with the interval in
+which it happened.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from echoctl.client import ControlClient
 
 POLL_S = 0.25
 StatusProbe = Callable[[], dict[str, Any]]
+PathOf = Callable[[dict[str, Any] | None], str | None]
 
 
 def path_of(status: dict[str, Any] | None) -> str | None:
@@ -25,6 +27,12 @@ def path_of(status: dict[str, Any] | None) -> str | None:
     if not isinstance(mode, str):
         return None
     return mode + ("+bypass" if ((status or {}).get("bypass") or {}).get("enabled") else "")
+
+
+def udp_path_of(status: dict[str, Any] | None) -> str | None:
+    """Return the path that echoes a status's UDP: "user" or "kernel"; None when UDP is off."""
+    path = ((status or {}).get("udp") or {}).get("path")
+    return path if isinstance(path, str) else None
 
 
 def control_status(path: str, timeout: float = 2.0) -> StatusProbe:
@@ -48,8 +56,15 @@ class PathWatch:
     `after_s` and on the new one at `by_s`, in seconds since the watch began.
     """
 
-    def __init__(self, status: StatusProbe, start: str | None, poll_s: float = POLL_S) -> None:
+    def __init__(
+        self,
+        status: StatusProbe,
+        start: str | None,
+        poll_s: float = POLL_S,
+        where: PathOf = path_of,
+    ) -> None:
         self.status = status
+        self.where = where
         self.start = start
         self.poll_s = poll_s
         self.changes: list[dict[str, Any]] = []
@@ -82,7 +97,7 @@ class PathWatch:
         if "error" in status:
             return
         now = round(time.monotonic() - self._t0, 2)
-        path = path_of(status)
+        path = self.where(status)
         if path is not None and path != self._last:
             change = {"from": self._last, "to": path, "after_s": self._last_seen, "by_s": now}
             self.changes.append(change)

@@ -22,11 +22,11 @@ from typing import Any
 from echoctl.bench.config import MAX_RUN_S, PROGRESS_NS, BenchConfig, BenchError
 from echoctl.bench.histogram import Histogram
 from echoctl.bench.messages import Done, Failed, Message, Ready, Result, Tick
-from echoctl.bench.pathwatch import PathWatch, StatusProbe, path_of
+from echoctl.bench.pathwatch import PathWatch, StatusProbe, path_of, udp_path_of
 from echoctl.bench.progress import Progress, ProgressFn
 from echoctl.bench.report import build_report
 from echoctl.bench.target import resolve
-from echoctl.bench.udpreport import build_udp_report
+from echoctl.bench.udpreport import build_udp_report, udp_delta
 from echoctl.bench.worker import worker_main
 from echoctl.client import ControlClient
 from echoctl.interrupt import Interrupt
@@ -56,7 +56,8 @@ def run_bench(
     """Run one benchmark and return the report (the `--json` object).
 
     With `status_probe` (and `server_probe`), the daemon's path is polled while measuring, and
-    the report's `server` says where it started, where it ended, and when it changed.
+    the report's `server` says where it started, where it ended, and when it changed (with
+    --udp: the path that echoes UDP, and each path's UDP counters moved during the run).
 
     With `interrupt`, a signal once measuring has begun stops the workers and the report covers
     what was measured until then, with `interrupted` naming the signal.
@@ -97,7 +98,8 @@ def run_bench(
         machine_before = machine_cpu()
         if server_probe and cfg.warmup:
             server_before = server_probe()
-        watch = PathWatch(status_probe or dict, path_of(server_before))
+        where = udp_path_of if cfg.udp else path_of
+        watch = PathWatch(status_probe or dict, where(server_before), where=where)
         with watch if status_probe and server_probe else contextlib.nullcontext():
             _await_done(cfg, out, procs, got, lines)
         machine_after = machine_cpu()
@@ -117,7 +119,7 @@ def run_bench(
         "cpus": cpu_count(),
     }
     if server_probe:
-        report["server"] = server_delta(server_before, server_after, watch.changes)
+        report["server"] = server_delta(server_before, server_after, watch.changes, cfg.udp)
     if interrupt is not None and interrupt.name:
         report["interrupted"] = interrupt.name
     return report
@@ -195,14 +197,16 @@ def server_delta(
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
     changes: list[dict[str, Any]] | None = None,
+    udp: bool = False,
 ) -> dict[str, Any]:
     """Return the daemon's path (at the start, at the end, each change between) and its CPU and
-    context-switch deltas between two probes."""
+    context-switch deltas between two probes; with `udp`, the UDP path and its counters'."""
     if not before or not after or "error" in before or "error" in after:
         return {"error": (after or before or {}).get("error", "no server figures")}
+    where = udp_path_of if udp else path_of
     out: dict[str, Any] = {
-        "path_start": path_of(before),
-        "path_end": path_of(after),
+        "path_start": where(before),
+        "path_end": where(after),
         "path_changes": changes or [],
         "mode": after.get("mode"),
         "requested_mode": after.get("requested_mode"),
@@ -225,6 +229,8 @@ def server_delta(
             b1.get(k, 0) - b0.get(k, 0) for k in ("short_msgs", "ingress_msgs")
         )
         out["bypass_failures"] = b1.get("redirect_failures", 0) - b0.get("redirect_failures", 0)
+    if udp:
+        out["udp"] = udp_delta(before.get("udp_counters"), after.get("udp_counters"))
     return out
 
 
@@ -238,8 +244,13 @@ def control_probe(path: str, timeout: float = 5.0) -> ServerProbe:
                 stats = client.call("stats")
         except Exception as exc:  # ControlError or OSError: report it; the bench still counts
             return {"error": f"control socket {path}: {exc}"}
-        process = stats.get("process", {}) if isinstance(stats, dict) else {}
-        bypass = stats.get("bypass") if isinstance(stats, dict) else None
-        return {**status, "process": process, "bypass_counters": bypass}
+        if not isinstance(stats, dict):
+            stats = {}
+        return {
+            **status,
+            "process": stats.get("process", {}),
+            "bypass_counters": stats.get("bypass"),
+            "udp_counters": stats.get("udp"),  # each path's, nil while UDP is off
+        }
 
     return probe

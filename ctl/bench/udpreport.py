@@ -70,6 +70,26 @@ def build_udp_report(
     return report
 
 
+UDP_PATHS = ("user", "kernel")
+
+
+def udp_delta(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> dict[str, dict[str, int] | None]:
+    """Return what each UDP path's counters (`stats.udp`) moved by between two probes.
+
+    A path counted at only one of them (the kernel path is counted while attached) is None.
+    """
+    out: dict[str, dict[str, int] | None] = {}
+    for path in UDP_PATHS:
+        c0, c1 = (before or {}).get(path), (after or {}).get(path)
+        if not isinstance(c0, dict) or not isinstance(c1, dict):
+            out[path] = None
+            continue
+        out[path] = {k: int(v) - int(c0.get(k, 0)) for k, v in c1.items()}
+    return out
+
+
 def udp_failures(report: dict[str, Any]) -> list[str]:
     """Return why a finished --udp run counts as failed (exit status 1); empty when it passed.
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from echoctl import benchcmd
 from echoctl.bench.config import BenchConfig
 from echoctl.benchcmd import compare
-from echoctl.compare import CompareError
 from echoctl.compare import _bench as compare_one
+from echoctl.comparepaths import CompareError
 from echoctl.comparerender import render_sweep, render_table
 from tests.integration.bench_util import echo, fake_server, target
 from tests.integration.conftest import Factory

@@ -18,7 +18,7 @@ def _bench_workers(pid: int) -> set[int]:
     return {child for child, cmdline in children(pid).items() if "echod" not in cmdline}
 
 
-def _interrupt_after_first_run(signum: int, *extra: str) -> subprocess.CompletedProcess[str]:
+def interrupt_after_first_run(signum: int, *extra: str) -> subprocess.CompletedProcess[str]:
     """A 3-run `compare --spawn` (1 s each), sent `signum` once the second run measures."""
     args = ["--spawn", "--modes", "user", "--repeat", "3", "-c", "2", "-d", "1", *extra]
     proc = subprocess.Popen(
@@ -44,7 +44,7 @@ def _interrupt_after_first_run(signum: int, *extra: str) -> subprocess.Completed
 
 
 def test_ctrl_c_prints_the_finished_runs() -> None:
-    r = _interrupt_after_first_run(signal.SIGINT)
+    r = interrupt_after_first_run(signal.SIGINT)
     assert r.returncode == 130, r
     lines = r.stdout.splitlines()
     assert lines[0] == (
@@ -58,7 +58,7 @@ def test_ctrl_c_prints_the_finished_runs() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_json_has_the_finished_runs(signum: int) -> None:
-    r = _interrupt_after_first_run(signum, "--json")
+    r = interrupt_after_first_run(signum, "--json")
     assert r.returncode == 128 + signum, r
     out = json.loads(r.stdout)
     assert out["interrupted"] == signal.Signals(signum).name

@@ -175,7 +175,7 @@ def test_pacing_needs_plain_ping_pong() -> None:
 
 def test_compare_paths_are_a_mode_and_the_bypass() -> None:
     from echoctl.benchcmd import _with_bypass
-    from echoctl.compare import PATHS, split_path
+    from echoctl.comparepaths import PATHS, split_path
 
     assert PATHS == ("user", "user+bypass", "kernel", "kernel+bypass")
     assert split_path("kernel+bypass") == ("kernel", True)

@@ -66,10 +66,35 @@ def test_bad_input_is_a_usage_error(args: list[str]) -> None:
     assert "Traceback" not in result.output
 
 
-def test_compare_has_no_flood() -> None:
+def test_compare_floods_only_with_udp() -> None:
     result = CliRunner().invoke(compare, ["--spawn", "--pattern", "flood"])
     assert result.exit_code == 2
-    assert "'flood' is not one of" in result.output
+    assert "--pattern flood needs --udp" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bypass"], "the bypass is TCP's"),
+        (["--modes", "user,kernel+bypass"], "the bypass is TCP's"),
+        (["--modes", "user,turbo"], "with --udp, modes must be a list of user, kernel"),
+        (["--stall-timeout", "3"], "--stall-timeout is for TCP"),
+        (["--pattern", "stream"], "--udp patterns are pingpong and flood"),
+        (["--sizes", "8"], "with --udp, sweep sizes are 24 to 65507 bytes"),
+    ],
+)
+def test_compare_udp_usage_errors(args: list[str], message: str) -> None:
+    """Refused before any daemon starts: exit 2 and the reason."""
+    result = CliRunner().invoke(compare, ["--udp", "--spawn", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "starting" not in result.output
+
+
+def test_compare_udp_options_need_udp() -> None:
+    result = CliRunner().invoke(compare, ["--spawn", "--max-loss", "0.01"])
+    assert result.exit_code == 2
+    assert "--max-loss needs --udp" in result.output
 
 
 def result(**counts: int) -> Result:
