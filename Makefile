@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := clang-14 llvm-14 bpftool libbpf-dev linux-libc-dev iproute2 util-linux \
 	systemd systemd-container socat ncat netcat-openbsd strace tmux groff-base man-db
 
-.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths userspeed man \
+.PHONY: venv deps run test unit integration lint bpf check-bpf bench soak manyconns cpaths userspeed udpspeed man \
 	clean
 
 venv: $(STAMP)
@@ -73,6 +73,12 @@ cpaths: venv
 USERSPEED_ARGS ?= --rounds 3 --seconds 5
 userspeed: venv
 	$(BIN)/python -m tests.userspeed $(USERSPEED_ARGS)
+
+# UDP flood, user mode against the kernel path, the client in a network namespace on CPU 0 and
+# echod on CPU 1 (root, BPF, TCX; clang-14 builds the client).
+UDPSPEED_ARGS ?= --rounds 5 --seconds 5
+udpspeed: venv
+	$(BIN)/python -m tests.udpspeed $(UDPSPEED_ARGS)
 
 # The long live-switch soak (root, BPF): 4 runs x 20 switches x 50 streams, 120 s each.
 SOAK_ARGS ?= --runs 4 --switches 20 --connections 50 --duration 120

@@ -12,6 +12,11 @@ def ip(*args: str, check: bool = True) -> None:
     subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
 
 
+def veth_name() -> str:
+    """The host's end of this process's veth pair (veth_namespace)."""
+    return f"eb{os.getpid() % 10**8}"
+
+
 @contextlib.contextmanager
 def veth_namespace() -> Iterator[tuple[str, str, str]]:
     """A network namespace joined to this one by a veth pair in 198.18.0.0/15.
@@ -19,7 +24,7 @@ def veth_namespace() -> Iterator[tuple[str, str, str]]:
     Yields (namespace, host address, namespace address); everything is removed afterwards.
     """
     n = os.getpid()
-    ns, veth = f"echod-bench-{n}", f"eb{n % 10**8}"
+    ns, veth = f"echod-bench-{n}", veth_name()
     # A /30 of its own per test process, so that concurrent runs do not collide.
     base = f"198.18.{n % 256}.{4 * ((n >> 8) % 64)}"
     prefix, last = base.rsplit(".", 1)
