@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cpaths import summary
-from tests.integration.conftest import Echod, assert_clean_exit, spawn
+from tests.integration.conftest import Echod, assert_clean_exit, free_port, spawn
 
 CCLIENT = Path(__file__).parent / "cclient"
 # name -> echod's mode and arguments (workers: the default unless named)
@@ -48,12 +47,6 @@ def build(workdir: Path, name: str, *flags: str) -> Path:
     binary = workdir / name
     subprocess.run([cc, "-O2", *flags, "-o", str(binary), str(CCLIENT / f"{name}.c")], check=True)
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_c_server(binary: Path, stack: ExitStack) -> int:

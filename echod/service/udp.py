@@ -33,6 +33,7 @@ import structlog
 from echod.config.schema import Config
 from echod.control.replies import UdpCounts, UdpFigures, UdpStatus
 from echod.kernel.errors import NotSupported
+from echod.kernel.reuseport import steer_by_source
 from echod.service.admission import allowed, bind_datagram, listen_address, networks
 from echod.service.lifecycle import resolve_listen
 
@@ -158,7 +159,11 @@ class UdpService:
             self._loop = asyncio.get_running_loop()
             try:
                 for host in config.hosts:
-                    self._open(bind_datagram(host, config.port, reuse_port=self.reuse_port))
+                    sock = bind_datagram(host, config.port, reuse_port=self.reuse_port)
+                    self._open(sock)
+                    if self.reuse_port and config.workers > 1:
+                        # One source address, one worker: its rate limit holds across them.
+                        steer_by_source(sock, config.workers)
             except OSError:
                 self._close_sockets()
                 raise

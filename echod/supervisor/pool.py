@@ -84,8 +84,9 @@ class WorkerPool(Lifecycle):
         """
         config = self.config if config is None else config
         share = math.ceil(config.max_connections * SHARE_SLACK / self.count)
-        # The bypass is the supervisor's: a worker only reads its path storage.
-        mine = config.replace(max_connections=share, workers=1, bypass=False)
+        # The bypass is the supervisor's: a worker only reads its path storage. `workers` stays:
+        # a worker's UDP sockets steer each source address to one of that many (reuseport.py).
+        mine = config.replace(max_connections=share, bypass=False)
         return dataclasses.asdict(mine)
 
     async def _spawn(self, index: int) -> WorkerProcess:

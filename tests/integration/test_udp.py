@@ -173,27 +173,37 @@ def test_allow_list_excluding_the_client_drops(echod_factory: Factory) -> None:
     assert user(d)["echoed_packets"] == 0
 
 
-def test_one_source_is_held_to_its_rate(echod_factory: Factory) -> None:
+@pytest.mark.parametrize(("workers", "ports"), [(1, 1), (2, 16)])
+def test_one_source_is_held_to_its_rate(echod_factory: Factory, workers: int, ports: int) -> None:
+    """With workers, one address sending from many ports still gets its rate, not a rate per
+    worker: SO_REUSEPORT steers every datagram of one address to one worker (reuseport.py)."""
     rate, count, chunk = 100, 1000, 50
-    d = start(echod_factory, "--udp-rate-per-source", str(rate))
+    d = start(echod_factory, "--udp-rate-per-source", str(rate), "--workers", str(workers))
     replies_ = 0
-    with client("127.0.0.1") as sock:
-        sock.setblocking(False)
+    socks = [client("127.0.0.1") for _ in range(ports)]
+    try:
+        for sock in socks:
+            sock.setblocking(False)
         began = time.monotonic()
-        for _ in range(count // chunk):  # paced, so that no socket buffer overflows
-            for _ in range(chunk):
-                sock.sendto(b"r" * 16, ("127.0.0.1", d.port))
+        for n in range(count // chunk):  # paced, so that no socket buffer overflows
+            for i in range(chunk):
+                socks[(n * chunk + i) % ports].sendto(b"r" * 16, ("127.0.0.1", d.port))
             time.sleep(0.02)
+            for sock in socks:
+                with contextlib.suppress(BlockingIOError):
+                    for _ in range(count):
+                        sock.recv(64)
+                        replies_ += 1
+        time.sleep(QUIET)
+        for sock in socks:
             with contextlib.suppress(BlockingIOError):
                 for _ in range(count):
                     sock.recv(64)
                     replies_ += 1
-        sock.settimeout(QUIET)
-        with contextlib.suppress(TimeoutError):
-            for _ in range(count):
-                sock.recv(64)
-                replies_ += 1
         elapsed = time.monotonic() - began
+    finally:
+        for sock in socks:
+            sock.close()
     # A burst of one second's worth, then the rate; one datagram of slack for the clock.
     assert rate <= replies_ <= rate + rate * elapsed + 1, (replies_, elapsed)
     wait_for(
@@ -214,9 +224,9 @@ def test_both_workers_echo_and_their_counts_add_up(echod_factory: Factory) -> No
     pids = [w["pid"] for w in st["workers"]]
     assert len(udp_sockets(pids, d.port)) == 4  # each worker its own, on both loopbacks
     assert udp_sockets([d.proc.pid], d.port) == []  # none in the supervisor
-    # Freeze worker 0: the sources SO_REUSEPORT hashes to worker 1 are answered at once, the
-    # others once worker 0 runs again. 32 sources all hashing to one worker: 1 in 2^31.
-    socks = [client("127.0.0.1") for _ in range(32)]
+    # Freeze worker 0: the source addresses steered to worker 1 (by address, reuseport.py)
+    # are answered at once, the others once worker 0 runs again.
+    socks = [client("127.0.0.1", (f"127.0.0.{i + 1}", 0)) for i in range(32)]
     try:
         os.kill(pids[0], signal.SIGSTOP)
         try:
