@@ -15,6 +15,8 @@ from echod.control.protocol import RequestError
 from echod.service.lifecycle import resolve_listen
 
 REFUSAL_REASONS = ("max_connections", "per_ip", "allow", "fd_limit")
+UDP_RCVBUF = 4 * 1024 * 1024  # bytes of receive buffer asked for each UDP socket
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h (not in Python's socket module)
 
 
 class Admission:
@@ -127,6 +129,13 @@ def bind_datagram(host: str, port: int, *, reuse_port: bool = False) -> socket.s
     family, addr = resolve_listen(host, port)
     sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
+        # Room for the datagrams that come while the event loop is busy for a moment (a mode
+        # switch loads BPF): a small datagram takes ~1 KiB of buffer, so the default ~208 KiB
+        # holds a few hundred. FORCE needs CAP_NET_ADMIN; without it net.core.rmem_max caps.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
