@@ -292,8 +292,16 @@ class Service(Report):
 
     def admit_served(self, transport: asyncio.Transport) -> Connection | None:
         """Host.admit_served: the same rules as _admit, for a socket uvloop's server accepted."""
-        # uvloop's PseudoSocket: options and addresses of the transport's socket (Connection).
-        sock = cast(socket.socket, transport.get_extra_info("socket"))
+        if self.state in ("stopping", "stopped"):  # accepted just before the servers closed
+            transport.close()
+            return None
+        try:
+            # uvloop's PseudoSocket: options and addresses of the transport's socket.
+            sock = cast(socket.socket, transport.get_extra_info("socket"))
+        except OSError as exc:  # its getsockname failed: the socket is already gone
+            self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
+            transport.abort()
+            return None
         peername = transport.get_extra_info("peername")
         peer = sys.intern(peername[0]) if peername else "unknown"
         reason = self.admission.refusal(sock.fileno(), peer, len(self.conns))
