@@ -55,8 +55,8 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--self-check",
     "self_check",
     is_flag=True,
-    help="Check every echo path on this kernel, print the result as JSON, and exit "
-    "(1 when a path fails).",
+    help="Check every echo path, and UDP's kernel path, on this kernel, print the result as "
+    "JSON, and exit (1 when one fails).",
 )
 @_setting_options
 @click.version_option(__version__, prog_name="echod")
@@ -79,14 +79,17 @@ def cli(config_file: str | None, self_check: bool, **flags: Any) -> None:
 
 
 async def _self_check(config: Config) -> int:
-    """`echod --self-check`: the four paths on a private listener, then the report on stdout."""
+    """`echod --self-check`: the four paths on a private listener and UDP's kernel path on a
+    private copy (whether or not `udp` is set: it is the kernel that is checked), then the
+    report on stdout."""
     import json
 
     from echod.service.paths import check_report
     from echod.service.selfcheck import SelfCheck
 
-    outcomes = await SelfCheck().every_path(config, None, None)
-    result = check_report(outcomes)
+    checker = SelfCheck()
+    outcomes = await checker.every_path(config, None, None)
+    result = check_report(outcomes, await checker.udp(config))
     sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     return 0 if result["passed"] else 1
 

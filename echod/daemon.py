@@ -18,7 +18,7 @@ from echod.config.schema import LIVE_KEYS, RESTART_KEYS, Config, ConfigError
 from echod.config.sources import resolve
 from echod.control.limits import check_fd_budget
 from echod.control.protocol import RequestError
-from echod.control.replies import ProcessStatus, Stats, Status
+from echod.control.replies import CheckReport, ProcessStatus, Stats, Status
 from echod.control.server import ControlServer
 from echod.service.lifecycle import Lifecycle
 from echod.service.selfcheck import SelfCheck
@@ -259,8 +259,8 @@ class Daemon:
         """Switch mode (or bypass) live (control `restart`)."""
         return await self._serving().restart(mode, bypass)
 
-    async def check(self) -> dict[str, Any]:
-        """Run the self-check of every path on a private listener (control `check`)."""
+    async def check(self) -> CheckReport:
+        """Run the self-check of every path, and of UDP's kernel path (control `check`)."""
         return await self._serving().check()
 
     async def reload(self) -> dict[str, Any]:

@@ -244,6 +244,11 @@ SCHEMA: tuple[Setting, ...] = (
         live=False, toml=None, env=None, flag="--bypass-object",
         help="Load this bypass object instead of the packaged one.", metavar="FILE",
     ),
+    Setting(
+        key="udp_object", type="str | None", default=_const(None), check=v.file_path,
+        live=False, toml=None, env=None, flag="--udp-object",
+        help="Load this UDP echo object instead of the packaged one.", metavar="FILE",
+    ),
 )  # fmt: skip
 SETTINGS = {s.key: s for s in SCHEMA}
 LIVE_KEYS = tuple(s.key for s in SCHEMA if s.live)
@@ -284,6 +289,7 @@ class Config:
     kernel_backlog_total: int = _default("kernel_backlog_total")
     bpf_object: str | None = _default("bpf_object")
     bypass_object: str | None = _default("bypass_object")
+    udp_object: str | None = _default("udp_object")
     config_file: str | None = None  # where the file layer came from; not a setting
 
     def replace(self, **changes: Any) -> Config:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import msgpack
 
 from echod.config.schema import MODES
-from echod.control.replies import ProcessStatus, Stats, Status
+from echod.control.replies import CheckReport, ProcessStatus, Stats, Status
 
 API_VERSION = 1
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2  # the first element of every frame
@@ -74,7 +74,7 @@ class ControlTarget(Protocol):
 
     async def reload(self) -> dict[str, Any]: ...
 
-    async def check(self) -> dict[str, Any]: ...
+    async def check(self) -> CheckReport: ...
 
 
 def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:

@@ -1,4 +1,4 @@
-"""The shapes of the `status` and `stats` replies (docs/protocol.md), as TypedDicts.
+"""The shapes of the `status`, `stats` and `check` replies (docs/protocol.md), as TypedDicts.
 
 The daemon builds them in a few layers, each typed here: what any service reports
 (`BaseStatus`), what one process serving connections adds (`ProcessStatus`), and what the
@@ -18,12 +18,16 @@ __all__ = [
     "BaseStatus",
     "BpfFigures",
     "ByPath",
+    "CheckCase",
+    "CheckReport",
     "ConnectionCounts",
     "ControlFigures",
     "ProcessStatus",
     "Stats",
     "Status",
     "Totals",
+    "UdpCheck",
+    "UdpCheckCase",
     "UdpCounts",
     "UdpFigures",
     "UdpStatus",
@@ -174,3 +178,38 @@ class Stats(Totals, BpfFigures):
     process: dict[str, Any]
     processes: list[dict[str, Any]]
     workers: WorkerCounts
+
+
+class CheckCase(TypedDict):
+    """One case of the TCP paths' self-check, as `check` lists them."""
+
+    name: str
+    title: str
+
+
+class UdpCheckCase(TypedDict):
+    """One case of the UDP kernel path's check: a datagram of `bytes` to `address`."""
+
+    address: str
+    bytes: int
+    result: str  # "passed" | "failed" | "not_run"
+
+
+class UdpCheck(TypedDict):
+    """`check.udp`: the UDP kernel path's check, on a private copy of its program on lo."""
+
+    result: str  # "passed" | "failed" | "not_run"
+    reason: str | None  # what failed, or why it did not run; nil when passed
+    cases: list[UdpCheckCase]
+    ms: float
+    checked_at: float | None  # Unix time; nil when never checked
+
+
+class CheckReport(TypedDict):
+    """The `check` reply, and what `echod --self-check` prints."""
+
+    kernel: str  # uname -r
+    cases: list[CheckCase]
+    paths: dict[str, dict[str, Any]]  # path -> its entry, as in status.self_check
+    udp: UdpCheck
+    passed: bool  # no path, and not UDP's kernel path, failed

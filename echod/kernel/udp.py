@@ -160,10 +160,18 @@ def _carries(addrs: list[Any], ip: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 class UdpKernelEcho(LoadedObject):
     """Open → load as a context manager; attach() links the program to devices; close() (or
-    exit) detaches every link and frees the program and maps."""
+    exit) detaches every link and frees the program and maps.
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    A `private` copy is a check's (`echoctl check`): it logs its steps at debug level and
+    leaves BPF run-time statistics alone.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, private: bool = False) -> None:
         super().__init__(str(path or default_object()))
+        self.private = private
+        self.log: Any = log.bind(private=True) if private else log
+        if private:
+            self.log.info = self.log.debug  # its comings and goings are the check's, not news
         self.prog_fd = -1
         self._program = 0  # the struct bpf_program pointer that attach_tcx takes
         self._fds: dict[str, int] = {}
@@ -188,13 +196,14 @@ class UdpKernelEcho(LoadedObject):
         self.prog_fd = obj.program_fd(PROGRAM)
         self._fds = {name: obj.map_fd(name) for name in MAPS}
         self._ncpus = libbpf.possible_cpus()
-        try:
-            # Run-time accounting is a diagnostic: lacking it must not cost the echo.
-            self._stack.enter_context(libbpf.enable_stats())
-            self.stats_enabled = True
-        except OSError as exc:
-            log.warning("bpf.stats_unavailable", error=str(exc))
-        log.info("udp.loaded", object=self.path, **self.ids())
+        if not self.private:
+            try:
+                # Run-time accounting is a diagnostic: lacking it must not cost the echo.
+                self._stack.enter_context(libbpf.enable_stats())
+                self.stats_enabled = True
+            except OSError as exc:
+                log.warning("bpf.stats_unavailable", error=str(exc))
+        self.log.info("udp.loaded", object=self.path, **self.ids())
 
     def configure(
         self,
@@ -248,7 +257,7 @@ class UdpKernelEcho(LoadedObject):
                 with contextlib.suppress(KeyError):
                     libbpf.map_delete(self._fds[name], key)
                 self._entries[name].discard(key)
-        log.info(
+        self.log.info(
             "udp.configured",
             port=port,
             drop_ports=sorted(drop_ports),
@@ -275,7 +284,9 @@ class UdpKernelEcho(LoadedObject):
                 raise NotSupported(exc.errno, why) from exc
             raise
         self._links[ifindex] = link
-        log.info("udp.attached", device=name, ifindex=ifindex, link_id=link_info(link.fd)["id"])
+        self.log.info(
+            "udp.attached", device=name, ifindex=ifindex, link_id=link_info(link.fd)["id"]
+        )
 
     def detach_all(self) -> None:
         """Close every link: no device runs the program any more. Idempotent."""
@@ -283,7 +294,7 @@ class UdpKernelEcho(LoadedObject):
             link.close()
             with contextlib.suppress(KeyError, OSError):
                 libbpf.map_delete(self._fds[DEVICES_MAP], _U32.pack(ifindex))
-            log.info("udp.detached", ifindex=ifindex)
+            self.log.info("udp.detached", ifindex=ifindex)
         self._links.clear()
 
     @property
@@ -344,4 +355,4 @@ class UdpKernelEcho(LoadedObject):
             self._fds = {}
             for entries in self._entries.values():
                 entries.clear()
-            log.info("udp.closed")
+            self.log.info("udp.closed")

@@ -7,6 +7,11 @@ lands there instead of coming back): 1 B and 1,472 B datagrams, on each loopback
 listens on, must come back whole and be counted as echoed by the program. The program turns
 a datagram around inside the sender's own send, so no wait is needed beyond a short deadline.
 
+`echoctl check` (and `echod --self-check`) runs the same cases on a private copy of the program,
+attached to lo for the time of the check (`check_targets`): it turns around only datagrams to
+its private port and passes everything else to the next program on lo (TCX_NEXT), so a copy
+that serves is left undisturbed.
+
 Only loopback addresses can be checked from here: a datagram this host sends to its own
 non-loopback address enters through lo, not through the device that carries the address.
 """
@@ -16,10 +21,20 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 CASES = (1, 1472)  # bytes: the smallest datagram, and the largest that fits a 1,500 B MTU
 TIMEOUT = 0.5  # seconds for each echo
+
+
+@dataclass
+class Result:
+    """What the cases saw: each (address, bytes) case passed, failed or not run, in the order
+    they run, and the first failure as one line (None when every case passed)."""
+
+    cases: dict[tuple[str, int], str] = field(default_factory=dict)
+    failed: str | None = None
 
 
 def targets(hosts: Sequence[str]) -> list[str]:
@@ -34,12 +49,29 @@ def targets(hosts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def run(echo: Any, hosts: Sequence[str]) -> str | None:
-    """Run the cases against `echo` (a UdpKernelEcho, attached); None, or what failed.
+def check_targets(hosts: Sequence[str]) -> list[str]:
+    """What a check on a private copy of the program covers (`echoctl check`): the loopback
+    addresses listened on, or where there is none, lo's address of each family listened on."""
+    found = targets(hosts)
+    if found or not hosts:
+        return found
+    return targets(["::" if ipaddress.ip_address(h).version == 6 else "0.0.0.0" for h in hosts])
+
+
+def planned(hosts: Sequence[str]) -> dict[tuple[str, int], str]:
+    """Every case on these addresses, not run yet."""
+    return {(host, size): "not_run" for host in hosts for size in CASES}
+
+
+def check(echo: Any, hosts: Sequence[str]) -> Result:
+    """Run the cases against `echo` (a UdpKernelEcho, attached) on targets(hosts); the first
+    that fails ends the check.
 
     `echo` is left configured for the private port: the caller configures it for real next.
     """
-    for host in targets(hosts):
+    found = targets(hosts)
+    result = Result(planned(found))
+    for host in found:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as sink:
             sink.bind((host, 0))  # the private port: passed datagrams land here, unread
@@ -47,13 +79,22 @@ def run(echo: Any, hosts: Sequence[str]) -> str | None:
             echo.configure(port, (), 0, (), hosts=[host])
             before = echo.counters()["echoed_packets"]
             for size in CASES:
-                failed = _case(family, host, port, size)
-                if failed is not None:
-                    return failed
+                result.failed = _case(family, host, port, size)
+                result.cases[(host, size)] = "passed" if result.failed is None else "failed"
+                if result.failed is not None:
+                    return result
             counted = echo.counters()["echoed_packets"] - before
             if counted != len(CASES):
-                return f"{counted} of {len(CASES)} echoes to {host} counted by the program"
-    return None
+                for size in CASES:  # the echoes came back, but not from the program
+                    result.cases[(host, size)] = "failed"
+                result.failed = f"{counted} of {len(CASES)} echoes to {host} counted by the program"
+                return result
+    return result
+
+
+def run(echo: Any, hosts: Sequence[str]) -> str | None:
+    """check(), as one line: None, or what failed."""
+    return check(echo, hosts).failed
 
 
 def _case(family: socket.AddressFamily, host: str, port: int, size: int) -> str | None:
@@ -65,9 +106,9 @@ def _case(family: socket.AddressFamily, host: str, port: int, size: int) -> str 
             sock.send(payload)
             reply = sock.recv(size + 1)
         except TimeoutError:
-            return f"{size} B to {host}: no echo within {TIMEOUT:g} s"
+            return f"{size:,} B to {host}: no echo within {TIMEOUT:g} s"
         except OSError as exc:
-            return f"{size} B to {host}: {exc.strerror or exc}"
+            return f"{size:,} B to {host}: {exc.strerror or exc}"
     if reply != payload:
-        return f"{size} B to {host}: the echo differs ({len(reply)} B back)"
+        return f"{size:,} B to {host}: the echo differs ({len(reply)} B back)"
     return None

@@ -20,10 +20,19 @@ import structlog
 from echod import __version__
 from echod.config.schema import Config
 from echod.control.protocol import RequestError
-from echod.control.replies import BaseStatus, BpfFigures, ProcessStatus, Stats, Status
+from echod.control.replies import BaseStatus, BpfFigures, CheckReport, ProcessStatus, Stats, Status
 from echod.kernel.bypass import Bypass, bypass_status
 from echod.kernel.echo import KernelEcho, bpf_status
-from echod.service.paths import Checker, Outcome, candidates, check_report, path_name, report
+from echod.service.paths import (
+    NOT_CHECKED,
+    Checker,
+    Outcome,
+    UdpOutcome,
+    candidates,
+    check_report,
+    path_name,
+    report,
+)
 
 if TYPE_CHECKING:
     from echod.service.udp import UdpService
@@ -70,6 +79,7 @@ class Lifecycle:
         self.rates: dict[str, float] = {}  # per second, over the last tick (sample)
         self.checker: Checker | None = None
         self.checks: dict[str, Outcome] = {}  # path -> its latest self-check
+        self.udp_check: UdpOutcome = NOT_CHECKED  # the UDP kernel path's, at the last `check`
         self.log: Any = log  # the self-check's private service logs its comings and goings less
 
     def base_status(self) -> BaseStatus:
@@ -272,17 +282,20 @@ class Lifecycle:
         """Take the settings that can change while serving."""
         raise NotImplementedError
 
-    async def check(self) -> dict[str, Any]:
-        """Run the self-check of every path now (control `check`); returns paths.check_report().
+    async def check(self) -> CheckReport:
+        """Run the self-check of every path, and UDP's kernel path's, now (control `check`);
+        returns paths.check_report().
 
         What is not loaded is loaded for the time of the check; the serving state is left as
-        it was. A service without a checker (a worker) has nothing to run.
+        it was (UDP's kernel path is checked on a private copy, whether UDP is on or not). A
+        service without a checker (a worker) has nothing to run.
         """
         async with self._lock:
             if self.checker is not None:
                 outcomes = await self.checker.every_path(self.config, self.kernel, self.bypass)
                 self.checks.update(outcomes)
-            return check_report(self.checks)
+                self.udp_check = await self.checker.udp(self.config)
+            return check_report(self.checks, self.udp_check)
 
     async def start(
         self, mode: str | None = None, port: int | None = None, bypass: bool | None = None

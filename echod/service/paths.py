@@ -1,4 +1,5 @@
-"""The four echo paths, the order auto tries them in, and a path's self-check result.
+"""The four echo paths, the order auto tries them in, a path's self-check result, and the UDP
+kernel path's.
 
 The self-check itself (echod.service.selfcheck) runs a private service; this module is what the
 lifecycle, the status and echoctl need to know of it, with nothing heavy imported.
@@ -10,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from echod.control.replies import CheckReport, UdpCheck
 
 if TYPE_CHECKING:
     from echod.config.schema import Config
@@ -83,6 +86,33 @@ class Outcome:
         }
 
 
+@dataclass
+class UdpOutcome:
+    """The UDP kernel path's check: passed, failed (with what failed) or not run (with why)."""
+
+    result: str  # "passed" | "failed" | "not_run"
+    reason: str | None = None
+    cases: dict[tuple[str, int], str] = field(default_factory=dict)  # (address, bytes) -> result
+    ms: float = 0.0
+    at: float | None = field(default_factory=time.time)
+
+    def to_dict(self) -> UdpCheck:
+        """What `check` and `echod --self-check` report as `udp`."""
+        return {
+            "result": self.result,
+            "reason": None if self.result == "passed" else self.reason,
+            "cases": [
+                {"address": address, "bytes": size, "result": result}
+                for (address, size), result in self.cases.items()
+            ],
+            "ms": round(self.ms, 1),
+            "checked_at": None if self.at is None else round(self.at, 3),
+        }
+
+
+NOT_CHECKED = UdpOutcome("not_run", "not checked", at=None)
+
+
 def report(outcomes: dict[str, Outcome]) -> dict[str, Any]:
     """Every path's entry, "not_run" for the ones not checked (status and `check`)."""
     return {
@@ -91,13 +121,16 @@ def report(outcomes: dict[str, Outcome]) -> dict[str, Any]:
     }
 
 
-def check_report(outcomes: dict[str, Outcome]) -> dict[str, Any]:
-    """What `check` and `echod --self-check` print: the kernel, the cases, every path."""
+def check_report(outcomes: dict[str, Outcome], udp: UdpOutcome = NOT_CHECKED) -> CheckReport:
+    """What `check` and `echod --self-check` print: the kernel, the cases, every path, UDP's
+    kernel path; passed unless one of them failed."""
+    failed = any(o.result == "failed" for o in outcomes.values()) or udp.result == "failed"
     return {
         "kernel": os.uname().release,
         "cases": [{"name": name, "title": title} for name, title in CASES.items()],
         "paths": report(outcomes),
-        "passed": not any(o.result == "failed" for o in outcomes.values()),
+        "udp": udp.to_dict(),
+        "passed": not failed,
     }
 
 
@@ -114,4 +147,8 @@ class Checker(Protocol):
         self, config: Config, kernel: KernelEcho | None, bypass: Bypass | None
     ) -> dict[str, Outcome]:
         """Check all four paths, loading for the time of the check what is not loaded."""
+        ...
+
+    async def udp(self, config: Config) -> UdpOutcome:
+        """Check the UDP kernel path on a private copy of its program, attached to lo."""
         ...

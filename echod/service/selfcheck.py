@@ -5,6 +5,10 @@ data queued before the insert, FIN handling, FIONREAD. A path is trusted only on
 listener (127.0.0.1, an ephemeral port, reachable through no map of the serving port) has
 echoed each case (echod.service.probe) exactly, on the path's own machinery: a private Service
 in the path's mode, on the BPF maps and the bypass the daemon would serve with.
+
+UDP's kernel path is checked by echod.kernel.udpcheck's cases, on a private copy of its
+program attached to lo for the time of the check (`check_udp`): a copy that serves is not
+touched, and nothing of the check's copy outlives it.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import time
 import structlog
 
 from echod.config.schema import Config
+from echod.kernel import udpcheck
 from echod.kernel.bypass import Bypass, in_cgroup
 from echod.kernel.echo import KernelEcho, SocketMaps
-from echod.service.paths import Outcome, path_name
+from echod.kernel.errors import NotSupported
+from echod.service.paths import Outcome, UdpOutcome, path_name
 from echod.service.probe import CASE_TIMEOUT, HOST, CaseFailed, Probe, cases_for
 from echod.service.service import Service
+from echod.service.udp import kernel_module, numeric_hosts
 
 log = structlog.get_logger("echod.selfcheck")
 
@@ -157,11 +164,55 @@ async def check_path(
     return outcome
 
 
-def _unavailable(name: str, what: str, exc: OSError) -> Outcome:
+def _error_text(exc: OSError) -> str:
     text = exc.strerror or str(exc)
-    if exc.filename:
-        text = f"{exc.filename}: {text}"
-    return Outcome(name, "failed", detail=f"{what} unavailable: {text}")
+    return f"{exc.filename}: {text}" if exc.filename else text
+
+
+def _unavailable(name: str, what: str, exc: OSError) -> Outcome:
+    return Outcome(name, "failed", detail=f"{what} unavailable: {_error_text(exc)}")
+
+
+def check_udp(config: Config) -> UdpOutcome:
+    """The UDP kernel path's cases on a private copy of its program, attached to lo and
+    detached and freed after (blocking: up to a TIMEOUT when a datagram goes unanswered).
+
+    Failed, with the reason, when the program cannot be loaded or attached (no TCX, say); not
+    run when this build has no UDP kernel path.
+    """
+    started = time.perf_counter()
+    hosts = udpcheck.check_targets(numeric_hosts(config))
+    outcome = UdpOutcome("passed", cases=udpcheck.planned(hosts))
+    try:
+        module = kernel_module()
+    except NotSupported as exc:
+        outcome.result, outcome.reason = "not_run", f"UDP kernel path: {_error_text(exc)}"
+        return _udp_done(outcome, started)
+    try:
+        with module.UdpKernelEcho(config.udp_object, private=True) as echo:
+            for ifindex in module.devices_for(hosts):
+                echo.attach(ifindex)  # not configured yet: it passes every datagram on
+            result = udpcheck.check(echo, hosts)
+    except OSError as exc:
+        outcome.result = "failed"
+        outcome.reason = f"UDP kernel path unavailable: {_error_text(exc)}"
+        return _udp_done(outcome, started)
+    outcome.cases = result.cases
+    if result.failed is not None:
+        outcome.result, outcome.reason = "failed", result.failed
+    return _udp_done(outcome, started)
+
+
+def _udp_done(outcome: UdpOutcome, started: float) -> UdpOutcome:
+    outcome.ms = (time.perf_counter() - started) * 1000
+    log.info(
+        "selfcheck.done",
+        path="udp",
+        result=outcome.result,
+        detail=outcome.reason,
+        ms=round(outcome.ms, 1),
+    )
+    return outcome
 
 
 class SelfCheck:
@@ -201,3 +252,7 @@ class SelfCheck:
                         config, mode, bypass if with_bypass else None, kernel
                     )
         return out
+
+    async def udp(self, config: Config) -> UdpOutcome:
+        """The UDP kernel path, on a private copy on lo; off the loop, which serves on."""
+        return await asyncio.to_thread(check_udp, config)

@@ -193,11 +193,11 @@ class UdpService:
     def attach_kernel(self, config: Config) -> None:
         """Load, configure and attach the UDP kernel path (OSError, NotSupported: not here)."""
         module = kernel_module()
-        kernel = self._kernel_stack.enter_context(module.UdpKernelEcho())
+        kernel = self._kernel_stack.enter_context(module.UdpKernelEcho(config.udp_object))
         try:
-            for ifindex in module.devices_for(_numeric_hosts(config)):
+            for ifindex in module.devices_for(numeric_hosts(config)):
                 kernel.attach(ifindex)  # not configured yet: it passes every datagram on
-            failed = kernel.self_check(_numeric_hosts(config))
+            failed = kernel.self_check(numeric_hosts(config))
             self._configure(kernel, config)
             if failed is not None:
                 log.error("udp.selfcheck_failed", detail=failed)
@@ -223,7 +223,7 @@ class UdpService:
             config.udp_drop_ports,
             config.udp_rate_per_source,
             config.allow,
-            hosts=_numeric_hosts(config),  # answer only what the user sockets would receive
+            hosts=numeric_hosts(config),  # answer only what the user sockets would receive
         )
 
     def apply(self, config: Config) -> None:
@@ -328,6 +328,6 @@ class UdpService:
         return out
 
 
-def _numeric_hosts(config: Config) -> list[str]:
+def numeric_hosts(config: Config) -> list[str]:
     """The addresses echod listens on, resolved as the listeners are."""
     return [str(resolve_listen(host, config.port)[1][0]) for host in config.hosts]

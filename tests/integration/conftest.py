@@ -18,6 +18,7 @@ from echoctl import spawn as spawn_module
 from echoctl.spawn import Daemon, SpawnError
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 HOSTS = ("127.0.0.1", "::1")
 START_TIMEOUT = 15.0
 OUR_PROGRAMS = ("echo_verdict", "bypass_sockops", "bypass_msg", "bypass_ingress", "udp_echo")
@@ -174,6 +175,19 @@ def daemon(
     assert d.status()["mode"] == request.param
     yield d
     assert_clean_exit(d)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Objects built with ECHOD_FAULT: the echo drops 1-byte messages, the bypass refuses a
+    client's first send, the UDP echo drops 1-byte datagrams (bpf/Makefile, target fault)."""
+    out = tmp_path_factory.mktemp("fault")
+    subprocess.run(
+        ["make", "-s", "-C", str(REPO / "bpf"), "fault", f"FAULT_OUT={out}"],
+        check=True,
+        capture_output=True,
+    )
+    return out
 
 
 # (mode, bypass): the four paths `echoctl compare --bypass` measures.

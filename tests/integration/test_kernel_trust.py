@@ -18,8 +18,6 @@ from tests.integration.echo_util import connect, recv_exact, roundtrip
 
 pytestmark = pytest.mark.bpf
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_python_clients_that_send_at_once_are_echoed(on_path: Echod, host: str) -> None:
@@ -159,19 +157,6 @@ def test_a_wildcard_bind_covers_local_addresses(echod_factory: Factory) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The self-check
-
-
-@pytest.fixture(scope="module")
-def faulty(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Objects built with ECHOD_FAULT: the echo drops 1-byte messages, the bypass refuses a
-    client's first send (bpf/Makefile, target fault)."""
-    out = tmp_path_factory.mktemp("fault")
-    subprocess.run(
-        ["make", "-s", "-C", str(REPO / "bpf"), "fault", f"FAULT_OUT={out}"],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 def test_status_reports_the_self_check_of_the_path_in_use(on_path: Echod) -> None:

@@ -47,3 +47,20 @@ def test_status_and_stats_have_their_typed_shapes(
     conforms(status["udp"], replies.UdpStatus, "status.udp")
     assert stats["udp"] is None  # UDP is off unless configured
     assert (stats["kernel"] is None) == (mode == "user")
+
+
+@pytest.mark.parametrize(
+    ("mode", "args"),
+    [("user", []), ("kernel", ["--workers", "2"])],
+    ids=["user", "workers+kernel"],
+)
+def test_check_has_its_typed_shape(echod_factory: Factory, mode: str, args: list[str]) -> None:
+    d = echod_factory(mode=mode, args=args)
+    report = d.call("check", timeout=120)
+    conforms(report, replies.CheckReport, "check")
+    for case in report["cases"]:
+        conforms(case, replies.CheckCase, "check.cases[]")
+    conforms(report["udp"], replies.UdpCheck, "check.udp")
+    assert report["udp"]["cases"], report["udp"]
+    for case in report["udp"]["cases"]:
+        conforms(case, replies.UdpCheckCase, "check.udp.cases[]")

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIELDS = {f.name for f in dataclasses.fields(Config)} - {
     "bpf_object",
     "bypass_object",
+    "udp_object",
     "config_file",
 }
 

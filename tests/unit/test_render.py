@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from echoctl import comparerender, render, statusrender
+from echoctl import checkcmd, comparerender, render, statusrender
 from echoctl.bench.sizes import size_label
 
 
@@ -325,3 +325,53 @@ def test_a_silent_worker_is_shown_stale() -> None:
     }
     rows = dict(line.split(None, 1) for line in statusrender.render_status(status).splitlines())
     assert rows["workers"] == "2: #0 pid 7 serving 2; #1 pid 8 serving 2 (stale: silent 3.2 s)"
+
+
+CHECK = {
+    "kernel": "6.18.44",
+    "cases": [{"name": "early_1b", "title": "send 1 B right after connect"}],
+    "paths": {
+        p: {"result": "passed", "cases": {"early_1b": "passed"}} for p in checkcmd.PATH_ORDER
+    },
+    "passed": True,
+}
+
+
+def test_check_shows_udps_kernel_path_after_the_tcp_table() -> None:
+    cases = [
+        {"address": a, "bytes": n, "result": r}
+        for (a, n), r in zip(
+            [("127.0.0.1", 1), ("127.0.0.1", 1472), ("::1", 1), ("::1", 1472)],
+            ["passed", "passed", "failed", "not_run"],
+            strict=True,
+        )
+    ]
+    reason = "1 B to ::1: no echo within 0.5 s"
+    udp = {"result": "failed", "reason": reason, "cases": cases, "ms": 510.2, "checked_at": 1.0}
+    lines = checkcmd.render_check({**CHECK, "udp": udp, "passed": False}).splitlines()
+    first = lines.index("datagram              UDP kernel path (TCX)")
+    assert lines[first - 2].split() == ["result", "PASSED", "PASSED", "PASSED", "PASSED"]
+    assert lines[first - 1] == ""
+    assert lines[first + 1 :] == [
+        "1 B to 127.0.0.1      ok",
+        "1,472 B to 127.0.0.1  ok",
+        "1 B to ::1            FAILED",
+        "1,472 B to ::1        not run",
+        "result                FAILED",
+        f"udp: failed: {reason}",
+    ]
+
+
+def test_check_of_a_daemon_without_the_udp_entry_shows_the_tcp_table_alone() -> None:
+    text = checkcmd.render_check(CHECK)
+    assert "UDP" not in text
+    assert text.splitlines()[-1].startswith("result")
+
+
+def test_check_says_why_udp_was_not_run() -> None:
+    udp = {"result": "not_run", "reason": "UDP kernel path: no UDP kernel path in this build"}
+    text = checkcmd.render_check({**CHECK, "udp": {**udp, "cases": [], "ms": 0.0}})
+    assert text.splitlines()[-2:] == [
+        "result    NOT_RUN",
+        "udp: not run: UDP kernel path: no UDP kernel path in this build",
+    ]
