@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
 import sys
@@ -23,17 +22,16 @@ from echod.kernel.echo import KernelEcho, SocketMaps
 from echod.kernel.path import KernelPath, Watched
 from echod.kernel.sockdiag import SockDiag
 from echod.logs import RateLimited
+from echod.service.accept import LISTEN_BACKLOG, Acceptor
 from echod.service.admission import Admission, bind_listener, insert_failure
-from echod.service.connection import INGRESS_LIMIT, Connection, UserEcho
+from echod.service.connection import INGRESS_LIMIT, Connection
 from echod.service.migrate import migrate_to_kernel
 from echod.service.report import Report
 from echod.service.tasks import TaskSet
 from echod.service.udp import UdpService
+from echod.service.userecho import UserEcho
 
 log = structlog.get_logger("echod.service")
-
-ACCEPT_BATCH = 64
-LISTEN_BACKLOG = 4096
 
 
 class Service(Report):
@@ -44,12 +42,6 @@ class Service(Report):
         self.loop = asyncio.get_running_loop()
         self.maps: SocketMaps | None = None  # the sockhash and activity set, in kernel mode
         self._bpf = contextlib.ExitStack()  # holds the kernel or the maps while loaded
-        self.listeners: list[socket.socket] = []
-        # How the listeners are accepted from (accept_follow): "reader" (ours), "server"
-        # (uvloop's, plain user mode), or "" (not at all); `_served` are uvloop's servers.
-        self.accepting = ""
-        self._served: list[asyncio.AbstractServer] = []
-        self._accept_gen = 0
         self.conns: set[Connection] = set()
         self.admission = Admission(config)
         self.counts: Counter[str] = Counter()
@@ -67,6 +59,10 @@ class Service(Report):
         # stop cancels and awaits what is left.
         self.tasks = TaskSet(self.loop)
         self.spawn = self.tasks.spawn  # Host.spawn
+        self.acceptor = Acceptor(
+            self.loop, self.spawn, self._admit, lambda: UserEcho(self), self._log_limited
+        )
+        self.listeners = self.acceptor.listeners  # the same list: bound here, accepted there
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -123,68 +119,17 @@ class Service(Report):
         self.accept_follow()
 
     def _close_listeners(self) -> None:
-        self._accept_with("")
-        for sock in self.listeners:
-            sock.close()
-        self.listeners.clear()
+        self.acceptor.close()
 
     def accept_follow(self) -> None:
-        """Accept the way the mode needs.
-
-        Plain user mode lets uvloop's server accept (accept, transport and protocol made in C;
-        UserEcho admits each connection through admit_served): connection set-up costs half
-        the Python work of our own accept. Kernel mode needs our accept (_on_accept: each
-        socket enters the sockhash before any byte is read), and so does user mode while a
-        bypass object is held (each socket's path is looked up as it is accepted).
-        """
-        if not self.listeners:
-            want = ""
+        """Accept the way the mode needs (echod.service.accept): uvloop's server in plain user
+        mode, the own reader in kernel mode or while a bypass object is held."""
+        if not self.acceptor.listeners:
+            self.acceptor.switch("")
         elif self.mode == "user" and not len(self.bypass_readers):
-            want = "server"
+            self.acceptor.switch("server")
         else:
-            want = "reader"
-        if want != self.accepting:
-            self._accept_with(want)
-
-    def _accept_with(self, how: str) -> None:
-        """Stop accepting the current way, then start the new one (accept_follow)."""
-        if self.accepting == "reader":
-            for sock in self.listeners:
-                self.loop.remove_reader(sock.fileno())
-        for server in self._served:
-            server.close()  # closes its dup of the listener: the listener stays
-        self._served.clear()
-        self._accept_gen += 1
-        self.accepting = how
-        if how == "reader":
-            for sock in self.listeners:
-                self.loop.add_reader(sock.fileno(), self._on_accept, sock)
-        elif how == "server":
-            # Queued connections wait in the listen backlog until the servers run.
-            self.spawn(self._serve(self._accept_gen))
-
-    async def _serve(self, gen: int) -> None:
-        """uvloop's servers on dups of the listeners (for generation `gen` of accept_follow)."""
-        served: list[asyncio.AbstractServer] = []
-        try:
-            for sock in self.listeners:
-                served.append(
-                    await self.loop.create_server(
-                        lambda: UserEcho(self), sock=sock.dup(), backlog=LISTEN_BACKLOG
-                    )
-                )
-        except OSError as exc:
-            self._log_limited("accept.server_failed", error=str(exc))
-            for server in served:
-                server.close()
-            if gen == self._accept_gen:
-                self._accept_with("reader")
-            return
-        if gen != self._accept_gen:  # accept_follow changed its mind meanwhile
-            for server in served:
-                server.close()
-            return
-        self._served = served
+            self.acceptor.switch("reader")
 
     async def stop(self, grace: float | None = None) -> ProcessStatus:
         """Stop accepting, close every connection within the grace period, unload BPF."""
@@ -239,31 +184,6 @@ class Service(Report):
         return moved, sum(1 for c in self.conns if c.path != self.mode)
 
     # -- accept ---------------------------------------------------------------------------------
-
-    def _on_accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # Paused accepts retry every 0.1 s: one line per 10 s, with the count suppressed.
-                self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accept(listener)
-                return
-            self._admit(sock, sys.intern(addr[0]))  # one string per peer address, shared
-
-    def _pause_accept(self, listener: socket.socket) -> None:
-        """Out of fds: stop accepting for a moment instead of spinning on the error."""
-        fd = listener.fileno()
-        self.loop.remove_reader(fd)
-
-        def resume() -> None:
-            if listener in self.listeners:
-                self.loop.add_reader(fd, self._on_accept, listener)
-
-        self.loop.call_later(0.1, resume)
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         reason = self.admission.refusal(sock.fileno(), peer, len(self.conns))
@@ -321,7 +241,11 @@ class Service(Report):
     async def serve_user(self, conn: Connection) -> None:
         """Serve conn on the user path; a failure closes it (and is logged, rate-limited)."""
         try:
-            await conn.serve_user()
+            transport, _ = await self.loop.connect_accepted_socket(
+                lambda: UserEcho(self, conn), conn.sock
+            )
+            if conn.closed:  # stopped while the transport was being made
+                transport.abort()
         except (OSError, ValueError) as exc:  # ValueError: closed by a stop meanwhile
             self._log_limited("conn.user_failed", peer=conn.peer, error=str(exc))
             conn.close(reason="error")
