@@ -6,7 +6,6 @@ in the shapes echod.control.replies types.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -18,13 +17,14 @@ from echod.service.admission import Admission, listen_address
 from echod.service.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
+    from echod.service.accept import Acceptor
     from echod.service.connection import Connection
 
 
 class Report(Lifecycle):
     """status, stats, counters and rates, from the fields a Service holds."""
 
-    listeners: list[socket.socket]
+    acceptor: Acceptor  # its listeners
     conns: set[Connection]
     admission: Admission
     counts: Counter[str]
@@ -41,7 +41,7 @@ class Report(Lifecycle):
         """State, modes, listen addresses, connections, BPF attach state."""
         return {
             **self.base_status(),
-            "listen": [listen_address(sock) for sock in self.listeners],
+            "listen": [listen_address(sock) for sock in self.acceptor.listeners],
             "connections": len(self.conns),
             "connections_by_path": {
                 "kernel": self.kpath.sockets,

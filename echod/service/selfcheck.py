@@ -55,7 +55,7 @@ class CheckService(Service):
     @property
     def port(self) -> int:
         """The ephemeral port the private listener got."""
-        return int(self.listeners[0].getsockname()[1])
+        return int(self.acceptor.listeners[0].getsockname()[1])
 
 
 # -- running a path ---------------------------------------------------------------------------

@@ -62,7 +62,6 @@ class Service(Report):
         self.acceptor = Acceptor(
             self.loop, self.spawn, self._admit, lambda: UserEcho(self), self._log_limited
         )
-        self.listeners = self.acceptor.listeners  # the same list: bound here, accepted there
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -94,7 +93,7 @@ class Service(Report):
 
     def _mark_listeners(self) -> None:
         """Mark the listeners in every bypass object seen (bypass_paths.mark_listener)."""
-        for sock in self.listeners:
+        for sock in self.acceptor.listeners:
             self.bypass_readers.mark(sock)
 
     def _maybe_unload(self, force: bool = False) -> None:
@@ -115,7 +114,7 @@ class Service(Report):
             except OSError:
                 sock.close()
                 raise
-            self.listeners.append(sock)
+            self.acceptor.listeners.append(sock)
         self.accept_follow()
 
     def _close_listeners(self) -> None:
