@@ -24,16 +24,18 @@ from typing import Any
 from echoctl.client import ControlClient
 from tests.integration.conftest import assert_clean_exit, spawn
 
-SOURCE = Path(__file__).parent / "cclient" / "pingpong.c"
+CCLIENT = Path(__file__).parent / "cclient"
 PATHS = (("user", False), ("user", True), ("kernel", False), ("kernel", True))
 LOADS = (10, 1)  # connections
 
 
-def build(workdir: Path) -> Path:
-    """Compile the C client (clang-14, as the BPF objects; cc when there is none)."""
+def build(workdir: Path, name: str = "pingpong") -> Path:
+    """Compile tests/cclient/NAME.c into workdir (clang-14, as the BPF objects; cc when there
+    is none): the ping-pong client, the epoll server or the UDP flood client."""
     cc = shutil.which("clang-14") or shutil.which("cc") or "clang-14"
-    binary = workdir / "pingpong"
-    subprocess.run([cc, "-O2", "-pthread", "-o", str(binary), str(SOURCE)], check=True)
+    binary = workdir / name
+    source = CCLIENT / f"{name}.c"
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(binary), str(source)], check=True)
     return binary
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,19 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from echoctl.client import ControlClient
+from tests.cpaths import build
 from tests.integration.conftest import assert_clean_exit, spawn
 from tests.integration.netns_util import veth_name, veth_namespace
 
-SOURCE = Path(__file__).parent / "cclient" / "udpflood.c"
 MODES = ("user", "kernel")
 CLIENT_CPU, SERVER_CPU = 0, 1
-
-
-def build(workdir: Path) -> Path:
-    cc = shutil.which("clang-14") or shutil.which("cc") or "clang-14"
-    binary = workdir / "udpflood"
-    subprocess.run([cc, "-O2", "-pthread", "-o", str(binary), str(SOURCE)], check=True)
-    return binary
 
 
 def steer(device: str, cpu: int, ns: str | None = None) -> None:
@@ -61,7 +53,7 @@ def cpu_busy(cpu: int) -> tuple[float, float]:
 
 def run(rounds: int, seconds: float, size: int, window: int, threads: int, workdir: Path) -> Any:
     """Every round runs the flood once in each mode; returns each run's result, by mode."""
-    client = build(workdir)
+    client = build(workdir, "udpflood")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     with veth_namespace() as (ns, host_ip, _):
         steer(veth_name(), SERVER_CPU)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +24,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.cpaths import summary
+from tests.cpaths import build, summary
 from tests.integration.conftest import Echod, assert_clean_exit, free_port, spawn
 
-CCLIENT = Path(__file__).parent / "cclient"
 # name -> echod's mode and arguments (workers: the default unless named)
 ECHODS: dict[str, tuple[str, list[str]]] = {
     "user": ("user", ["--workers", "auto"]),
@@ -39,14 +37,6 @@ ECHODS: dict[str, tuple[str, list[str]]] = {
 # load name -> pingpong arguments after the port: connections, size, and crr for churn
 LOADS = {"10x64": ["10", "64"], "1x64": ["1", "64"], "churn": ["4", "64", "crr"]}
 BASE = "c-epoll"
-
-
-def build(workdir: Path, name: str, *flags: str) -> Path:
-    """Compile one of tests/cclient (clang-14, as the BPF objects; cc when there is none)."""
-    cc = shutil.which("clang-14") or shutil.which("cc") or "clang-14"
-    binary = workdir / name
-    subprocess.run([cc, "-O2", *flags, "-o", str(binary), str(CCLIENT / f"{name}.c")], check=True)
-    return binary
 
 
 def start_c_server(binary: Path, stack: ExitStack) -> int:
@@ -78,7 +68,7 @@ def start_echod(name: str, workdir: Path, stack: ExitStack) -> int:
 def run(rounds: int, seconds: float, servers: list[str], workdir: Path) -> dict[str, Any]:
     """Every round runs every load against every server in turn; returns each run's result,
     keyed by server and load."""
-    client = build(workdir, "pingpong", "-pthread")
+    client = build(workdir, "pingpong")
     cserver = build(workdir, "epollecho")
     runs: dict[str, list[dict[str, Any]]] = {}
     with ExitStack() as stack:

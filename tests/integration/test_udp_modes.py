@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.cpaths import build
 from tests.integration.conftest import (
     Echod,
     Factory,
@@ -102,9 +103,7 @@ def test_the_c_flood_client_checks_every_datagram_on_both_paths(
     echod_factory: Factory, tmp_path: Path
 ) -> None:
     """tests/cclient/udpflood.c, the reference client of docs/benchmarks.md, builds and runs."""
-    binary = tmp_path / "udpflood"
-    source = Path(__file__).parents[1] / "cclient" / "udpflood.c"
-    subprocess.run(["clang-14", "-O2", "-pthread", "-o", binary, source], check=True)
+    binary = build(tmp_path, "udpflood")
     d = start(echod_factory, "--udp-rate-per-source", "0", mode="user")
     for mode in ("user", "kernel"):
         d.call("restart", {"mode": mode})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cpaths import build
 from tests.integration.conftest import Factory
 from tests.integration.test_udp import start
 
@@ -103,9 +104,7 @@ def test_switching_modes_under_a_udp_flood_loses_at_most_a_thousandth_of_a_secon
     """The C flood client (32 in flight, every datagram sequenced and checked) through four
     switches: no duplicate, no mismatch, and at most 0.1 % of one second's datagrams lost
     per switch."""
-    binary = tmp_path / "udpflood"
-    source = Path(__file__).parents[1] / "cclient" / "udpflood.c"
-    subprocess.run(["clang-14", "-O2", "-pthread", "-o", binary, source], check=True)
+    binary = build(tmp_path, "udpflood")
     d = start(echod_factory, "--udp-rate-per-source", "0", "--workers", workers, mode="user")
     argv = [str(binary), "127.0.0.1", str(d.port), str(SIZE), "32", "1", str(SECONDS)]
     paths = []

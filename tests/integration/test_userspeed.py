@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import userspeed
+from tests.cpaths import build
 from tests.integration.echo_util import roundtrip
 
 pytestmark = pytest.mark.bpf
@@ -32,7 +33,7 @@ def test_every_server_runs_every_load(tmp_path: Path) -> None:
 
 def test_the_c_server_echoes_exactly_and_finishes_after_fin(tmp_path: Path) -> None:
     """Large writes the client does not read at once, half-close, then the rest of the echo."""
-    binary = userspeed.build(tmp_path, "epollecho")
+    binary = build(tmp_path, "epollecho")
     with ExitStack() as stack:
         port = userspeed.start_c_server(binary, stack)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -47,7 +48,7 @@ def test_the_c_server_echoes_exactly_and_finishes_after_fin(tmp_path: Path) -> N
 
 
 def test_the_c_server_stops_on_sigterm(tmp_path: Path) -> None:
-    binary = userspeed.build(tmp_path, "epollecho")
+    binary = build(tmp_path, "epollecho")
     argv = [str(binary), str(userspeed.free_port())]
     with subprocess.Popen(argv, stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
