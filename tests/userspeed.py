@@ -8,7 +8,7 @@ connection: connect, 64 B echoed, close). Every byte is checked by the client. P
 medians and each server's ratio to the C server's. Root for kernel mode (BPF); loopback only;
 every run is bounded by --seconds.
 
-    python -m tests.userspeed --rounds 3 --seconds 5 [--servers user,user-w1,kernel]
+    python -m tests.userspeed --rounds 3 --seconds 5 [--servers user,user-w1,kernel,uvloop-min]
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ ECHODS: dict[str, tuple[str, list[str]]] = {
 # load name -> pingpong arguments after the port: connections, size, and crr for churn
 LOADS = {"10x64": ["10", "64"], "1x64": ["1", "64"], "churn": ["4", "64", "crr"]}
 BASE = "c-epoll"
+# The ceiling of a Python user path here: tests/minecho.py, uvloop with nothing else.
+MINIMAL = "uvloop-min"
 
 
-def start_c_server(binary: Path, stack: ExitStack) -> int:
-    """The C epoll server on a free port, stopped (SIGTERM) when the stack closes."""
+def start_server(argv: list[str], what: str, stack: ExitStack) -> int:
+    """A reference server (argv, then its port) on a free port, stopped (SIGTERM) when the
+    stack closes."""
     port = free_port()
-    proc = subprocess.Popen([str(binary), str(port)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*argv, str(port)], stdout=subprocess.PIPE, text=True)
     out = proc.stdout
     assert out is not None
     out.readline()  # "listening on ...": it accepts from now on
@@ -52,7 +55,7 @@ def start_c_server(binary: Path, stack: ExitStack) -> int:
         code = proc.wait(timeout=10)
         out.close()
         if code != 0:
-            raise RuntimeError(f"the C epoll server exited with {proc.returncode}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
 
     stack.callback(stop)
     return port
@@ -72,8 +75,12 @@ def run(rounds: int, seconds: float, servers: list[str], workdir: Path) -> dict[
     cserver = build(workdir, "epollecho")
     runs: dict[str, list[dict[str, Any]]] = {}
     with ExitStack() as stack:
-        ports = {BASE: start_c_server(cserver, stack)}
+        ports = {BASE: start_server([str(cserver)], "the C epoll server", stack)}
         for name in servers:
+            if name == MINIMAL:
+                argv = [sys.executable, str(Path(__file__).with_name("minecho.py"))]
+                ports[name] = start_server(argv, "tests.minecho", stack)
+                continue
             (workdir / name).mkdir()
             ports[name] = start_echod(name, workdir, stack)
         time.sleep(1.0)  # the daemons' start-up work is over
@@ -111,15 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument(
         "--servers",
-        default="user,user-w1,kernel",
-        help=f"echod configurations, from {','.join(ECHODS)} (default: %(default)s)",
+        default="user,user-w1,kernel,uvloop-min",
+        help=f"echod configurations, from {','.join(ECHODS)}; and {MINIMAL}, the least a uvloop"
+        " server does (tests/minecho.py) (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
     a = p.parse_args(argv)
     servers = [s for s in a.servers.split(",") if s]
-    unknown = [s for s in servers if s not in ECHODS]
+    unknown = [s for s in servers if s not in ECHODS and s != MINIMAL]
     if unknown or not servers:
-        p.error(f"--servers: unknown {', '.join(unknown) or '(none)'}; from {', '.join(ECHODS)}")
+        known = ", ".join([*ECHODS, MINIMAL])
+        p.error(f"--servers: unknown {', '.join(unknown) or '(none)'}; from {known}")
     if a.rounds < 1 or a.seconds <= 0:
         p.error("--rounds must be at least 1 and --seconds above 0")
     with tempfile.TemporaryDirectory(prefix="echod-userspeed-") as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -217,12 +218,14 @@ class Service(Report):
         try:
             # uvloop's PseudoSocket: options and addresses of the transport's socket.
             sock = cast(socket.socket, transport.get_extra_info("socket"))
-        except OSError as exc:  # its getsockname failed: the socket is already gone
-            self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
+            # The PseudoSocket's own getpeername: get_extra_info("peername") would make another
+            # PseudoSocket, a getsockname(2) more per connection.
+            peer = sys.intern(sock.getpeername()[0])
+        except OSError as exc:  # the socket is gone: reset by its peer (ENOTCONN), or worse
+            if exc.errno != errno.ENOTCONN:
+                self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
             transport.abort()
             return None
-        peername = transport.get_extra_info("peername")
-        peer = sys.intern(peername[0]) if peername else "unknown"
         reason = self.admission.refusal(sock.fileno(), peer, len(self.conns))
         if reason is not None:
             self._log_limited("conn.refused", peer=peer, reason=reason)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 
 from tests.integration.conftest import Echod
-from tests.integration.echo_util import connect, roundtrip, send_without_reading, wait_for
+from tests.integration.echo_util import (
+    connect,
+    roundtrip,
+    send_without_reading,
+    wait_delivered,
+    wait_for,
+)
 
 GRACE = 1.0
 
@@ -33,6 +41,31 @@ def test_allow_and_per_ip_flags(echod_factory: Callable[..., Echod]) -> None:
             assert second.recv(1) == b"", "--max-connections-per-ip 1 let a second one in"
     refused = d.stats()["connections"]["refused"]
     assert (refused["allow"], refused["per_ip"]) == (1, 1)
+
+
+def test_allow_with_peers_reset_before_the_accept(echod_factory: Callable[..., Echod]) -> None:
+    """A peer gone before the accept has no address to check: it is dropped, not let in as
+    "unknown" (which the allow check cannot parse), and nothing is logged as an error."""
+    d = echod_factory(mode="user", args=["--allow", "127.0.0.0/8"], hosts=("127.0.0.1",))
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, b"served")  # uvloop's server accepts from now on
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", d.port)) as sock:
+                sock.sendall(b"gone")
+                wait_delivered(sock)
+                # Closing with a zero linger sends the RST in this call.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    with connect("127.0.0.1", d.port) as sock:
+        roundtrip(sock, os.urandom(4096))
+    wait_for(lambda: d.status()["connections"] == 0, what="connections to close")
+    assert d.stats()["connections"]["refused"]["allow"] == 0
+    log = d.log()
+    assert "Traceback" not in log, log
+    assert "ValueError" not in log, log
 
 
 def test_shutdown_grace_flag_bounds_the_stop(echod_factory: Callable[..., Echod]) -> None:

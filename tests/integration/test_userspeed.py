@@ -20,7 +20,7 @@ pytestmark = pytest.mark.bpf
 
 
 def test_every_server_runs_every_load(tmp_path: Path) -> None:
-    servers = ["user", "kernel-w1"]
+    servers = ["user", "kernel-w1", userspeed.MINIMAL]
     table = userspeed.summary(userspeed.run(1, 0.3, servers, tmp_path))
     assert set(table) == {
         f"{name} {load}" for name in [userspeed.BASE, *servers] for load in userspeed.LOADS
@@ -35,7 +35,7 @@ def test_the_c_server_echoes_exactly_and_finishes_after_fin(tmp_path: Path) -> N
     """Large writes the client does not read at once, half-close, then the rest of the echo."""
     binary = build(tmp_path, "epollecho")
     with ExitStack() as stack:
-        port = userspeed.start_c_server(binary, stack)
+        port = userspeed.start_server([str(binary)], "the C epoll server", stack)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             roundtrip(sock, b"x")
             data = os.urandom(4 << 20)  # above its 256 KiB high mark: reading stops a while
