@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
 import sys
@@ -215,15 +214,18 @@ class Service(Report):
         if self.state in ("stopping", "stopped"):  # accepted just before the servers closed
             transport.close()
             return None
+        # uvloop read the peer's address as it made the transport (no system call here); None
+        # when the peer had already gone (reset before the accept): nothing left to serve.
+        peername = transport.get_extra_info("peername")
+        if not peername:
+            transport.abort()
+            return None
+        peer = sys.intern(peername[0])
         try:
             # uvloop's PseudoSocket: options and addresses of the transport's socket.
             sock = cast(socket.socket, transport.get_extra_info("socket"))
-            # The PseudoSocket's own getpeername: get_extra_info("peername") would make another
-            # PseudoSocket, a getsockname(2) more per connection.
-            peer = sys.intern(sock.getpeername()[0])
-        except OSError as exc:  # the socket is gone: reset by its peer (ENOTCONN), or worse
-            if exc.errno != errno.ENOTCONN:
-                self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
+        except OSError as exc:  # its getsockname failed: the socket is already gone
+            self._log_limited("accept.failed", rate=(1, 10.0), error=str(exc))
             transport.abort()
             return None
         reason = self.admission.refusal(sock.fileno(), peer, len(self.conns))
