@@ -6,6 +6,7 @@ import fcntl
 import os
 import selectors
 import socket
+import struct
 import termios
 import threading
 import time
@@ -25,6 +26,15 @@ def unacked(sock: socket.socket) -> int:
 def wait_delivered(sock: socket.socket) -> None:
     """Wait until everything sent on sock, a FIN included, sits in the peer's kernel."""
     wait_for(lambda: unacked(sock) == 0, what="the peer's kernel to acknowledge what was sent")
+
+
+def send_then_reset(host: str, port: int, data: bytes = b"gone") -> None:
+    """Connect, send data, wait until the server's kernel holds it, then close with a reset
+    (a zero linger sends the RST in the close): a peer gone before the server accepts it."""
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(data)
+        wait_delivered(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def connect(host: str, port: int, timeout: float = TIMEOUT) -> socket.socket:

@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
 
@@ -14,8 +13,8 @@ from tests.integration.conftest import Echod
 from tests.integration.echo_util import (
     connect,
     roundtrip,
+    send_then_reset,
     send_without_reading,
-    wait_delivered,
     wait_for,
 )
 
@@ -52,11 +51,7 @@ def test_allow_with_peers_reset_before_the_accept(echod_factory: Callable[..., E
     os.kill(d.proc.pid, signal.SIGSTOP)
     try:
         for _ in range(20):
-            with socket.create_connection(("127.0.0.1", d.port)) as sock:
-                sock.sendall(b"gone")
-                wait_delivered(sock)
-                # Closing with a zero linger sends the RST in this call.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            send_then_reset("127.0.0.1", d.port)
     finally:
         os.kill(d.proc.pid, signal.SIGCONT)
     with connect("127.0.0.1", d.port) as sock:

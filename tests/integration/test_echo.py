@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import socket
-import struct
 import subprocess
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from tests.integration.echo_util import (
     expect_eof,
     recv_exact,
     roundtrip,
+    send_then_reset,
     wait_delivered,
     wait_for,
 )
@@ -166,15 +166,12 @@ def test_peer_gone_before_insert(daemon: Echod, how: str) -> None:
     _frozen(daemon)
     try:
         for _ in range(50):
+            if how == "reset":
+                send_then_reset("127.0.0.1", daemon.port)
+                continue
             with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
-                if how == "reset":
-                    sock.sendall(b"gone")
-                    wait_delivered(sock)
-                    # Closing with a zero linger sends the RST in this call.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                else:
-                    sock.shutdown(socket.SHUT_WR)
-                    wait_delivered(sock)
+                sock.shutdown(socket.SHUT_WR)
+                wait_delivered(sock)
     finally:
         _thaw(daemon)
     with connect("127.0.0.1", daemon.port) as sock:
