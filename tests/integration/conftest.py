@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -90,6 +91,14 @@ class Echod(Daemon):
     """A running daemon started by the tests, with the BPF ids it reported when it served."""
 
     bpf_ids: tuple[set[int], set[int]] = field(default_factory=lambda: (set(), set()))
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The daemon's JSON log records so far (those of one event, if named)."""
+        records = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return [r for r in records if event is None or r.get("event") == event]
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM and wait; returns the exit code. Not stopping in time fails the test."""

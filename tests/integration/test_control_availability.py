@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -23,7 +22,7 @@ from echod.control import limits, protocol
 from echod.control import server as control
 from echod.control.connection import IDLE_TIMEOUT, WRITE_TIMEOUT
 from echod.control.protocol import admin_socket_path
-from tests.integration.conftest import Echod, Factory
+from tests.integration.conftest import Factory
 from tests.integration.control_util import (
     ECHOCTL,
     NOBODY,
@@ -92,15 +91,6 @@ def nobody_python(script: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def log_records(d: Echod) -> list[dict[str, Any]]:
-    """The daemon's JSON log records."""
-    records = []
-    for line in d.log().splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return records
-
-
 @pytest.mark.timeout(90)
 def test_idle_unprivileged_clients_do_not_lock_root_out(echod_factory: Factory) -> None:
     d = echod_factory(mode="user")
@@ -126,7 +116,7 @@ def test_idle_unprivileged_clients_do_not_lock_root_out(echod_factory: Factory) 
     assert int(closed) == 100
     assert float(seconds) < IDLE_TIMEOUT + 3
     wait_for(lambda: d.status()["control"]["clients"] == 1, what="idle slots to be freed")
-    assert any(r.get("event") == "control.busy" and r.get("uid") == NOBODY for r in log_records(d))
+    assert any(r.get("uid") == NOBODY for r in d.records("control.busy"))
 
 
 def _queued(sock: socket.socket) -> int:
@@ -187,7 +177,7 @@ def test_refusals_do_not_flood_the_log(echod_factory: Factory) -> None:
     assert int(out) == calls
 
     def denied() -> list[dict[str, Any]]:
-        return [r for r in log_records(d) if r.get("event") == "control.denied"]
+        return d.records("control.denied")
 
     # Each refusal is either a line of its own or counted in a later line's `suppressed`.
     wait_for(
@@ -231,7 +221,7 @@ def test_dropped_garbage_does_not_flood_the_log(echod_factory: Factory) -> None:
     clients = 1000
 
     def logged() -> int:  # what the default level (info) would write
-        return sum(1 for r in log_records(d) if r.get("level") != "debug")
+        return sum(1 for r in d.records() if r.get("level") != "debug")
 
     before = logged()
     with reachable_by_others(d.control):
@@ -241,7 +231,7 @@ def test_dropped_garbage_does_not_flood_the_log(echod_factory: Factory) -> None:
     assert int(out) == clients
 
     def dropped() -> list[dict[str, Any]]:
-        return [r for r in log_records(d) if r.get("event") == "control.dropped"]
+        return d.records("control.dropped")
 
     wait_for(
         lambda: (
@@ -261,7 +251,7 @@ def test_dropped_garbage_does_not_flood_the_log(echod_factory: Factory) -> None:
 def test_control_answers_at_the_fd_limit(echod_factory: Factory) -> None:
     nofile = 300
     d = echod_factory(mode="user", prefix=["prlimit", f"--nofile={nofile}:{nofile}"])
-    records = log_records(d)
+    records = d.records()
     low = [r for r in records if r.get("event") == "daemon.fd_limit_low"]
     assert low
     assert low[0]["connections_possible"] == nofile - limits.FD_RESERVE
